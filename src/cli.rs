@@ -1,0 +1,252 @@
+//! Command line: clap definitions, and their conversion into validated configuration.
+//!
+//! Everything a user can get wrong on the command line is caught here, with one sentence.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::daemon::ServeConfig;
+use crate::protocol::DeviceSettings;
+use crate::requests::parse::VIRTIO_BLK_ID_BYTES;
+
+/// Size of the image `guardblk serve` creates when given no IMAGE.
+pub const DEFAULT_IMAGE_SIZE: &str = "8G";
+pub const DEFAULT_IMAGE: &str = "guardblk-default.img";
+pub const DEFAULT_SOCKET: &str = "/tmp/guardblk.sock";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "guardblk",
+    version,
+    about = "A vhost-user-blk daemon: serves a raw disk image to QEMU (or any vhost-user frontend) zero-copy with io_uring.",
+    long_about = "guardblk serves a raw disk image to a virtual machine over the vhost-user-blk protocol.\n\
+QEMU connects to guardblk's Unix socket and the guest sees a virtio-blk disk. Guest I/O moves \
+directly between guest memory and the image with io_uring and O_DIRECT; the daemon keeps running \
+when QEMU exits, restarts or reconnects.\n\n\
+Quick start:\n  guardblk create disk.img --size 8G\n  guardblk serve disk.img --socket /run/guardblk.sock\n\
+Then start QEMU with shared guest memory and a vhost-user-blk-pci device (guardblk serve prints \
+the exact options). Ready-made command lines are in qemu-configs/."
+)]
+pub struct Cli {
+    /// Log verbosity: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
+    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
+    pub log_level: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new, sparse raw disk image (refuses to overwrite an existing file).
+    Create(CreateArgs),
+    /// Serve a disk image on a vhost-user-blk socket until SIGINT/SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Path of the image to create.
+    pub image: PathBuf,
+    /// Capacity, a multiple of 512 bytes: plain bytes or with a K, M, G or T suffix (powers of 1024), e.g. 8G.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CacheMode {
+    /// Completion means "in the host's hands"; the guest sends flushes to make data durable.
+    Writeback,
+    /// Every write is made durable (fdatasync) before it completes.
+    Writethrough,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Raw disk image (file or block device) to serve. If omitted, ./guardblk-default.img is
+    /// created (8 GiB, sparse) if missing and served.
+    pub image: Option<PathBuf>,
+    /// Unix socket to listen on; QEMU connects here with -chardev socket,path=...
+    #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Permissions of the socket file, in octal. Only processes that can open it can attach.
+    #[arg(long, default_value = "0600", value_parser = parse_mode, value_name = "MODE")]
+    pub socket_mode: u32,
+    /// Number of virtqueues offered (1-64), each served by its own thread and io_uring.
+    /// QEMU's num-queues must not exceed this.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub queues: u16,
+    /// Maximum virtqueue size (a power of two, 16-1024). QEMU's queue-size must not exceed this.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub queue_size: u16,
+    /// Serve the image read-only: the guest sees a read-only disk; writes fail.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serial number the guest reads (GET_ID), up to 20 ASCII characters.
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+    /// Initial write-cache mode; the guest may switch it (e.g. via /sys/block/vdX/queue/write_cache).
+    #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
+    pub cache: CacheMode,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("--queues must be between 1 and 64, not {0}")]
+    Queues(u16),
+    #[error("--queue-size must be a power of two between 16 and 1024, not {0}")]
+    QueueSize(u16),
+    #[error("--serial must be at most {VIRTIO_BLK_ID_BYTES} printable ASCII characters")]
+    Serial,
+}
+
+/// "8G" → 8 GiB. Suffixes K, M, G, T (optionally followed by "iB" or "B") are powers of 1024.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size like 8G, 512M or 1048576"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{text}' is too large"))?;
+    if bytes == 0 || bytes % 512 != 0 {
+        return Err(format!("'{text}' is not a positive multiple of 512 bytes"));
+    }
+    Ok(bytes)
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("'{text}' is not an octal permission mode like 0600"))
+}
+
+impl ServeArgs {
+    /// The image to serve, absolute (it is printed in the QEMU command line).
+    pub fn image_path(&self) -> PathBuf {
+        absolute(self.image.as_deref().unwrap_or(Path::new(DEFAULT_IMAGE)))
+    }
+
+    pub fn to_config(&self) -> Result<ServeConfig, CliError> {
+        if !(1..=64).contains(&self.queues) {
+            return Err(CliError::Queues(self.queues));
+        }
+        if !self.queue_size.is_power_of_two() || !(16..=1024).contains(&self.queue_size) {
+            return Err(CliError::QueueSize(self.queue_size));
+        }
+        let serial = self.serial.clone().unwrap_or_else(|| "guardblk".into());
+        if serial.len() > VIRTIO_BLK_ID_BYTES as usize
+            || !serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+        {
+            return Err(CliError::Serial);
+        }
+        Ok(ServeConfig {
+            socket: absolute(&self.socket),
+            socket_mode: self.socket_mode,
+            device: DeviceSettings {
+                num_queues: self.queues,
+                queue_size: self.queue_size,
+                serial,
+                writeback: matches!(self.cache, CacheMode::Writeback),
+            },
+        })
+    }
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The QEMU options that attach a guest to this daemon.
+pub fn qemu_command_line(config: &ServeConfig) -> String {
+    format!(
+        "qemu-system-x86_64 -machine q35 -m 1G \\\n  \
+         -object memory-backend-memfd,id=mem,size=1G,share=on -numa node,memdev=mem \\\n  \
+         -chardev socket,id=disk0,path={},reconnect=1 \\\n  \
+         -device vhost-user-blk-pci,chardev=disk0,num-queues={},queue-size={} \\\n  \
+         ... (your kernel/disk/network options)",
+        config.socket.display(),
+        config.device.num_queues,
+        config.device.queue_size.min(1024),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!(parse_size("8G"), Ok(8 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1TiB"), Ok(1 << 40));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1000").is_err());
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("eight").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn modes_parse_as_octal() {
+        assert_eq!(parse_mode("0600"), Ok(0o600));
+        assert_eq!(parse_mode("660"), Ok(0o660));
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("01777").is_err());
+    }
+
+    #[test]
+    fn serve_arguments_are_validated() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Serve(s) => s.to_config(),
+            _ => unreachable!(),
+        };
+        assert!(parse(&["guardblk", "serve"]).is_ok());
+        assert_eq!(
+            parse(&["guardblk", "serve", "--queues", "0"]).unwrap_err(),
+            CliError::Queues(0)
+        );
+        assert_eq!(
+            parse(&["guardblk", "serve", "--queue-size", "100"]).unwrap_err(),
+            CliError::QueueSize(100)
+        );
+        assert_eq!(
+            parse(&["guardblk", "serve", "--serial", "x".repeat(21).as_str()]).unwrap_err(),
+            CliError::Serial
+        );
+        let ok = parse(&[
+            "guardblk",
+            "serve",
+            "--queues",
+            "2",
+            "--cache",
+            "writethrough",
+            "--serial",
+            "abc",
+        ])
+        .unwrap();
+        assert_eq!(ok.device.num_queues, 2);
+        assert!(!ok.device.writeback);
+        assert_eq!(ok.device.serial, "abc");
+    }
+
+    #[test]
+    fn help_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,327 @@
+//! The daemon: owns the listening socket and serves one frontend at a time, forever.
+//!
+//! Each connection gets a fresh vhost-user device around the same open image; when the
+//! frontend leaves (exit, crash, reconnect), in-flight I/O is drained and the next
+//! connection is accepted on the same socket. A second concurrent frontend is accepted and
+//! closed at once with a log line. SIGINT/SIGTERM end the daemon cleanly: the current
+//! session is closed, its I/O drained, and the socket file removed.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread;
+
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::protocol::{features, BlkBackend, DeviceSettings};
+use crate::requests::QueueStats;
+use crate::storage::Image;
+
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("socket {path} is in use by a running daemon; stop it or choose another --socket")]
+    SocketInUse { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("cannot create socket {path}: directory {dir} does not exist")]
+    SocketDirMissing { path: PathBuf, dir: PathBuf },
+    #[error("cannot create socket {path}: directory {dir} is not writable")]
+    SocketDirNotWritable { path: PathBuf, dir: PathBuf },
+    #[error("cannot create socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+    #[error("cannot set up a vhost-user session: {0}")]
+    Session(String),
+    #[error("I/O error while serving: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Everything `serve` needs, already validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub device: DeviceSettings,
+}
+
+/// Removes the socket file when the daemon ends, if it is still the one we created.
+struct SocketFile {
+    path: PathBuf,
+    inode: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Bind the socket: refuse a live daemon's socket, replace a stale one, mode `mode`.
+fn bind_socket(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), DaemonError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(DaemonError::NotASocket { path: path.into() })
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => return Err(DaemonError::SocketInUse { path: path.into() }),
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "replacing stale socket file");
+                std::fs::remove_file(path).map_err(|source| DaemonError::Bind {
+                    path: path.into(),
+                    source,
+                })?;
+            }
+        },
+        Err(_) => {}
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Create the socket with the requested mode from the start (no window with wider access).
+    // SAFETY: umask only swaps the process file-creation mask; restored right after bind.
+    let old_umask = unsafe { libc::umask(0o777 & !mode as libc::mode_t) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old_umask) };
+    let listener = bound.map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => DaemonError::SocketDirMissing {
+            path: path.into(),
+            dir: dir.clone(),
+        },
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => {
+            DaemonError::SocketDirNotWritable {
+                path: path.into(),
+                dir: dir.clone(),
+            }
+        }
+        _ => DaemonError::Bind {
+            path: path.into(),
+            source,
+        },
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        DaemonError::Bind {
+            path: path.into(),
+            source,
+        }
+    })?;
+    let inode = std::fs::symlink_metadata(path)
+        .map_err(|source| DaemonError::Bind {
+            path: path.into(),
+            source,
+        })?
+        .ino();
+    Ok((
+        listener,
+        SocketFile {
+            path: path.into(),
+            inode,
+        },
+    ))
+}
+
+/// Block SIGINT/SIGTERM in every thread and turn them into a write to `shutdown`.
+/// Must run before any other thread is spawned so they all inherit the mask.
+fn spawn_signal_thread(shutdown: Arc<EventFd>) -> Result<(), DaemonError> {
+    // SAFETY: sigset manipulation on a local, zero-initialised sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    };
+    // SAFETY: blocks the two signals for this thread (and threads spawned from now on).
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(DaemonError::Signals(io::Error::from_raw_os_error(rc)));
+    }
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: sigwait reads the set and writes one int we own.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                tracing::info!(signal = sig, "shutdown requested");
+                let _ = shutdown.write(1);
+            }
+        })
+        .map_err(DaemonError::Signals)?;
+    Ok(())
+}
+
+/// Wait until one of `fds` is readable; returns their readiness in order.
+fn poll_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: pfds is a valid array of pollfd of the given length.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if rc >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Serve `image` on the configured socket until SIGINT/SIGTERM.
+pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
+    let shutdown = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DaemonError::Signals)?);
+    spawn_signal_thread(Arc::clone(&shutdown))?;
+    let (std_listener, _socket_file) = bind_socket(&config.socket, config.socket_mode)?;
+    let mut listener = Listener::from(std_listener);
+    let image = Arc::new(image);
+    let stats: Vec<Arc<QueueStats>> = (0..config.device.num_queues)
+        .map(|_| Arc::new(QueueStats::default()))
+        .collect();
+    tracing::info!(
+        socket = %config.socket.display(),
+        image = %image.path().display(),
+        size = image.size(),
+        queues = config.device.num_queues,
+        queue_size = config.device.queue_size,
+        read_only = image.read_only(),
+        direct_io = image.direct_io().is_some(),
+        "guardblk ready"
+    );
+
+    let mut session_number = 0u64;
+    loop {
+        let ready = poll_readable(&[listener.as_raw_fd(), shutdown.as_raw_fd()])?;
+        if ready[1] {
+            break;
+        }
+        session_number += 1;
+        if run_session(
+            session_number,
+            &image,
+            config,
+            &stats,
+            &mut listener,
+            &shutdown,
+        )? {
+            break;
+        }
+    }
+    tracing::info!("guardblk stopped");
+    Ok(())
+}
+
+/// Accept one frontend and serve it until it leaves. Returns true if shutdown was requested.
+fn run_session(
+    number: u64,
+    image: &Arc<Image>,
+    config: &ServeConfig,
+    stats: &[Arc<QueueStats>],
+    listener: &mut Listener,
+    shutdown: &EventFd,
+) -> Result<bool, DaemonError> {
+    let backend = BlkBackend::new(Arc::clone(image), &config.device, stats)?;
+    let mut daemon = VhostUserDaemon::new("guardblk".into(), backend.clone(), backend.memory())
+        .map_err(|e| DaemonError::Session(e.to_string()))?;
+    backend.register_completion_events(&daemon.get_epoll_handlers())?;
+    daemon
+        .start(listener)
+        .map_err(|e| DaemonError::Session(e.to_string()))?;
+    let before = snapshot(stats);
+    tracing::info!(session = number, "frontend connected");
+    let handle = daemon.shutdown_handle();
+
+    // Wait for the session's end on a helper so this thread can keep refusing intruders.
+    let ended = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
+    let ended_signal = Arc::clone(&ended);
+    let waiter = thread::Builder::new()
+        .name("session".into())
+        .spawn(move || {
+            let result = daemon.wait();
+            let _ = ended_signal.write(1);
+            (daemon, result)
+        })?;
+
+    let mut shutdown_requested = false;
+    loop {
+        let ready = poll_readable(&[
+            ended.as_raw_fd(),
+            listener.as_raw_fd(),
+            shutdown.as_raw_fd(),
+        ])?;
+        if ready[0] {
+            break;
+        }
+        if ready[1] {
+            if let Ok(Some(stream)) = listener.accept() {
+                tracing::warn!(
+                    session = number,
+                    "refused a second frontend: one is already connected"
+                );
+                drop(stream);
+            }
+        }
+        if ready[2] && !shutdown_requested {
+            shutdown_requested = true;
+            if let Some(h) = &handle {
+                h.shutdown();
+            }
+        }
+    }
+    let (daemon, result) = waiter
+        .join()
+        .map_err(|_| DaemonError::Session("session thread panicked".into()))?;
+    if let Err(e) = result {
+        tracing::warn!(session = number, error = %e, "frontend connection ended with an error");
+    }
+    // Dropping the daemon stops its queue threads; then finish whatever the kernel still holds.
+    drop(daemon);
+    backend.drain();
+    let after = snapshot(stats);
+    tracing::info!(
+        session = number,
+        features = %features::describe(backend.acked_features()),
+        reads = after[0] - before[0],
+        writes = after[1] - before[1],
+        flushes = after[2] - before[2],
+        rejected = after[3] - before[3],
+        io_errors = after[4] - before[4],
+        bounced = after[5] - before[5],
+        "frontend disconnected"
+    );
+    Ok(shutdown_requested)
+}
+
+fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 6] {
+    let mut totals = [0u64; 6];
+    for s in stats {
+        let values = [
+            &s.reads,
+            &s.writes,
+            &s.flushes,
+            &s.rejected,
+            &s.io_errors,
+            &s.bounced,
+        ];
+        for (t, v) in totals.iter_mut().zip(values) {
+            *t += v.load(Ordering::Relaxed);
+        }
+    }
+    totals
+}

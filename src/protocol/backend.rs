@@ -1,0 +1,361 @@
+//! The vhost-user-blk device: implements `VhostUserBackend` on top of the request layer.
+//!
+//! Owns the vrings' side of the protocol: one worker thread per queue (vhost-user-backend
+//! runs them), each with its own [`Executor`] and io_uring behind a per-queue mutex that only
+//! that queue's worker and the frontend thread (GET_VRING_BASE) ever take. Queues share the
+//! image and nothing mutable. Validation and I/O live in `requests`; this module turns kicks
+//! into started requests and finished requests into used-ring entries.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config_space::{parse_wce_write, BlkConfig};
+use super::features;
+use crate::requests::{Executor, Limits, QueueStats, UsedEntry};
+use crate::storage::{Image, SECTOR_SIZE};
+
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+pub type Vring = VringRwLock<GuestMemory>;
+
+/// Largest single data segment the guest may send (virtio size_max).
+pub const SEGMENT_SIZE_MAX: u32 = 1 << 20;
+const MAX_RANGE_SEGMENTS: u32 = 32;
+const MAX_RANGE_SECTORS: u32 = 1 << 22;
+
+/// What the operator chose for the device.
+#[derive(Debug, Clone)]
+pub struct DeviceSettings {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub serial: String,
+    /// Initial write-cache mode; the guest may toggle it through CONFIG_WCE.
+    pub writeback: bool,
+}
+
+struct QueueWorker {
+    executor: Executor,
+    /// Captured on the first event so GET_VRING_BASE can complete requests without one.
+    vring: Option<Vring>,
+    done: Vec<UsedEntry>,
+}
+
+struct Device {
+    config: BlkConfig,
+    queue_size: u16,
+    queues: Vec<Mutex<QueueWorker>>,
+    stats: Vec<Arc<QueueStats>>,
+    mem: GuestMemory,
+    event_idx: AtomicBool,
+    writeback: AtomicBool,
+    acked_features: AtomicU64,
+    read_only: bool,
+}
+
+/// One frontend session's device. Cheap to clone (vhost-user-backend hands clones to its
+/// worker threads); a new one is built per connection around the shared image.
+#[derive(Clone)]
+pub struct BlkBackend {
+    device: Arc<Device>,
+}
+
+impl BlkBackend {
+    pub fn new(
+        image: Arc<Image>,
+        settings: &DeviceSettings,
+        stats: &[Arc<QueueStats>],
+    ) -> io::Result<BlkBackend> {
+        let config = blk_config(&image, settings);
+        let queues = (0..settings.num_queues as usize)
+            .map(|q| {
+                let executor = Executor::new(
+                    Arc::clone(&image),
+                    config.limits.clone(),
+                    &settings.serial,
+                    settings.queue_size,
+                    Arc::clone(&stats[q]),
+                )?;
+                Ok(Mutex::new(QueueWorker {
+                    executor,
+                    vring: None,
+                    done: Vec::new(),
+                }))
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(BlkBackend {
+            device: Arc::new(Device {
+                config,
+                queue_size: settings.queue_size,
+                queues,
+                stats: stats.to_vec(),
+                mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                event_idx: AtomicBool::new(false),
+                writeback: AtomicBool::new(settings.writeback),
+                acked_features: AtomicU64::new(0),
+                read_only: image.read_only(),
+            }),
+        })
+    }
+
+    /// The guest-memory handle to give the vhost-user daemon (shared with this backend).
+    pub fn memory(&self) -> GuestMemory {
+        self.device.mem.clone()
+    }
+
+    pub fn stats(&self) -> &[Arc<QueueStats>] {
+        &self.device.stats
+    }
+
+    pub fn acked_features(&self) -> u64 {
+        self.device.acked_features.load(Ordering::Relaxed)
+    }
+
+    /// epoll token of a queue's io_uring completion eventfd (above the vring tokens).
+    fn completion_token(&self) -> u16 {
+        self.device.queues.len() as u16 + 1
+    }
+
+    /// Let each queue's worker thread wake up on its io_uring completions.
+    pub fn register_completion_events(
+        &self,
+        handlers: &[Arc<VringEpollHandler<BlkBackend>>],
+    ) -> io::Result<()> {
+        for (queue, handler) in self.device.queues.iter().zip(handlers) {
+            let fd = lock(queue).executor.completion_fd();
+            handler.register_listener(fd, EventSet::IN, u64::from(self.completion_token()))?;
+        }
+        Ok(())
+    }
+
+    /// Wait for every accepted request on every queue to complete (session teardown).
+    pub fn drain(&self) {
+        for queue in &self.device.queues {
+            let mut worker = lock(queue);
+            let worker = &mut *worker;
+            worker.executor.drain(&mut worker.done);
+            if let Some(vring) = worker.vring.clone() {
+                self.push_used(worker, &vring);
+            }
+        }
+    }
+
+    fn process_queue(&self, worker: &mut QueueWorker, vring: &Vring) {
+        let mem = self.device.mem.memory().into_inner();
+        let event_idx = self.device.event_idx.load(Ordering::Relaxed);
+        let write_through = !self.device.writeback.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            while let Some(chain) = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                worker
+                    .executor
+                    .start(head, chain, &mem, write_through, &mut worker.done);
+            }
+            worker.executor.submit();
+            // With EVENT_IDX, re-enable kicks and re-check: the guest may have queued more
+            // between our last pop and the re-enable.
+            if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                break;
+            }
+        }
+        self.push_used(worker, vring);
+    }
+
+    fn push_used(&self, worker: &mut QueueWorker, vring: &Vring) {
+        if worker.done.is_empty() {
+            return;
+        }
+        for entry in worker.done.drain(..) {
+            if let Err(e) = vring.add_used(entry.head, entry.len) {
+                tracing::error!(head = entry.head, error = ?e, "cannot add used-ring entry");
+            }
+        }
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::debug!(error = %e, "cannot signal the guest (frontend gone?)");
+            }
+        }
+    }
+}
+
+fn lock(queue: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
+    // A panic while holding a queue lock is a bug; keep serving the other queues regardless.
+    queue
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Geometry and limits for this image and these settings.
+fn blk_config(image: &Image, settings: &DeviceSettings) -> BlkConfig {
+    let block_size = SECTOR_SIZE as u32;
+    let max_segments = u32::from(settings.queue_size).saturating_sub(2).max(1);
+    // Tell the guest the alignment O_DIRECT wants so its I/O stays zero-copy.
+    let physical = image
+        .direct_io()
+        .map_or(SECTOR_SIZE, |a| a.offset.max(SECTOR_SIZE))
+        .min(1 << 16);
+    let physical_blocks = (physical / u64::from(block_size)).max(1);
+    BlkConfig {
+        limits: Limits {
+            capacity_sectors: image.sectors(),
+            block_size,
+            max_segments,
+            max_transfer_bytes: u64::from(max_segments) * u64::from(SEGMENT_SIZE_MAX),
+            max_discard_segments: MAX_RANGE_SEGMENTS,
+            max_discard_sectors: MAX_RANGE_SECTORS,
+            max_write_zeroes_segments: MAX_RANGE_SEGMENTS,
+            max_write_zeroes_sectors: MAX_RANGE_SECTORS,
+            read_only: image.read_only(),
+        },
+        size_max: SEGMENT_SIZE_MAX,
+        num_queues: settings.num_queues,
+        physical_block_exp: physical_blocks.trailing_zeros() as u8,
+        min_io_blocks: physical_blocks as u16,
+        opt_io_blocks: 0,
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.device.queues.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        features::device_features(self.device.read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.device
+            .acked_features
+            .store(features, Ordering::Relaxed);
+        tracing::info!(features = %features::describe(features), "frontend negotiated virtio features");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        features::protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.device.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.device
+            .config
+            .read(self.device.writeback.load(Ordering::Relaxed), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let Some(writeback) = parse_wce_write(offset, buf) else {
+            tracing::warn!(
+                offset,
+                len = buf.len(),
+                "frontend wrote a read-only config field"
+            );
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only the wce config byte is writable",
+            ));
+        };
+        let previous = self.device.writeback.swap(writeback, Ordering::Relaxed);
+        if previous != writeback {
+            tracing::info!(
+                mode = if writeback {
+                    "writeback"
+                } else {
+                    "writethrough"
+                },
+                "guest changed the write-cache mode"
+            );
+        }
+        Ok(())
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        let snapshot = mem.memory();
+        for region in snapshot.iter() {
+            tracing::debug!(
+                gpa = format_args!("{:#x}", region.start_addr().0),
+                size = region.len(),
+                "guest memory region"
+            );
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.device.queues.len()).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let Some(queue) = self.device.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let mut worker = lock(queue);
+        let worker = &mut *worker;
+        let in_flight = worker.executor.in_flight();
+        worker.executor.drain(&mut worker.done);
+        if let Some(vring) = worker.vring.clone() {
+            self.push_used(worker, &vring);
+        }
+        tracing::debug!(queue = queue_index, drained = in_flight, "queue stopped");
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // One queue per thread: the thread's only vring is its queue.
+        let (Some(queue), Some(vring)) = (self.device.queues.get(thread_id), vrings.first()) else {
+            return Ok(());
+        };
+        let mut worker = lock(queue);
+        let worker = &mut *worker;
+        if worker.vring.is_none() {
+            worker.vring = Some(vring.clone());
+            tracing::debug!(
+                queue = thread_id,
+                size = vring.get_ref().get_queue().size(),
+                "queue started"
+            );
+        }
+        if device_event == self.completion_token() {
+            worker.executor.reap(&mut worker.done);
+            self.push_used(worker, vring);
+        } else if device_event == 0 {
+            self.process_queue(worker, vring);
+        } else {
+            tracing::warn!(device_event, "unexpected event on queue thread");
+        }
+        // Never return an error: it would end this queue's worker thread.
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! The vhost-user-blk device: feature negotiation, config space and vring handling.
+//!
+//! Depends on `requests` for everything about request contents; must not touch the image
+//! or io_uring directly.
+
+pub mod backend;
+pub mod config_space;
+pub mod features;
+
+pub use backend::{BlkBackend, DeviceSettings};

@@ -1,0 +1,588 @@
+//! Per-queue request execution: plans storage operations for validated requests, tracks them
+//! while the kernel holds them, and finishes each request with a status byte.
+//!
+//! Owns the queue's [`Engine`] and its in-flight table. Data moves straight between guest
+//! memory and the image when the kernel's O_DIRECT alignment allows it; otherwise through a
+//! bounce buffer. Every in-flight request holds a reference to the guest-memory snapshot its
+//! iovecs point into, so a memory-table change or a disconnect cannot unmap memory under
+//! the kernel. Knows nothing of vrings: the caller turns [`UsedEntry`]s into used-ring
+//! entries.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::parse::{
+    parse_request, GuestRange, Limits, Rejected, Request, RequestKind, Segment,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use crate::storage::{AlignedBuf, Completion, Engine, Image, Op, OpKind, SECTOR_SIZE};
+
+/// Largest iovec array one readv/writev takes (Linux UIO_MAXIOV).
+const MAX_IOVECS: usize = 1024;
+/// Write-zeroes falls back to writing from this shared zero buffer, in chunks of its size.
+const ZERO_CHUNK: usize = 1 << 20;
+
+/// A finished request, ready for the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsedEntry {
+    pub head: u16,
+    /// Bytes written into device-writable descriptors, status byte included.
+    pub len: u32,
+}
+
+/// Per-queue counters; read by the daemon for its disconnect summary.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub write_zeroes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub bounced: AtomicU64,
+    pub rejected: AtomicU64,
+    pub io_errors: AtomicU64,
+}
+
+impl QueueStats {
+    fn bump(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// How a request's data reaches the kernel.
+enum DataPath {
+    /// No data (flush, discard, write-zeroes).
+    None,
+    /// iovecs point straight into guest memory.
+    ZeroCopy,
+    /// A bounce buffer stands in for guest memory; reads scatter it back on completion.
+    Bounce {
+        buffer: AlignedBuf,
+        guest: Vec<GuestRange>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Data (or range) operations outstanding.
+    Transfer,
+    /// Write done; waiting for the fdatasync a write-through cache demands.
+    SyncAfterWrite,
+}
+
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+    /// Keeps the guest memory the iovecs point into mapped until the last op completes.
+    mem: Arc<GuestMemoryMmap>,
+    data: DataPath,
+    pending_ops: u32,
+    errno: Option<i32>,
+    stage: Stage,
+    sync_after_write: bool,
+    /// Write-zeroes segments, for the fallbacks when the filesystem cannot zero a range.
+    segments: Vec<Segment>,
+    class: Class,
+}
+
+/// What kind of request an in-flight entry is; decides error handling and fallbacks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Class {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+pub struct Executor {
+    engine: Engine,
+    image: Arc<Image>,
+    limits: Limits,
+    serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    requests: Vec<Option<InFlight>>,
+    free_requests: Vec<u32>,
+    completions: Vec<Completion>,
+    zeroes: Option<AlignedBuf>,
+    stats: Arc<QueueStats>,
+}
+
+fn tag(slot: u32, aux: u32) -> u64 {
+    (u64::from(slot) << 32) | u64::from(aux)
+}
+
+fn untag(tag: u64) -> (u32, u32) {
+    ((tag >> 32) as u32, tag as u32)
+}
+
+impl Executor {
+    pub fn new(
+        image: Arc<Image>,
+        limits: Limits,
+        serial: &str,
+        queue_size: u16,
+        stats: Arc<QueueStats>,
+    ) -> io::Result<Executor> {
+        // Two ops per request covers write + sync; range requests with more segments wait for
+        // submission-queue room inside the engine.
+        let engine = Engine::new(image.fd(), u32::from(queue_size) * 2)?;
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let n = serial.len().min(id.len());
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Ok(Executor {
+            engine,
+            image,
+            limits,
+            serial: id,
+            requests: Vec::new(),
+            free_requests: Vec::new(),
+            completions: Vec::new(),
+            zeroes: None,
+            stats,
+        })
+    }
+
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.engine.completion_fd()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.requests.len() - self.free_requests.len()
+    }
+
+    /// Parse and start one descriptor chain. Requests that finish at once (rejections, GET_ID)
+    /// are appended to `done`; the rest complete through [`Executor::reap`].
+    pub fn start(
+        &mut self,
+        head: u16,
+        descriptors: impl Iterator<Item = Descriptor>,
+        mem: &Arc<GuestMemoryMmap>,
+        write_through: bool,
+        done: &mut Vec<UsedEntry>,
+    ) {
+        match parse_request(head, descriptors, mem, &self.limits) {
+            Ok(request) => {
+                if let Err(e) = self.plan(request, mem, write_through, done) {
+                    tracing::error!(head, error = %e, "cannot queue I/O; failing the request");
+                }
+            }
+            Err(rejected) => done.push(self.reject(rejected, mem)),
+        }
+    }
+
+    fn reject(&self, rejected: Rejected, mem: &GuestMemoryMmap) -> UsedEntry {
+        QueueStats::bump(&self.stats.rejected, 1);
+        tracing::warn!(head = rejected.head, error = %rejected.error, "rejected guest request");
+        match rejected.status {
+            Some(addr) if mem.write_obj(rejected.error.status(), addr).is_ok() => UsedEntry {
+                head: rejected.head,
+                len: 1,
+            },
+            _ => UsedEntry {
+                head: rejected.head,
+                len: 0,
+            },
+        }
+    }
+
+    fn plan(
+        &mut self,
+        request: Request,
+        mem: &Arc<GuestMemoryMmap>,
+        write_through: bool,
+        done: &mut Vec<UsedEntry>,
+    ) -> io::Result<()> {
+        let Request { head, kind, status } = request;
+        let mut inflight = InFlight {
+            head,
+            status,
+            used_len: 1,
+            mem: Arc::clone(mem),
+            data: DataPath::None,
+            pending_ops: 0,
+            errno: None,
+            stage: Stage::Transfer,
+            sync_after_write: false,
+            segments: Vec::new(),
+            class: Class::Flush,
+        };
+        let ops: Vec<PlannedOp> = match kind {
+            RequestKind::GetId { buffer, len } => {
+                let wrote = write_guest(mem, &buffer, &self.serial).is_ok();
+                let status_byte = if wrote {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                let _ = mem.write_obj(status_byte, status);
+                let id_len = u64::from(VIRTIO_BLK_ID_BYTES).min(len) as u32;
+                done.push(UsedEntry {
+                    head,
+                    len: id_len + 1,
+                });
+                return Ok(());
+            }
+            RequestKind::Read { sector, data, len } => {
+                inflight.class = Class::Read;
+                QueueStats::bump(&self.stats.reads, 1);
+                QueueStats::bump(&self.stats.bytes_read, len);
+                inflight.used_len = (len + 1) as u32;
+                let offset = sector * SECTOR_SIZE;
+                let iovecs = self.data_path(&mut inflight, data, len, offset, false);
+                vec![PlannedOp {
+                    kind: OpKind::Read,
+                    offset,
+                    len,
+                    iovecs,
+                    aux: 0,
+                }]
+            }
+            RequestKind::Write { sector, data, len } => {
+                inflight.class = Class::Write;
+                QueueStats::bump(&self.stats.writes, 1);
+                QueueStats::bump(&self.stats.bytes_written, len);
+                inflight.sync_after_write = write_through;
+                let offset = sector * SECTOR_SIZE;
+                let iovecs = self.data_path(&mut inflight, data, len, offset, true);
+                vec![PlannedOp {
+                    kind: OpKind::Write,
+                    offset,
+                    len,
+                    iovecs,
+                    aux: 0,
+                }]
+            }
+            RequestKind::Flush => {
+                QueueStats::bump(&self.stats.flushes, 1);
+                vec![PlannedOp {
+                    kind: OpKind::Sync,
+                    offset: 0,
+                    len: 0,
+                    iovecs: Vec::new(),
+                    aux: 0,
+                }]
+            }
+            RequestKind::Discard { segments } => {
+                inflight.class = Class::Discard;
+                QueueStats::bump(&self.stats.discards, 1);
+                range_ops(&segments, |_| OpKind::PunchHole)
+            }
+            RequestKind::WriteZeroes { segments } => {
+                QueueStats::bump(&self.stats.write_zeroes, 1);
+                inflight.sync_after_write = write_through;
+                inflight.class = Class::WriteZeroes;
+                let ops = range_ops(&segments, |s| {
+                    if s.unmap {
+                        OpKind::PunchHole
+                    } else {
+                        OpKind::ZeroRange
+                    }
+                });
+                inflight.segments = segments;
+                ops
+            }
+        };
+
+        let slot = self.insert(inflight);
+        for op in ops {
+            self.queue_op(slot, op)?;
+        }
+        Ok(())
+    }
+
+    /// Decide zero-copy or bounce for a read/write and return the iovecs to hand the kernel.
+    fn data_path(
+        &mut self,
+        inflight: &mut InFlight,
+        data: Vec<GuestRange>,
+        len: u64,
+        offset: u64,
+        is_write: bool,
+    ) -> Vec<libc::iovec> {
+        let mem = &inflight.mem;
+        let mut iovecs = Vec::with_capacity(data.len());
+        for range in &data {
+            for slice in mem.get_slices(range.addr, range.len as usize) {
+                // The parser checked the range against this same memory snapshot.
+                let slice = slice.expect("range validated against this memory snapshot");
+                iovecs.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                    iov_len: slice.len(),
+                });
+            }
+        }
+        if iovecs.len() <= MAX_IOVECS && self.image.accepts_direct(offset, &iovecs) {
+            inflight.data = DataPath::ZeroCopy;
+            return iovecs;
+        }
+        // Misaligned for O_DIRECT (or too fragmented): go through an aligned buffer.
+        QueueStats::bump(&self.stats.bounced, 1);
+        let mut buffer = AlignedBuf::zeroed(len as usize);
+        if is_write {
+            read_guest(mem, &data, &mut buffer.as_mut_slice()[..len as usize])
+                .expect("range validated against this memory snapshot");
+        }
+        let iov = vec![libc::iovec {
+            iov_base: buffer.as_mut_ptr() as *mut libc::c_void,
+            iov_len: len as usize,
+        }];
+        inflight.data = DataPath::Bounce {
+            buffer,
+            guest: data,
+        };
+        iov
+    }
+
+    fn insert(&mut self, inflight: InFlight) -> u32 {
+        match self.free_requests.pop() {
+            Some(slot) => {
+                self.requests[slot as usize] = Some(inflight);
+                slot
+            }
+            None => {
+                self.requests.push(Some(inflight));
+                (self.requests.len() - 1) as u32
+            }
+        }
+    }
+
+    fn queue_op(&mut self, slot: u32, op: PlannedOp) -> io::Result<()> {
+        let inflight = self.requests[slot as usize]
+            .as_mut()
+            .expect("queueing for a live request");
+        inflight.pending_ops += 1;
+        let t = tag(slot, op.aux);
+        let op = match op.kind {
+            OpKind::Read | OpKind::Write => Op::transfer(op.kind, op.offset, op.iovecs, t),
+            OpKind::Sync => Op::sync(t),
+            OpKind::PunchHole | OpKind::ZeroRange => Op::range(op.kind, op.offset, op.len, t),
+        };
+        if let Err(e) = self.engine.queue(op) {
+            inflight.pending_ops -= 1;
+            inflight.errno.get_or_insert(libc::EIO);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Hand queued operations to the kernel.
+    pub fn submit(&mut self) {
+        if let Err(e) = self.engine.submit() {
+            tracing::error!(error = %e, "io_uring submit failed");
+        }
+    }
+
+    /// Collect completed operations and finish the requests they complete.
+    pub fn reap(&mut self, done: &mut Vec<UsedEntry>) {
+        let mut completions = std::mem::take(&mut self.completions);
+        if let Err(e) = self.engine.reap(&mut completions) {
+            tracing::error!(error = %e, "io_uring resubmission failed");
+        }
+        for completion in completions.drain(..) {
+            self.on_completion(completion, done);
+        }
+        self.completions = completions;
+        self.submit();
+    }
+
+    /// Wait until every request this queue accepted has completed.
+    pub fn drain(&mut self, done: &mut Vec<UsedEntry>) {
+        while self.in_flight() > 0 {
+            self.submit();
+            if let Err(e) = self.engine.wait_for_completion() {
+                tracing::error!(error = %e, "waiting for in-flight I/O failed");
+                break;
+            }
+            self.reap(done);
+        }
+    }
+
+    fn on_completion(&mut self, completion: Completion, done: &mut Vec<UsedEntry>) {
+        let (slot, aux) = untag(completion.tag);
+        let Some(inflight) = self
+            .requests
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        else {
+            tracing::error!(tag = completion.tag, "completion for an unknown request");
+            return;
+        };
+        inflight.pending_ops -= 1;
+        if let Err(errno) = completion.result {
+            if let Some(next) = self.fallback(slot, aux, errno) {
+                if self.queue_op(slot, next).is_ok() {
+                    return;
+                }
+            } else {
+                let inflight = self.requests[slot as usize].as_mut().expect("live request");
+                // Discards are hints: a target that cannot punch holes still completes OK.
+                if !(errno == libc::EOPNOTSUPP && inflight.class == Class::Discard) {
+                    inflight.errno.get_or_insert(errno);
+                }
+            }
+        }
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if inflight.pending_ops > 0 {
+            return;
+        }
+        if inflight.stage == Stage::Transfer
+            && inflight.sync_after_write
+            && inflight.errno.is_none()
+        {
+            inflight.stage = Stage::SyncAfterWrite;
+            let sync = PlannedOp {
+                kind: OpKind::Sync,
+                offset: 0,
+                len: 0,
+                iovecs: Vec::new(),
+                aux: 0,
+            };
+            if self.queue_op(slot, sync).is_ok() {
+                return;
+            }
+        }
+        let inflight = self.requests[slot as usize].take().expect("live request");
+        self.free_requests.push(slot);
+        done.push(self.finish(inflight));
+    }
+
+    /// Write-zeroes degrades gracefully: zero-range → punch-hole → writing zeroes.
+    fn fallback(&mut self, slot: u32, aux: u32, errno: i32) -> Option<PlannedOp> {
+        if errno != libc::EOPNOTSUPP {
+            return None;
+        }
+        let inflight = self.requests[slot as usize].as_ref()?;
+        if inflight.class != Class::WriteZeroes {
+            return None;
+        }
+        // aux: segment index, with the top bit set once punch-hole was already tried.
+        const TRIED_PUNCH: u32 = 1 << 31;
+        let segment = *inflight.segments.get((aux & !TRIED_PUNCH) as usize)?;
+        let offset = segment.sector * SECTOR_SIZE;
+        let len = u64::from(segment.sectors) * SECTOR_SIZE;
+        if aux & TRIED_PUNCH == 0 {
+            return Some(PlannedOp {
+                kind: OpKind::PunchHole,
+                offset,
+                len,
+                iovecs: Vec::new(),
+                aux: aux | TRIED_PUNCH,
+            });
+        }
+        // Neither fallocate mode works here (e.g. a block device without zeroing support):
+        // write real zeroes, one shared read-only buffer repeated.
+        let zeroes = self
+            .zeroes
+            .get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK));
+        let base = zeroes.as_mut_ptr() as *mut libc::c_void;
+        let iovecs = (0..len.div_ceil(ZERO_CHUNK as u64))
+            .map(|i| libc::iovec {
+                iov_base: base,
+                iov_len: (len - i * ZERO_CHUNK as u64).min(ZERO_CHUNK as u64) as usize,
+            })
+            .collect::<Vec<_>>();
+        if iovecs.len() > MAX_IOVECS {
+            return None;
+        }
+        Some(PlannedOp {
+            kind: OpKind::Write,
+            offset,
+            len,
+            iovecs,
+            aux,
+        })
+    }
+
+    fn finish(&self, inflight: InFlight) -> UsedEntry {
+        let mut status = VIRTIO_BLK_S_OK;
+        if let Some(errno) = inflight.errno {
+            QueueStats::bump(&self.stats.io_errors, 1);
+            tracing::warn!(
+                head = inflight.head,
+                error = %io::Error::from_raw_os_error(errno),
+                "I/O failed; completing the request with IOERR"
+            );
+            status = VIRTIO_BLK_S_IOERR;
+        } else if let DataPath::Bounce { buffer, guest } = &inflight.data {
+            // Reads through a bounce buffer land in guest memory only now. (For writes the
+            // guest ranges were gathered before submission and this copies nothing back.)
+            if inflight.class == Class::Read
+                && write_guest(&inflight.mem, guest, buffer.as_slice()).is_err()
+            {
+                status = VIRTIO_BLK_S_IOERR;
+            }
+        }
+        if inflight.mem.write_obj(status, inflight.status).is_err() {
+            return UsedEntry {
+                head: inflight.head,
+                len: 0,
+            };
+        }
+        UsedEntry {
+            head: inflight.head,
+            len: inflight.used_len,
+        }
+    }
+}
+
+struct PlannedOp {
+    kind: OpKind,
+    offset: u64,
+    len: u64,
+    iovecs: Vec<libc::iovec>,
+    aux: u32,
+}
+
+fn range_ops(segments: &[Segment], kind_of: impl Fn(&Segment) -> OpKind) -> Vec<PlannedOp> {
+    segments
+        .iter()
+        .enumerate()
+        .map(|(i, s)| PlannedOp {
+            kind: kind_of(s),
+            offset: s.sector * SECTOR_SIZE,
+            len: u64::from(s.sectors) * SECTOR_SIZE,
+            iovecs: Vec::new(),
+            aux: i as u32,
+        })
+        .collect()
+}
+
+/// Fill `out` from the guest ranges, in order.
+fn read_guest(
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    out: &mut [u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut off = 0usize;
+    for r in ranges {
+        let n = (r.len as usize).min(out.len() - off);
+        mem.read_slice(&mut out[off..off + n], r.addr)?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// Copy `bytes` into the guest ranges, in order, stopping when either runs out.
+fn write_guest(
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    bytes: &[u8],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    let mut off = 0usize;
+    for r in ranges {
+        if off >= bytes.len() {
+            break;
+        }
+        let n = (r.len as usize).min(bytes.len() - off);
+        mem.write_slice(&bytes[off..off + n], r.addr)?;
+        off += n;
+    }
+    Ok(())
+}

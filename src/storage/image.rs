@@ -1,0 +1,282 @@
+//! The disk image: a raw file (or block device) the daemon serves, opened for direct I/O.
+//!
+//! Owns opening, creating, sizing and locking the image. Knows nothing about virtio or
+//! requests; the I/O itself goes through [`super::engine`].
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// The unit all virtio-blk offsets are expressed in.
+pub const SECTOR_SIZE: u64 = 512;
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("image {path} does not exist (create it with `guardblk create {path} --size 8G`)")]
+    Missing { path: PathBuf },
+    #[error("cannot open image {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("image {path} is {size} bytes, which is not a multiple of 512; pad or truncate it to a whole number of sectors")]
+    NotSectorMultiple { path: PathBuf, size: u64 },
+    #[error("image {path} is empty; a disk needs at least one sector")]
+    Empty { path: PathBuf },
+    #[error("{path} is neither a regular file nor a block device")]
+    NotADisk { path: PathBuf },
+    #[error("image {path} is already being served by another process (it holds the image lock)")]
+    Locked { path: PathBuf },
+    #[error("{path} already exists; refusing to overwrite it")]
+    AlreadyExists { path: PathBuf },
+    #[error("cannot create image {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("image size {size} is not a positive multiple of 512 bytes")]
+    BadSize { size: u64 },
+}
+
+/// Alignment the kernel demands of O_DIRECT buffers and file offsets on this image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirectIoAlignment {
+    pub memory: u64,
+    pub offset: u64,
+}
+
+/// An open disk image shared (read-only after opening) by every queue.
+#[derive(Debug)]
+pub struct Image {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    read_only: bool,
+    /// `None` when the host filesystem refused O_DIRECT and the image is served buffered.
+    direct_io: Option<DirectIoAlignment>,
+    block_device: bool,
+}
+
+impl Image {
+    /// Create a sparse raw image of `size` bytes. Refuses to touch an existing file.
+    pub fn create(path: &Path, size: u64) -> Result<(), ImageError> {
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(ImageError::BadSize { size });
+        }
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::AlreadyExists => ImageError::AlreadyExists { path: path.into() },
+                _ => ImageError::Create {
+                    path: path.into(),
+                    source,
+                },
+            })?;
+        file.set_len(size).map_err(|source| {
+            let _ = std::fs::remove_file(path);
+            ImageError::Create {
+                path: path.into(),
+                source,
+            }
+        })
+    }
+
+    /// Open an existing image for serving, preferring O_DIRECT, and take its exclusive lock.
+    pub fn open(path: &Path, read_only: bool) -> Result<Image, ImageError> {
+        let meta = std::fs::metadata(path).map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => ImageError::Missing { path: path.into() },
+            _ => ImageError::Open {
+                path: path.into(),
+                source,
+            },
+        })?;
+        let block_device = meta.file_type().is_block_device();
+        if !meta.is_file() && !block_device {
+            return Err(ImageError::NotADisk { path: path.into() });
+        }
+
+        let open = |direct: bool| {
+            let mut opts = OpenOptions::new();
+            opts.read(true).write(!read_only);
+            opts.custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 });
+            opts.open(path)
+        };
+        let (file, direct) = match open(true) {
+            Ok(f) => (f, true),
+            // EINVAL: the filesystem has no O_DIRECT support. Serve through the page cache.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let f = open(false).map_err(|source| ImageError::Open {
+                    path: path.into(),
+                    source,
+                })?;
+                tracing::warn!(image = %path.display(), "host filesystem refuses O_DIRECT; serving through the page cache");
+                (f, false)
+            }
+            Err(source) => {
+                return Err(ImageError::Open {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+
+        // SAFETY: flock on a valid, owned descriptor; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(ImageError::Locked { path: path.into() });
+        }
+
+        let size = if block_device {
+            block_device_size(&file).map_err(|source| ImageError::Open {
+                path: path.into(),
+                source,
+            })?
+        } else {
+            meta.len()
+        };
+        if size == 0 {
+            return Err(ImageError::Empty { path: path.into() });
+        }
+        if size % SECTOR_SIZE != 0 {
+            return Err(ImageError::NotSectorMultiple {
+                path: path.into(),
+                size,
+            });
+        }
+        let direct_io = direct.then(|| direct_io_alignment(&file));
+        Ok(Image {
+            path: path.into(),
+            file,
+            size,
+            read_only,
+            direct_io,
+            block_device,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.size / SECTOR_SIZE
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn direct_io(&self) -> Option<DirectIoAlignment> {
+        self.direct_io
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Whether a transfer with these buffers at this offset can go to the kernel as is.
+    /// Buffered images accept anything; O_DIRECT ones need aligned addresses and lengths.
+    pub fn accepts_direct(&self, offset: u64, buffers: &[libc::iovec]) -> bool {
+        let Some(align) = self.direct_io else {
+            return true;
+        };
+        offset % align.offset == 0
+            && buffers.iter().all(|iov| {
+                iov.iov_base as u64 % align.memory == 0 && iov.iov_len as u64 % align.offset == 0
+            })
+    }
+}
+
+fn block_device_size(file: &File) -> io::Result<u64> {
+    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 into the pointer we pass, which lives on our stack.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(size)
+}
+
+/// Ask the kernel (statx STATX_DIOALIGN, Linux 6.1+) what O_DIRECT needs; assume 512 when it
+/// cannot say, which every Linux direct-I/O target accepts for memory and most for offsets.
+fn direct_io_alignment(file: &File) -> DirectIoAlignment {
+    // SAFETY: statx is a plain struct of integers, valid when zeroed.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx writes only into `stx`; the empty path with AT_EMPTY_PATH names the fd.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 && stx.stx_dio_offset_align != 0 {
+        DirectIoAlignment {
+            memory: u64::from(stx.stx_dio_mem_align.max(1)),
+            offset: u64::from(stx.stx_dio_offset_align),
+        }
+    } else {
+        DirectIoAlignment {
+            memory: SECTOR_SIZE,
+            offset: SECTOR_SIZE,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_refuses_bad_sizes_and_existing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.img");
+        assert!(matches!(
+            Image::create(&p, 0),
+            Err(ImageError::BadSize { .. })
+        ));
+        assert!(matches!(
+            Image::create(&p, 1000),
+            Err(ImageError::BadSize { .. })
+        ));
+        Image::create(&p, 1 << 20).unwrap();
+        assert!(matches!(
+            Image::create(&p, 1 << 20),
+            Err(ImageError::AlreadyExists { .. })
+        ));
+        let img = Image::open(&p, false).unwrap();
+        assert_eq!(img.sectors(), 2048);
+    }
+
+    #[test]
+    fn open_rejects_missing_unaligned_and_locked_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("odd.img");
+        assert!(matches!(
+            Image::open(&p, false),
+            Err(ImageError::Missing { .. })
+        ));
+        std::fs::write(&p, vec![0u8; 1000]).unwrap();
+        assert!(matches!(
+            Image::open(&p, false),
+            Err(ImageError::NotSectorMultiple { .. })
+        ));
+        std::fs::write(&p, vec![0u8; 1024]).unwrap();
+        let _held = Image::open(&p, false).unwrap();
+        assert!(matches!(
+            Image::open(&p, true),
+            Err(ImageError::Locked { .. })
+        ));
+    }
+}
