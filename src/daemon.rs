@@ -163,6 +163,11 @@ fn spawn_signal_thread(shutdown: Arc<EventFd>) -> Result<(), DaemonError> {
 
 /// Wait until one of `fds` is readable; returns their readiness in order.
 fn poll_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
+    poll_readable_timeout(fds, -1)
+}
+
+/// As [`poll_readable`], giving up after `timeout_ms` (all false then).
+fn poll_readable_timeout(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -173,7 +178,7 @@ fn poll_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
         .collect();
     loop {
         // SAFETY: pfds is a valid array of pollfd of the given length.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
         if rc >= 0 {
             return Ok(pfds.iter().map(|p| p.revents != 0).collect());
         }
@@ -227,6 +232,9 @@ pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// How long a newcomer waits for the current session to end before being refused.
+const RECONNECT_GRACE_MS: i32 = 2000;
+
 /// Accept one frontend and serve it until it leaves. Returns true if shutdown was requested.
 fn run_session(
     number: u64,
@@ -269,6 +277,11 @@ fn run_session(
             break;
         }
         if ready[1] {
+            // A frontend that restarts (or reconnects) often connects before we have seen
+            // its old connection close: give the current session a moment to end first.
+            if poll_readable_timeout(&[ended.as_raw_fd()], RECONNECT_GRACE_MS)?[0] {
+                break;
+            }
             if let Ok(Some(stream)) = listener.accept() {
                 tracing::warn!(
                     session = number,

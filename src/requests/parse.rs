@@ -523,3 +523,7 @@ fn parse_segments(
         })
         .collect()
 }
+
+#[cfg(test)]
+#[path = "parse_tests.rs"]
+mod tests;

@@ -39,17 +39,19 @@ impl Daemon {
         Self::serve(dir, image, args)
     }
 
+    /// Serve an existing image. `args` may name `--socket`; otherwise it goes inside `dir`.
     pub fn serve(dir: tempfile::TempDir, image: PathBuf, args: &[&str]) -> Daemon {
-        let socket = dir.path().join("guardblk.sock");
+        let socket = match args.iter().position(|a| *a == "--socket") {
+            Some(i) => PathBuf::from(args[i + 1]),
+            None => dir.path().join("guardblk.sock"),
+        };
         let log = dir.path().join("daemon.log");
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                image.to_str().unwrap(),
-                "--socket",
-                socket.to_str().unwrap(),
-            ])
-            .args(args)
+        let mut command = Command::new(BIN);
+        command.args(["serve", image.to_str().unwrap()]).args(args);
+        if !args.contains(&"--socket") {
+            command.args(["--socket", socket.to_str().unwrap()]);
+        }
+        let child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -112,8 +114,18 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path, num_queues: i32, buffer_len: usize) -> blkio::Result<Client> {
+        Self::connect_with(socket, num_queues, buffer_len, false)
+    }
+
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: i32,
+        buffer_len: usize,
+        read_only: bool,
+    ) -> blkio::Result<Client> {
         let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
         blkio.set_str("path", socket.to_str().unwrap())?;
+        blkio.set_bool("read-only", read_only)?;
         blkio.connect()?;
         blkio.set_i32("num-queues", num_queues)?;
         let outcome = blkio.start()?;

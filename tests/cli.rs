@@ -1,0 +1,214 @@
+//! The command line as an operator meets it: clear one-sentence errors, clean shutdown.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn guardblk(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+/// The command failed with exactly one line on stderr, containing `needle`.
+fn assert_one_sentence(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "command succeeded; stderr: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "expected one line, got:\n{stderr}"
+    );
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn help_describes_every_subcommand() {
+    let out = guardblk(&["--help"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["create", "serve", "vhost-user", "--log-level"] {
+        assert!(text.contains(word), "--help lacks {word}");
+    }
+    let serve = String::from_utf8_lossy(&guardblk(&["serve", "--help"]).stdout).to_string();
+    for word in [
+        "--socket",
+        "--queues",
+        "--queue-size",
+        "--read-only",
+        "--serial",
+        "--cache",
+        "--socket-mode",
+    ] {
+        assert!(serve.contains(word), "serve --help lacks {word}");
+    }
+    let create = String::from_utf8_lossy(&guardblk(&["create", "--help"]).stdout).to_string();
+    assert!(create.contains("--size"));
+}
+
+#[test]
+fn missing_image_is_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("nope.img");
+    let sock = dir.path().join("s.sock");
+    let out = guardblk(&[
+        "serve",
+        img.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_one_sentence(&out, "does not exist");
+}
+
+#[test]
+fn image_size_not_a_multiple_of_512_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("odd.img");
+    std::fs::write(&img, vec![0u8; 1000]).unwrap();
+    let sock = dir.path().join("s.sock");
+    let out = guardblk(&[
+        "serve",
+        img.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert_one_sentence(&out, "not a multiple of 512");
+    let out = guardblk(&[
+        "create",
+        dir.path().join("x.img").to_str().unwrap(),
+        "--size",
+        "1000",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("multiple of 512"));
+}
+
+#[test]
+fn create_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    assert!(guardblk(&["create", img.to_str().unwrap(), "--size", "1M"])
+        .status
+        .success());
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    assert_one_sentence(
+        &guardblk(&["create", img.to_str().unwrap(), "--size", "2M"]),
+        "already exists",
+    );
+}
+
+#[test]
+fn live_socket_is_refused_and_stale_socket_is_replaced() {
+    let d = Daemon::start(1 << 20, &[]);
+    let other = d.dir.path().join("other.img");
+    assert!(
+        guardblk(&["create", other.to_str().unwrap(), "--size", "1M"])
+            .status
+            .success()
+    );
+    let out = guardblk(&[
+        "serve",
+        other.to_str().unwrap(),
+        "--socket",
+        d.socket.to_str().unwrap(),
+    ]);
+    assert_one_sentence(&out, "in use by a running daemon");
+
+    // A stale socket file (nobody listening) is replaced.
+    let stale = d.dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let d2 = Daemon::serve(
+        tempfile::tempdir().unwrap(),
+        other,
+        &["--socket", stale.to_str().unwrap()],
+    );
+    d2.wait_for_log("replacing stale socket file");
+    let mut c = Client::connect(&stale, 1, 4096).unwrap();
+    assert_eq!(read(&mut c, 0, 0, 0, 4096), 0);
+}
+
+#[test]
+fn unusable_socket_directory_is_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    assert!(guardblk(&["create", img.to_str().unwrap(), "--size", "1M"])
+        .status
+        .success());
+    let missing = dir.path().join("no/such/dir/s.sock");
+    assert_one_sentence(
+        &guardblk(&[
+            "serve",
+            img.to_str().unwrap(),
+            "--socket",
+            missing.to_str().unwrap(),
+        ]),
+        "does not exist",
+    );
+    let file_in_the_way = dir.path().join("taken");
+    std::fs::write(&file_in_the_way, b"x").unwrap();
+    assert_one_sentence(
+        &guardblk(&[
+            "serve",
+            img.to_str().unwrap(),
+            "--socket",
+            file_in_the_way.to_str().unwrap(),
+        ]),
+        "not a socket",
+    );
+}
+
+#[test]
+fn bad_arguments_are_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    assert!(guardblk(&["create", img.to_str().unwrap(), "--size", "1M"])
+        .status
+        .success());
+    let sock = dir.path().join("s.sock");
+    let base = [
+        "serve",
+        img.to_str().unwrap(),
+        "--socket",
+        sock.to_str().unwrap(),
+    ];
+    let with = |extra: &[&str]| guardblk(&[&base[..], extra].concat());
+    assert_one_sentence(&with(&["--queues", "0"]), "--queues");
+    assert_one_sentence(&with(&["--queue-size", "100"]), "--queue-size");
+    assert_one_sentence(
+        &with(&["--serial", "this-serial-is-far-too-long"]),
+        "--serial",
+    );
+    assert!(!with(&["--cache", "sometimes"]).status.success());
+}
+
+#[test]
+fn sigterm_drains_and_removes_the_socket_which_is_private() {
+    let mut d = Daemon::start(4 << 20, &[]);
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket should be owner-only by default");
+    let mut c = Client::connect(&d.socket, 1, 1 << 20).unwrap();
+    fill_pattern(&mut c.buf()[..1 << 20], 0, 7);
+    // Leave writes in flight while the daemon is told to stop.
+    for i in 0..4usize {
+        let ptr = c.buf_ptr(i * (256 << 10));
+        c.queues[0].write(
+            (i * (256 << 10)) as u64,
+            ptr,
+            256 << 10,
+            i,
+            blkio::ReqFlags::empty(),
+        );
+    }
+    let _ = c.queues[0].do_io(&mut [], 0, None, None);
+    let status = d.terminate();
+    assert!(status.success(), "daemon exited with {status}");
+    assert!(!d.socket.exists(), "socket file left behind");
+    d.wait_for_log("guardblk stopped");
+}
