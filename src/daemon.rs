@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread;
 
 use thiserror::Error;
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -300,8 +300,15 @@ fn run_session(
     let (daemon, result) = waiter
         .join()
         .map_err(|_| DaemonError::Session("session thread panicked".into()))?;
-    if let Err(e) = result {
-        tracing::warn!(session = number, error = %e, "frontend connection ended with an error");
+    match result {
+        // A frontend closing its socket (QEMU exiting, a client detaching) is the normal end.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => {}
+        Err(e) => {
+            tracing::warn!(session = number, error = %e, "frontend connection ended with an error")
+        }
     }
     // Dropping the daemon stops its queue threads; then finish whatever the kernel still holds.
     drop(daemon);

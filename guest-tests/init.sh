@@ -1,0 +1,231 @@
+#!/bin/sh
+# /init of the guest-test initramfs (busybox ash, PID 1). Built and booted by run.sh.
+#
+# Prints one line per scenario for the host harness to parse:
+#   GUARDBLK-TEST PASS <name>
+#   GUARDBLK-TEST FAIL <name> <detail>
+# then "GUARDBLK-TEST DONE" and powers off.
+#
+# Adding a scenario: write a function test_<name> that returns non-zero (after setting
+# DETAIL) on failure, and add <name> to the default list in run.sh (GUARDBLK_TESTS).
+# run.sh may also define host_prepare_<name> (before the daemon starts) and
+# host_check_<name> (on the image after the guest has powered off).
+# The list can also be overridden on the kernel command line with guardblk.tests=a,b,c.
+
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+# If anything below goes badly wrong, still power off: otherwise QEMU runs into the
+# host's timeout and the failure is reported as a hang.
+trap 'poweroff -f' EXIT
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /mnt
+mount -t tmpfs tmpfs /tmp
+
+# Layout and scenario list, written by run.sh so host and guest agree on offsets.
+# shellcheck disable=SC1091
+. /etc/guardblk-test.env
+# shellcheck disable=SC2013 # kernel parameters are words
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        guardblk.tests=*) GUARDBLK_TESTS=${arg#guardblk.tests=} ;;
+    esac
+done
+
+DISK=/dev/vda
+
+say() { echo "GUARDBLK-TEST $*"; }
+log() { echo "guest: $*"; }
+
+# need DESCRIPTION CMD ARGS...: run CMD (output to the scenario log); on failure record
+# DESCRIPTION as the failure detail. Use as: need "what" cmd ... || return 1
+need() {
+    desc=$1
+    shift
+    if ! "$@" >>"$TEST_LOG" 2>&1; then
+        DETAIL="$desc failed"
+        return 1
+    fi
+}
+
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+# Without modules.dep, insmod cannot resolve dependencies itself: retry in passes
+# until every module is in (a module whose dependency is not loaded yet fails once).
+load_modules() {
+    pending=$(cat /lib/modules/order)
+    pass=0
+    while [ -n "$pending" ] && [ $pass -lt 5 ]; do
+        pass=$((pass + 1))
+        left=""
+        for m in $pending; do
+            if ! insmod "/lib/modules/$m.ko" 2>/tmp/insmod.err; then
+                # Built into this kernel or loaded already: nothing to do.
+                grep -q "File exists" /tmp/insmod.err || left="$left $m"
+            fi
+        done
+        pending=$left
+    done
+    if [ -n "$pending" ]; then
+        log "could not load modules:$pending"
+        cat /tmp/insmod.err
+        return 1
+    fi
+}
+
+wait_for_disk() {
+    i=0
+    while [ ! -b $DISK ] && [ $i -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -b $DISK ]
+}
+
+# --- scenarios --------------------------------------------------------------------------
+
+# O_DIRECT write of the host-made pattern, split over both vCPUs so both virtqueues
+# carry I/O, with different request sizes on the way back; read back after dropping
+# caches (O_DIRECT and buffered) and compare. run.sh re-checks the bytes in the image.
+test_o_direct_pattern() {
+    nq=$(ls /sys/block/vda/mq | wc -l)
+    [ "$nq" -eq "$QUEUES" ] || { DETAIL="guest sees $nq hardware queues, expected $QUEUES"; return 1; }
+    half=$((PATTERN_MIB / 2))
+    off=$PATTERN_OFFSET_MIB
+    taskset 1 dd if=/pattern.bin of=$DISK bs=1M count=$half seek="$off" \
+        oflag=direct conv=fsync,notrunc >>"$TEST_LOG" 2>&1 &
+    w0=$!
+    taskset 2 dd if=/pattern.bin of=$DISK bs=1M skip=$half count=$half \
+        seek=$((off + half)) oflag=direct conv=fsync,notrunc >>"$TEST_LOG" 2>&1 &
+    w1=$!
+    wait $w0; s0=$?
+    wait $w1; s1=$?
+    [ $s0 -eq 0 ] || { DETAIL="O_DIRECT write (cpu0) failed"; return 1; }
+    [ $s1 -eq 0 ] || { DETAIL="O_DIRECT write (cpu1) failed"; return 1; }
+    drop_caches
+
+    taskset 1 dd if=$DISK of=/tmp/rb.0 bs=64k skip=$((off * 16)) count=$((half * 16)) \
+        iflag=direct >>"$TEST_LOG" 2>&1 &
+    r0=$!
+    taskset 2 dd if=$DISK of=/tmp/rb.1 bs=4k skip=$(((off + half) * 256)) \
+        count=$(((PATTERN_MIB - half) * 256)) iflag=direct >>"$TEST_LOG" 2>&1 &
+    r1=$!
+    wait $r0; s0=$?
+    wait $r1; s1=$?
+    [ $s0 -eq 0 ] || { DETAIL="O_DIRECT read (cpu0) failed"; return 1; }
+    [ $s1 -eq 0 ] || { DETAIL="O_DIRECT read (cpu1) failed"; return 1; }
+    cat /tmp/rb.0 /tmp/rb.1 >/tmp/readback
+    rm -f /tmp/rb.0 /tmp/rb.1
+    if ! cmp /pattern.bin /tmp/readback >>"$TEST_LOG" 2>&1; then
+        DETAIL="O_DIRECT read-back differs: $(cmp /pattern.bin /tmp/readback 2>&1 | head -n 1)"
+        return 1
+    fi
+
+    drop_caches
+    need "buffered read" dd if=$DISK of=/tmp/readback bs=1M skip="$off" count="$PATTERN_MIB" || return 1
+    if ! cmp /pattern.bin /tmp/readback >>"$TEST_LOG" 2>&1; then
+        DETAIL="buffered read-back differs: $(cmp /pattern.bin /tmp/readback 2>&1 | head -n 1)"
+        return 1
+    fi
+    rm -f /tmp/readback
+}
+
+# ext2 (busybox mke2fs; the kernel's ext4 driver mounts it) on the first FS_MIB of the
+# disk, away from the pattern. Files are verified here after a remount with cold
+# caches, and by run.sh with e2fsck and debugfs on the image.
+test_filesystem() {
+    src=/tmp/fsdata
+    rm -rf $src
+    mkdir -p $src/notes
+    cp /pattern.bin $src/pattern.bin
+    cat /pattern.bin /pattern.bin /pattern.bin >$src/big.bin
+    # Same recipe as make_fs_data in run.sh, which rebuilds the tree to compare against.
+    i=1
+    while [ $i -le 16 ]; do
+        seq 1 $((i * 500)) >$src/notes/file-$i.txt
+        i=$((i + 1))
+    done
+    (cd $src && find . -type f | sort | xargs sha256sum) >/tmp/MANIFEST.sha256
+
+    need "mke2fs" mke2fs -F -b 4096 -L guardblk $DISK $((FS_MIB * 1024)) || return 1
+    need "mount" mount -t ext2 $DISK /mnt || return 1
+    need "copy files" cp -a $src/. /mnt/ || { umount /mnt; return 1; }
+    cp /tmp/MANIFEST.sha256 /mnt/MANIFEST.sha256
+    need "sync" sync || { umount /mnt; return 1; }
+    need "umount" umount /mnt || return 1
+
+    drop_caches
+    need "read-only remount" mount -t ext2 -o ro $DISK /mnt || return 1
+    if ! (cd /mnt && sha256sum -c /tmp/MANIFEST.sha256) >>"$TEST_LOG" 2>&1; then
+        DETAIL="files differ after remount: $(cd /mnt && sha256sum -c /tmp/MANIFEST.sha256 2>&1 | grep -v ': OK$' | head -n 3 | tr '\n' ' ')"
+        umount /mnt
+        return 1
+    fi
+    need "final umount" umount /mnt || return 1
+    rm -rf $src
+}
+
+# The device offers a guest-writable write-cache mode (VIRTIO_BLK_F_CONFIG_WCE).
+# cache_type is virtio_blk's own attribute and reaches the device (a config-space
+# write, which run.sh looks for in the daemon log); queue/write_cache only changes the
+# block layer's view. Both must read back what was written.
+test_write_cache() {
+    wc=/sys/block/vda/queue/write_cache
+    ct=/sys/block/vda/cache_type
+    v=$(cat $wc)
+    [ "$v" = "write back" ] || { DETAIL="queue/write_cache is '$v', expected 'write back'"; return 1; }
+    [ -e $ct ] || { DETAIL="no $ct: CONFIG_WCE not negotiated"; return 1; }
+
+    for mode in "write through" "write back"; do
+        echo "$mode" >$ct 2>>"$TEST_LOG" || { DETAIL="writing '$mode' to cache_type failed"; return 1; }
+        v=$(cat $ct)
+        [ "$v" = "$mode" ] || { DETAIL="cache_type reads '$v' after writing '$mode'"; return 1; }
+        v=$(cat $wc)
+        [ "$v" = "$mode" ] || { DETAIL="queue/write_cache reads '$v' after cache_type='$mode'"; return 1; }
+        # Some I/O in this mode, with a flush in write-back.
+        need "write+fsync in '$mode'" dd if=/pattern.bin of=$DISK bs=4k count=16 \
+            seek=$((SCRATCH_OFFSET_MIB * 256)) oflag=direct conv=fsync,notrunc || return 1
+    done
+
+    for mode in "write through" "write back"; do
+        echo "$mode" >$wc 2>>"$TEST_LOG" || { DETAIL="writing '$mode' to queue/write_cache failed"; return 1; }
+        v=$(cat $wc)
+        [ "$v" = "$mode" ] || { DETAIL="queue/write_cache reads '$v' after writing '$mode'"; return 1; }
+    done
+}
+
+# --- main -------------------------------------------------------------------------------
+
+if ! load_modules; then
+    say FAIL boot "virtio modules did not load"
+elif ! wait_for_disk; then
+    say FAIL boot "$DISK did not appear"
+else
+    log "disk $DISK: $(cat /sys/block/vda/size) sectors, tests: $GUARDBLK_TESTS"
+    for t in $(echo "$GUARDBLK_TESTS" | tr ',' ' '); do
+        TEST_LOG=/tmp/test-$t.log
+        : >"$TEST_LOG"
+        DETAIL=""
+        if ! command -v "test_$t" >/dev/null 2>&1; then
+            say FAIL "$t" "no such scenario in init.sh"
+            continue
+        fi
+        start=$(cut -d' ' -f1 /proc/uptime)
+        if "test_$t"; then
+            say PASS "$t"
+        else
+            say FAIL "$t" "${DETAIL:-returned non-zero}"
+            # The scenario's own output, to diagnose from the serial log alone.
+            sed 's/^/    | /' "$TEST_LOG" | tail -n 20
+            dmesg | tail -n 20 | sed 's/^/    dmesg| /'
+        fi
+        log "$t took $(awk -v s="$start" '{ printf "%.1f", $1 - s }' /proc/uptime)s"
+    done
+fi
+say DONE
+sync
+poweroff -f

@@ -1,0 +1,526 @@
+#!/usr/bin/env bash
+# End-to-end guest test: a real Linux guest (Debian's cloud kernel + a busybox initramfs)
+# boots under QEMU/TCG with its disk served by guardblk over vhost-user-blk, runs the
+# scenarios in init.sh, powers off; then the image is checked from the host.
+#
+# Usage: bash guest-tests/run.sh
+#   GUARDBLK_BIN=path         use this daemon binary instead of `cargo build --release`
+#   GUARDBLK_TESTS=a,b        guest scenarios to run (default: all below)
+#   GUARDBLK_QEMU_TIMEOUT=s   wall-clock limit for the guest (default 240)
+#   GUARDBLK_LOG=filter       daemon log filter (default info)
+#
+# Needs (Debian): qemu-system-x86 busybox-static cpio e2fsprogs, plus apt/dpkg, perl and
+# GNU coreutils/diffutils, which every Debian has. xz-utils/zstd only if the kernel's
+# modules are compressed (bookworm's cloud kernel ships plain .ko). No /dev/kvm needed.
+#
+# Adding a scenario: a test_<name> function in init.sh, <name> in the default
+# GUARDBLK_TESTS below, and optionally host_prepare_<name> (runs after the image is
+# created, before the daemon starts; may append to SERVE_ARGS) and host_check_<name>
+# (runs on the image after the guest powered off) in this file.
+#
+# Prints "N passed, M failed" last; exits 0 only if every guest scenario and host check
+# passed. Everything it makes lives in guest-tests/work/ (gitignored): the kernel is
+# downloaded once and reused; the run's image, logs and serial output are in work/run/.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+WORK=$HERE/work
+RUN=$WORK/run
+QEMU_TIMEOUT=${GUARDBLK_QEMU_TIMEOUT:-240}
+GUARDBLK_TESTS=${GUARDBLK_TESTS:-o_direct_pattern,filesystem,write_cache}
+
+# Disk layout (MiB), shared with the guest through /etc/guardblk-test.env. The gaps
+# between regions must stay zero: a misdirected write lands there and is caught.
+IMAGE_MIB=256
+FS_MIB=128             # ext2 on [0, 128)
+PATTERN_OFFSET_MIB=192 # pattern on [192, 200)
+PATTERN_MIB=8
+SCRATCH_OFFSET_MIB=224 # scenarios' throwaway writes on [224, 256)
+
+GUEST_MEM=512M
+# Extra daemon options a host_prepare_<name> hook may append to.
+QUEUES=2
+SERVE_ARGS=(--queues "$QUEUES")
+
+# Listed in dependency order is not required: deps are resolved from each module's
+# modinfo and put first, and the guest retries anyway.
+GUEST_MODULES=(virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+
+T0=$SECONDS
+PASSED=0
+FAILED=0
+RESULTS=()
+DAEMON_PID=""
+QEMU_PID=""
+SOCK_DIR=""
+
+# Carriage returns and the firmware's terminal escapes, out of serial and daemon logs.
+STRIP_TERM='s/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
+
+say() { echo "guest-tests: $*"; }
+pass() {
+    PASSED=$((PASSED + 1))
+    RESULTS+=("PASS $1")
+}
+fail() {
+    FAILED=$((FAILED + 1))
+    RESULTS+=("FAIL $1: $2")
+}
+summary() {
+    echo
+    echo "== guest-tests results ($((SECONDS - T0)) s) =="
+    local r
+    for r in "${RESULTS[@]}"; do echo "  $r"; done
+    echo "$PASSED passed, $FAILED failed"
+}
+# Setup errors end the run but still produce the summary line CI reads.
+die() {
+    echo "guest-tests: error: $*" >&2
+    fail setup "$*"
+    summary
+    exit 1
+}
+
+cleanup() {
+    # TERM, not KILL: timeout passes it on to QEMU; KILL would orphan QEMU.
+    [[ -n $QEMU_PID ]] && kill -TERM "$QEMU_PID" 2>/dev/null
+    if [[ -n $DAEMON_PID ]] && kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null
+    fi
+    [[ -n $SOCK_DIR ]] && rm -rf "$SOCK_DIR"
+}
+trap cleanup EXIT
+# Without this, a signal would end bash without running the EXIT trap.
+trap 'exit 130' INT TERM
+
+require_tools() {
+    local t missing=()
+    for t in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get apt-cache e2fsck debugfs \
+        perl cmp timeout; do
+        command -v "$t" >/dev/null || missing+=("$t")
+    done
+    ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install qemu-system-x86 busybox-static cpio e2fsprogs)"
+    BUSYBOX=$(command -v busybox)
+    # A dynamic busybox (package "busybox") would not run in the initramfs.
+    if ldd "$BUSYBOX" >/dev/null 2>&1; then
+        die "$BUSYBOX is dynamically linked; install busybox-static"
+    fi
+}
+
+# --- kernel ----------------------------------------------------------------------------
+
+kernel_package() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ { print $2; exit }'
+}
+
+# Download and extract package $1 into $WORK/kernel/$1/root; .extracted marks success.
+download_kernel() {
+    local pkg=$1 dir=$WORK/kernel/$1 sandbox=()
+    [[ -n $pkg ]] || return 1
+    say "kernel: downloading $pkg"
+    rm -rf "$dir"
+    mkdir -p "$dir/deb"
+    # As root, apt's download sandbox user _apt cannot write here; it only warns.
+    ((EUID == 0)) && sandbox=(-o APT::Sandbox::User=root)
+    if ! (cd "$dir/deb" && apt-get download "${sandbox[@]}" "$pkg") >"$WORK/kernel-download.log" 2>&1 ||
+        ! dpkg-deb -x "$dir"/deb/*.deb "$dir/root"; then
+        rm -rf "$dir"
+        return 1
+    fi
+    rm -rf "$dir/deb"
+    touch "$dir/.extracted"
+}
+
+# Sets VMLINUZ, KVER, MODDIR. Downloads and extracts only when the cache lacks this version.
+fetch_kernel() {
+    local pkg dir
+    pkg=$(kernel_package)
+    if [[ -z $pkg ]]; then
+        # No apt lists yet (fresh machine before apt-get update): prefer any cached kernel.
+        dir=$(ls -d "$WORK"/kernel/linux-image-*/ 2>/dev/null | sort -V | tail -n 1)
+        if [[ -n $dir && -f $dir/.extracted ]]; then
+            pkg=$(basename "$dir")
+            say "apt-cache knows no linux-image-cloud-amd64; using cached $pkg"
+        elif ((EUID == 0)); then
+            apt-get update -qq >/dev/null 2>&1
+            pkg=$(kernel_package)
+        fi
+    fi
+    [[ -n $pkg ]] || die "cannot resolve linux-image-cloud-amd64 (run apt-get update)"
+    dir=$WORK/kernel/$pkg
+    if [[ -f $dir/.extracted ]]; then
+        say "kernel: $pkg (cached)"
+    else
+        if ! download_kernel "$pkg"; then
+            ((EUID == 0)) || die "apt-get download $pkg failed: $(tail -n 3 "$WORK/kernel-download.log")"
+            # Stale apt lists name a package the mirror has since replaced.
+            say "download failed; refreshing apt lists and retrying"
+            apt-get update -qq >/dev/null 2>&1
+            pkg=$(kernel_package)
+            dir=$WORK/kernel/$pkg
+            download_kernel "$pkg" ||
+                die "apt-get download $pkg failed: $(tail -n 3 "$WORK/kernel-download.log")"
+        fi
+        # Superseded kernels are ~130 MB each extracted.
+        find "$WORK/kernel" -mindepth 1 -maxdepth 1 -type d ! -name "$pkg" -exec rm -rf {} +
+    fi
+    VMLINUZ=$(ls "$dir"/root/boot/vmlinuz-* 2>/dev/null | head -n 1)
+    [[ -n $VMLINUZ ]] || die "no boot/vmlinuz-* in $pkg"
+    KVER=${VMLINUZ##*/vmlinuz-}
+    for MODDIR in "$dir/root/lib/modules/$KVER" "$dir/root/usr/lib/modules/$KVER"; do
+        [[ -d $MODDIR ]] && return 0
+    done
+    die "no modules directory for $KVER in $pkg"
+}
+
+# --- initramfs -------------------------------------------------------------------------
+
+# Deterministic, position-stamped pattern: each 512-byte sector starts with a magic and
+# its absolute disk sector number, then xorshift64 noise. A sector written to the wrong
+# place, or served from the wrong place, cannot compare equal.
+make_pattern() {
+    perl -e '
+        my ($mib, $first_sector) = @ARGV;
+        my $x = 0x9E3779B97F4A7C15;
+        my $mask = 0xFFFFFFFFFFFFFFFF;
+        binmode STDOUT;
+        for my $s (0 .. $mib * 2048 - 1) {
+            my @w;
+            for (1 .. 62) {
+                $x ^= ($x << 13) & $mask;
+                $x ^= $x >> 7;
+                $x ^= ($x << 17) & $mask;
+                push @w, $x;
+            }
+            print pack("a8 Q<", "GBLKPAT", $first_sector + $s), pack("Q<62", @w);
+        }' "$PATTERN_MIB" $((PATTERN_OFFSET_MIB * 2048)) >"$1"
+    [[ $(stat -c %s "$1") -eq $((PATTERN_MIB << 20)) ]] || die "pattern generation failed"
+}
+
+# Same tree test_filesystem (init.sh) writes; the host compares the image against it.
+make_fs_data() {
+    local dir=$1 i
+    mkdir -p "$dir/notes"
+    cp "$RUN/pattern.bin" "$dir/pattern.bin"
+    cat "$RUN/pattern.bin" "$RUN/pattern.bin" "$RUN/pattern.bin" >"$dir/big.bin"
+    for i in $(seq 1 16); do seq 1 $((i * 500)) >"$dir/notes/file-$i.txt"; done
+}
+
+declare -A MOD_FILE MOD_ADDED
+MOD_ORDER=()
+
+# Copy module $1 (and, first, its dependencies) into the initramfs, uncompressed:
+# busybox insmod cannot be relied on to decompress.
+add_module() {
+    local m=${1//-/_} src out deps d
+    [[ -n ${MOD_ADDED[$m]:-} ]] && return 0
+    MOD_ADDED[$m]=1
+    src=${MOD_FILE[$m]:-}
+    if [[ -z $src ]]; then
+        grep -Eq "/${m//_/[-_]}\.ko$" "$MODDIR/modules.builtin" 2>/dev/null && return 0
+        die "kernel module $m not found under $MODDIR"
+    fi
+    out=$INITRD_ROOT/lib/modules/$m.ko
+    case $src in
+    *.ko) cp "$src" "$out" ;;
+    *.ko.xz) xz -dc "$src" >"$out" || die "cannot decompress $src (install xz-utils)" ;;
+    *.ko.zst) zstd -qdc "$src" >"$out" || die "cannot decompress $src (install zstd)" ;;
+    *.ko.gz) gzip -dc "$src" >"$out" || die "cannot decompress $src" ;;
+    esac
+    deps=$(tr '\0' '\n' <"$out" | sed -n 's/^depends=//p' | head -n 1)
+    for d in ${deps//,/ }; do add_module "$d"; done
+    MOD_ORDER+=("$m")
+}
+
+build_initramfs() {
+    INITRD_ROOT=$RUN/initramfs
+    mkdir -p "$INITRD_ROOT"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,mnt,lib/modules}
+    cp "$BUSYBOX" "$INITRD_ROOT/bin/busybox"
+    local applet
+    while read -r applet; do
+        [[ $applet == bin/busybox || -e $INITRD_ROOT/$applet ]] && continue
+        ln -s /bin/busybox "$INITRD_ROOT/$applet"
+    done < <("$BUSYBOX" --list-full)
+
+    local f b
+    while IFS= read -r -d '' f; do
+        b=${f##*/}
+        b=${b%%.ko*}
+        MOD_FILE[${b//-/_}]=$f
+    done < <(find "$MODDIR/kernel" \( -name '*.ko' -o -name '*.ko.*' \) -print0)
+    for f in "${GUEST_MODULES[@]}"; do add_module "$f"; done
+    printf '%s\n' "${MOD_ORDER[@]}" >"$INITRD_ROOT/lib/modules/order"
+
+    cp "$RUN/pattern.bin" "$INITRD_ROOT/pattern.bin"
+    cat >"$INITRD_ROOT/etc/guardblk-test.env" <<EOF
+GUARDBLK_TESTS=$GUARDBLK_TESTS
+FS_MIB=$FS_MIB
+PATTERN_OFFSET_MIB=$PATTERN_OFFSET_MIB
+PATTERN_MIB=$PATTERN_MIB
+SCRATCH_OFFSET_MIB=$SCRATCH_OFFSET_MIB
+QUEUES=$QUEUES
+EOF
+    install -m 0755 "$HERE/init.sh" "$INITRD_ROOT/init"
+    (cd "$INITRD_ROOT" && find . -print0 | LC_ALL=C sort -z |
+        cpio --null --create --format=newc --owner=0:0 --quiet) | gzip -1 >"$RUN/initrd.gz" ||
+        die "cpio/gzip of the initramfs failed"
+}
+
+# --- daemon ----------------------------------------------------------------------------
+
+build_daemon() {
+    if [[ -n ${GUARDBLK_BIN:-} ]]; then
+        [[ -x $GUARDBLK_BIN ]] || die "GUARDBLK_BIN=$GUARDBLK_BIN is not executable"
+        return 0
+    fi
+    say "building guardblk (cargo build --release)"
+    (cd "$ROOT" && cargo build --release --bin guardblk) >"$RUN/build.log" 2>&1 ||
+        die "cargo build failed: $(tail -n 20 "$RUN/build.log")"
+    GUARDBLK_BIN=${CARGO_TARGET_DIR:-$ROOT/target}/release/guardblk
+    [[ -x $GUARDBLK_BIN ]] || die "built, but $GUARDBLK_BIN is missing"
+}
+
+create_image() {
+    IMG=$RUN/disk.img
+    "$GUARDBLK_BIN" create "$IMG" --size "${IMAGE_MIB}M" >"$RUN/create.log" 2>&1 ||
+        die "guardblk create failed: $(cat "$RUN/create.log")"
+}
+
+# Call $1_<scenario> for every selected scenario that has one.
+run_hooks() {
+    local t
+    for t in ${GUARDBLK_TESTS//,/ }; do
+        if declare -F "$1_$t" >/dev/null; then "$1_$t"; fi
+    done
+}
+
+start_daemon() {
+    # Unix socket paths are limited to 108 bytes; the checkout path may be long.
+    SOCK_DIR=$(mktemp -d /tmp/guardblk-guest.XXXXXX)
+    SOCK=$SOCK_DIR/guardblk.sock
+    DAEMON_LOG=$RUN/daemon.log
+    # NO_COLOR: tracing would otherwise put ANSI colour codes in the log file.
+    NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$IMG" --socket "$SOCK" "${SERVE_ARGS[@]}" \
+        >"$RUN/daemon.out" 2>"$DAEMON_LOG" </dev/null &
+    DAEMON_PID=$!
+    local i
+    for i in $(seq 1 300); do
+        grep -q "guardblk ready" "$DAEMON_LOG" && [[ -S $SOCK ]] && return 0
+        kill -0 "$DAEMON_PID" 2>/dev/null || die "daemon exited during startup: $(tail -n 5 "$DAEMON_LOG")"
+        sleep 0.1
+    done
+    die "daemon not ready after 30 s: $(tail -n 5 "$DAEMON_LOG")"
+}
+
+# SIGTERM must end the daemon promptly, with status 0, removing its socket.
+stop_daemon() {
+    local i rc
+    kill -TERM "$DAEMON_PID" 2>/dev/null
+    for i in $(seq 1 150); do
+        kill -0 "$DAEMON_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$DAEMON_PID" 2>/dev/null; then
+        kill -KILL "$DAEMON_PID" 2>/dev/null
+        wait "$DAEMON_PID" 2>/dev/null
+        DAEMON_PID=""
+        fail daemon_clean_stop "still running 15 s after SIGTERM (killed)"
+        return
+    fi
+    wait "$DAEMON_PID"
+    rc=$?
+    DAEMON_PID=""
+    # In case a colour-forcing environment beat NO_COLOR: the checks grep plain text.
+    sed -i "$STRIP_TERM" "$DAEMON_LOG"
+    if ((rc != 0)); then
+        fail daemon_clean_stop "exit status $rc after SIGTERM"
+    elif [[ -e $SOCK ]]; then
+        fail daemon_clean_stop "socket $SOCK left behind"
+    else
+        pass daemon_clean_stop
+    fi
+}
+
+# --- QEMU ------------------------------------------------------------------------------
+
+run_guest() {
+    say "booting guest (TCG, timeout ${QEMU_TIMEOUT}s); serial output follows"
+    local start=$SECONDS rc daemon_died=""
+    : >"$RUN/serial.raw"
+    timeout --kill-after=10 "$QEMU_TIMEOUT" \
+        qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m "$GUEST_MEM" \
+        -nographic -no-reboot -nic none \
+        -object memory-backend-memfd,id=mem,size="$GUEST_MEM",share=on -numa node,memdev=mem \
+        -kernel "$VMLINUZ" -initrd "$RUN/initrd.gz" \
+        -append "console=ttyS0 panic=-1 quiet" \
+        -chardev socket,id=disk0,path="$SOCK",reconnect=1 \
+        -device vhost-user-blk-pci,chardev=disk0,num-queues="$QUEUES" \
+        </dev/null >"$RUN/serial.raw" 2>"$RUN/qemu.err" &
+    QEMU_PID=$!
+    # Live copy of the serial console for CI logs; ends by itself when QEMU does.
+    tail -n +1 -f --pid="$QEMU_PID" "$RUN/serial.raw" | sed -u "$STRIP_TERM; s/^/  serial| /" &
+    local tail_pid=$!
+    # With reconnect=1 QEMU stalls the guest's I/O instead of failing it when the daemon
+    # dies, so a dead daemon would only show up as a timeout: stop early instead.
+    while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
+            daemon_died=1
+            kill -TERM "$QEMU_PID" 2>/dev/null
+            break
+        fi
+        sleep 0.2
+    done
+    wait "$QEMU_PID"
+    rc=$?
+    QEMU_PID=""
+    wait "$tail_pid" 2>/dev/null
+    sed "$STRIP_TERM" "$RUN/serial.raw" >"$RUN/serial.log"
+    GUEST_SECONDS=$((SECONDS - start))
+    if [[ -n $daemon_died ]]; then
+        fail qemu_exit "daemon exited while the guest was running: $(tail -n 3 "$DAEMON_LOG")"
+    elif ((rc == 124 || rc == 137)); then
+        fail qemu_exit "guest still running after ${QEMU_TIMEOUT}s (timeout)"
+    elif ((rc != 0)); then
+        fail qemu_exit "qemu exited with status $rc: $(tail -n 5 "$RUN/qemu.err")"
+    elif ! grep -q "GUARDBLK-TEST DONE" "$RUN/serial.log"; then
+        fail qemu_exit "guest powered off without GUARDBLK-TEST DONE"
+    else
+        pass qemu_exit
+    fi
+    say "guest ran ${GUEST_SECONDS}s"
+}
+
+collect_guest_results() {
+    local t line
+    for t in ${GUARDBLK_TESTS//,/ }; do
+        if grep -Eq "GUARDBLK-TEST PASS $t( |\$)" "$RUN/serial.log"; then
+            pass "guest:$t"
+        elif line=$(grep -Em1 "GUARDBLK-TEST FAIL $t( |\$)" "$RUN/serial.log"); then
+            fail "guest:$t" "${line#*GUARDBLK-TEST FAIL "$t" }"
+        else
+            fail "guest:$t" "no result line (guest died or hung before it)"
+        fi
+    done
+    # Failures outside the scenario list (e.g. boot).
+    while IFS= read -r line; do
+        t=${line#*GUARDBLK-TEST FAIL }
+        [[ ,$GUARDBLK_TESTS, == *",${t%% *},"* ]] && continue
+        fail "guest:${t%% *}" "${t#* }"
+    done < <(grep "GUARDBLK-TEST FAIL " "$RUN/serial.log")
+}
+
+# --- host-side checks on the image (after the guest powered off) --------------------------
+
+# Regions no scenario writes must still read as zero.
+host_untouched_regions() {
+    local a b bad=""
+    for range in "$FS_MIB $PATTERN_OFFSET_MIB" "$((PATTERN_OFFSET_MIB + PATTERN_MIB)) $SCRATCH_OFFSET_MIB"; do
+        read -r a b <<<"$range"
+        cmp --ignore-initial=$((a << 20)):0 --bytes=$(((b - a) << 20)) "$IMG" /dev/zero >/dev/null 2>&1 ||
+            bad+=" [${a}M,${b}M)"
+    done
+    if [[ -z $bad ]]; then pass host:untouched_regions_zero; else fail host:untouched_regions_zero "non-zero bytes in$bad"; fi
+}
+
+host_check_o_direct_pattern() {
+    local out
+    if out=$(cmp --ignore-initial=0:$((PATTERN_OFFSET_MIB << 20)) --bytes=$((PATTERN_MIB << 20)) \
+        "$RUN/pattern.bin" "$IMG" 2>&1); then
+        pass host:pattern_in_image
+    else
+        local byte
+        byte=$(sed -n 's/.* differ: byte \([0-9]*\).*/\1/p' <<<"$out")
+        if [[ -n $byte ]]; then
+            byte=$((byte - 1 + (PATTERN_OFFSET_MIB << 20)))
+            out="first difference at image byte $byte (sector $((byte / 512)))"
+        fi
+        fail host:pattern_in_image "image differs from the pattern written at ${PATTERN_OFFSET_MIB}M: $out"
+    fi
+}
+
+host_check_filesystem() {
+    local fs=$RUN/fs.img out
+    dd if="$IMG" of="$fs" bs=1M count="$FS_MIB" conv=sparse status=none
+    if out=$(e2fsck -fn "$fs" 2>&1); then
+        pass host:fs_fsck_clean
+    else
+        fail host:fs_fsck_clean "e2fsck -fn: $(echo "$out" | tail -n 5 | tr '\n' ' ')"
+    fi
+
+    local dump=$RUN/fs-dump expect=$RUN/fs-expected
+    rm -rf "$dump" "$expect"
+    mkdir -p "$dump"
+    make_fs_data "$expect"
+    (cd "$expect" && find . -type f | LC_ALL=C sort | xargs sha256sum) >"$RUN/fs-expected.sha256"
+    debugfs -R "rdump / $dump" "$fs" >"$RUN/debugfs.log" 2>&1
+    if ! out=$(cd "$dump" && sha256sum --quiet -c "$RUN/fs-expected.sha256" 2>&1); then
+        fail host:fs_content "files read with debugfs differ: $(echo "$out" | head -n 3 | tr '\n' ' ')"
+    elif ! diff -q <(LC_ALL=C sort "$RUN/fs-expected.sha256") <(LC_ALL=C sort "$dump/MANIFEST.sha256") >/dev/null 2>&1; then
+        fail host:fs_content "guest's MANIFEST.sha256 differs from the host's expectation"
+    else
+        pass host:fs_content
+    fi
+    rm -rf "$dump" "$expect" "$fs"
+}
+
+# cache_type writes are config-space writes; the daemon logs each mode change.
+host_check_write_cache() {
+    local modes
+    modes=$(grep "guest changed the write-cache mode" "$DAEMON_LOG" | grep -o 'mode="\?[a-z]*' | sed 's/mode="\?//' | tr '\n' ' ')
+    if [[ $modes == "writethrough writeback " ]]; then
+        pass host:wce_reached_daemon
+    else
+        fail host:wce_reached_daemon "daemon saw mode changes '${modes% }', expected 'writethrough writeback'"
+    fi
+}
+
+# Panics, errors, failed I/O or rejected requests in the daemon's own account of the run.
+host_daemon_log() {
+    local problems stats
+    problems=$(grep -E "panicked|ERROR" "$DAEMON_LOG" | head -n 3)
+    stats=$(grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1)
+    if [[ -n $problems ]]; then
+        fail host:daemon_log "$problems"
+    elif [[ -z $stats ]]; then
+        fail host:daemon_log "no 'frontend disconnected' line (session never ended cleanly)"
+    elif ! grep -Eq 'io_errors=0( |$)' <<<"$stats" || ! grep -Eq 'rejected=0( |$)' <<<"$stats"; then
+        fail host:daemon_log "$stats"
+    else
+        pass host:daemon_log
+    fi
+}
+
+# --- main ------------------------------------------------------------------------------
+
+require_tools
+mkdir -p "$WORK"
+rm -rf "$RUN"
+mkdir -p "$RUN"
+fetch_kernel
+build_daemon
+make_pattern "$RUN/pattern.bin"
+build_initramfs
+say "kernel $KVER, modules: ${MOD_ORDER[*]}, initramfs $(($(stat -c %s "$RUN/initrd.gz") >> 10)) KiB, setup took $((SECONDS - T0))s"
+create_image
+run_hooks host_prepare
+start_daemon
+run_guest
+stop_daemon
+collect_guest_results
+host_untouched_regions
+run_hooks host_check
+host_daemon_log
+
+if ((FAILED > 0)); then
+    echo
+    echo "--- daemon log (tail; full: $DAEMON_LOG) ---"
+    tail -n 30 "$DAEMON_LOG"
+    [[ -s $RUN/qemu.err ]] && { echo "--- qemu stderr ---"; tail -n 10 "$RUN/qemu.err"; }
+else
+    grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1 | sed 's/^/daemon: /'
+fi
+summary
+((FAILED == 0))
