@@ -2,7 +2,10 @@
 # Compare guardblk with qemu-storage-daemon on the same tmpfs image, driven by the libblkio
 # load generator (benches/loadgen.rs) over vhost-user-blk.
 #
-#   bash benches/compare.sh [--quick] [--seconds S] [--rounds N] [--size SIZE]
+#   bash benches/compare.sh [--quick] [--seconds S] [--rounds N] [--size SIZE] [--with-io-uring]
+#
+# --with-io-uring also measures guardblk with --io-engine io-uring (on tmpfs its default is the
+# inline engine, because tmpfs has no non-blocking I/O), so the engine choice is measured too.
 #
 # Every run starts its daemon fresh, so no run inherits another's state. Each workload is run
 # --rounds times per daemon, alternating which daemon goes first, and the table reports the run
@@ -12,6 +15,7 @@ set -euo pipefail
 seconds=10
 rounds=3
 size=2G
+with_uring=0
 
 usage() {
     sed -n '2,9s/^# \{0,1\}//p' "$0"
@@ -24,6 +28,7 @@ while (($#)); do
         --seconds) seconds="$2"; shift ;;
         --rounds) rounds="$2"; shift ;;
         --size) size="$2"; shift ;;
+        --with-io-uring) with_uring=1 ;;
         -h | --help) usage ;;
         *) echo "unknown option: $1" >&2; usage 2 >&2 ;;
     esac
@@ -80,6 +85,10 @@ start_daemon() {
         guardblk)
             RUST_LOG=info "$guardblk" serve "$image" --socket "$sock" --queues 1 >/dev/null 2>"$log" &
             ;;
+        guardblk-uring)
+            RUST_LOG=info "$guardblk" serve "$image" --socket "$sock" --queues 1 --io-engine io-uring \
+                >/dev/null 2>"$log" &
+            ;;
         qsd)
             qemu-storage-daemon \
                 --blockdev "driver=file,node-name=file0,filename=$image,cache.direct=on,aio=native" \
@@ -90,7 +99,7 @@ start_daemon() {
     daemon_pid=$!
     for _ in $(seq 200); do
         case "$name" in
-            guardblk) grep -q "guardblk ready" "$log" && return ;;
+            guardblk*) grep -q "guardblk ready" "$log" && return ;;
             qsd) [[ -S "$sock" ]] && return ;;
         esac
         kill -0 "$daemon_pid" 2>/dev/null || break
@@ -136,6 +145,7 @@ declare -A results # "workload daemon" -> newline-separated JSON lines
 for ((round = 1; round <= rounds; round++)); do
     # Alternate who goes first, so neither daemon always runs on a cooler (or hotter) machine.
     if ((round % 2)); then order=(guardblk qsd); else order=(qsd guardblk); fi
+    ((with_uring)) && order+=(guardblk-uring)
     for w in "${workloads[@]}"; do
         read -r label rw bs qd <<<"$w"
         for d in "${order[@]}"; do
@@ -175,3 +185,14 @@ for w in "${workloads[@]}"; do
         done
 done
 echo "ratio = guardblk IOPS / qsd IOPS; CPU = daemon utime+stime (all threads) per I/O"
+if ((with_uring)); then
+    echo
+    echo "== guardblk --io-engine io-uring (median-IOPS run), against the same qsd runs"
+    for w in "${workloads[@]}"; do
+        read -r label _ <<<"$w"
+        u=$(median "${results["$label guardblk-uring"]}")
+        q=$(median "${results["$label qsd"]}")
+        jq -nr --arg name "$label" --argjson u "$u" --argjson q "$q" \
+            '"\($name)  io_uring \($u.iops|floor) IOPS  ratio \($u.iops / $q.iops * 100 | floor / 100)  p99 \($u.p99_us) us  CPU \($u.daemon_cpu_us_per_io) us/IO"'
+    done
+fi

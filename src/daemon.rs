@@ -207,6 +207,7 @@ pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
         queue_size = config.device.queue_size,
         read_only = image.read_only(),
         direct_io = image.direct_io().is_some(),
+        io_engine = %config.device.engine,
         "guardblk ready"
     );
 
@@ -228,6 +229,7 @@ pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
             break;
         }
     }
+    image.release_lock();
     tracing::info!("guardblk stopped");
     Ok(())
 }

@@ -41,7 +41,6 @@ fn run(command: Command) -> Result<(), String> {
             Ok(())
         }
         Command::Serve(args) => {
-            let config = args.to_config().map_err(|e| e.to_string())?;
             let image_path = args.image_path();
             if args.image.is_none() {
                 let size = cli::parse_size(DEFAULT_IMAGE_SIZE).expect("default size parses");
@@ -55,6 +54,9 @@ fn run(command: Command) -> Result<(), String> {
                 }
             }
             let image = Image::open(&image_path, args.read_only).map_err(|e| e.to_string())?;
+            let config = args
+                .to_config(image.preferred_engine())
+                .map_err(|e| e.to_string())?;
             println!(
                 "serving {} on {}\nattach a guest with:\n{}",
                 image_path.display(),

@@ -19,7 +19,7 @@ use super::parse::{
     parse_request, GuestRange, Limits, Rejected, Request, RequestKind, Segment,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
-use crate::storage::{AlignedBuf, Completion, Engine, Image, Op, OpKind, SECTOR_SIZE};
+use crate::storage::{AlignedBuf, Completion, Engine, EngineKind, Image, Op, OpKind, SECTOR_SIZE};
 
 /// Largest iovec array one readv/writev takes (Linux UIO_MAXIOV).
 const MAX_IOVECS: usize = 1024;
@@ -129,10 +129,11 @@ impl Executor {
         serial: &str,
         queue_size: u16,
         stats: Arc<QueueStats>,
+        engine: EngineKind,
     ) -> io::Result<Executor> {
         // Two ops per request covers write + sync; range requests with more segments wait for
         // submission-queue room inside the engine.
-        let engine = Engine::new(image.fd(), u32::from(queue_size) * 2)?;
+        let engine = Engine::new(engine, image.fd(), u32::from(queue_size) * 2)?;
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
@@ -149,7 +150,8 @@ impl Executor {
         })
     }
 
-    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+    /// See [`Engine::completion_fd`].
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         self.engine.completion_fd()
     }
 
@@ -379,17 +381,23 @@ impl Executor {
         }
     }
 
-    /// Collect completed operations and finish the requests they complete.
+    /// Submit what is queued, collect completed operations and finish the requests they
+    /// complete, then submit any follow-up operations (continuations, syncs, fallbacks).
     pub fn reap(&mut self, done: &mut Vec<UsedEntry>) {
         let mut completions = std::mem::take(&mut self.completions);
-        if let Err(e) = self.engine.reap(&mut completions) {
-            tracing::error!(error = %e, "io_uring resubmission failed");
-        }
-        for completion in completions.drain(..) {
-            self.on_completion(completion, done);
+        loop {
+            self.submit();
+            if let Err(e) = self.engine.reap(&mut completions) {
+                tracing::error!(error = %e, "io_uring resubmission failed");
+            }
+            if completions.is_empty() {
+                break;
+            }
+            for completion in completions.drain(..) {
+                self.on_completion(completion, done);
+            }
         }
         self.completions = completions;
-        self.submit();
     }
 
     /// Wait until every request this queue accepted has completed.

@@ -6,10 +6,10 @@
 //! valid until that tag completes.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
-use io_uring::{opcode, squeue, types, IoUring};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use super::inline::InlineEngine;
+use super::uring::UringEngine;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpKind {
@@ -75,191 +75,105 @@ pub struct Completion {
     pub result: Result<(), i32>,
 }
 
-struct InFlightOp {
-    op: Op,
-    /// Bytes still to transfer (Read/Write).
-    remaining: u64,
+/// How a queue's storage operations reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    /// io_uring: many operations in flight, completed out of order.
+    IoUring,
+    /// The queue thread performs each operation itself, at submission. For targets without
+    /// non-blocking I/O (tmpfs, many network and FUSE filesystems) io_uring would hand every
+    /// operation to a kernel worker thread that does the same copy; doing it here saves two
+    /// context switches per operation.
+    Inline,
 }
 
-pub struct Engine {
-    ring: IoUring,
-    slots: Vec<Option<InFlightOp>>,
-    free_slots: Vec<u32>,
-    completion_event: EventFd,
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::IoUring => "io_uring",
+            EngineKind::Inline => "inline",
+        })
+    }
 }
 
-// SAFETY: the raw iovec pointers inside queued ops point into memory whose lifetime the
-// caller manages (guest memory snapshots, bounce buffers); the engine itself is moved
-// between threads only under the owning queue's mutex.
-unsafe impl Send for Engine {}
-
-const IMAGE_FILE: types::Fixed = types::Fixed(0);
+/// A queue's storage engine.
+pub enum Engine {
+    Uring(UringEngine),
+    Inline(InlineEngine),
+}
 
 impl Engine {
-    /// A ring with room for `depth` operations in flight against `image_fd`.
-    pub fn new(image_fd: RawFd, depth: u32) -> io::Result<Engine> {
-        let entries = depth.next_power_of_two().clamp(8, 4096);
-        let ring = IoUring::builder().build(entries)?;
-        ring.submitter().register_files(&[image_fd])?;
-        let completion_event = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter()
-            .register_eventfd(completion_event.as_raw_fd())?;
-        Ok(Engine {
-            ring,
-            slots: Vec::new(),
-            free_slots: Vec::new(),
-            completion_event,
+    /// An engine of `kind` with room for `depth` operations in flight against `image_fd`.
+    pub fn new(kind: EngineKind, image_fd: RawFd, depth: u32) -> io::Result<Engine> {
+        Ok(match kind {
+            EngineKind::IoUring => Engine::Uring(UringEngine::new(image_fd, depth)?),
+            EngineKind::Inline => Engine::Inline(InlineEngine::new(image_fd)),
         })
     }
 
-    /// Readable whenever completions may be waiting; register it with the queue's epoll.
-    pub fn completion_fd(&self) -> RawFd {
-        self.completion_event.as_raw_fd()
+    /// An fd that is readable while completions wait, for the queue's epoll; `None` when
+    /// completions are always ready by the time [`Engine::submit`] returns.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        match self {
+            Engine::Uring(e) => Some(e.completion_fd()),
+            Engine::Inline(_) => None,
+        }
     }
 
+    /// Operations queued or in flight whose completion has not been reaped.
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free_slots.len()
+        match self {
+            Engine::Uring(e) => e.in_flight(),
+            Engine::Inline(e) => e.in_flight(),
+        }
     }
 
-    /// Queue `op`; it reaches the kernel at the next [`Engine::submit`] (or sooner if the
-    /// submission queue is full).
+    /// Queue `op`; it starts at the next [`Engine::submit`] at the latest.
     pub fn queue(&mut self, op: Op) -> io::Result<()> {
-        let remaining = op.iovecs.iter().map(|v| v.iov_len as u64).sum();
-        let slot = match self.free_slots.pop() {
-            Some(i) => i,
-            None => {
-                self.slots.push(None);
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.slots[slot as usize] = Some(InFlightOp { op, remaining });
-        self.push_slot(slot)
-    }
-
-    fn push_slot(&mut self, slot: u32) -> io::Result<()> {
-        let inflight = self.slots[slot as usize]
-            .as_ref()
-            .expect("pushing an empty slot");
-        let op = &inflight.op;
-        let entry = match op.kind {
-            OpKind::Read => {
-                opcode::Readv::new(IMAGE_FILE, op.iovecs.as_ptr(), op.iovecs.len() as u32)
-                    .offset(op.offset)
-                    .build()
-            }
-            OpKind::Write => {
-                opcode::Writev::new(IMAGE_FILE, op.iovecs.as_ptr(), op.iovecs.len() as u32)
-                    .offset(op.offset)
-                    .build()
-            }
-            OpKind::Sync => opcode::Fsync::new(IMAGE_FILE)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            OpKind::PunchHole | OpKind::ZeroRange => {
-                let mode = if op.kind == OpKind::PunchHole {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                opcode::Fallocate::new(IMAGE_FILE, op.len)
-                    .offset(op.offset)
-                    .mode(mode)
-                    .build()
+        match self {
+            Engine::Uring(e) => e.queue(op),
+            Engine::Inline(e) => {
+                e.queue(op);
+                Ok(())
             }
         }
-        .user_data(u64::from(slot));
-        self.push_entry(&entry)
     }
 
-    fn push_entry(&mut self, entry: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: the entry's buffers (the slot's iovec array and what it points to) stay
-            // valid until the completion for this slot is reaped: the iovec Vec lives in the
-            // slot and the caller guarantees the memory behind it.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                return Ok(());
-            }
-            // Submission queue full: hand what we have to the kernel and retry.
-            self.submit()?;
-        }
-    }
-
-    /// Hand queued operations to the kernel.
     pub fn submit(&mut self) -> io::Result<()> {
-        loop {
-            match self.ring.submit() {
-                Ok(_) => return Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // Completion queue pressure: reaping frees room, the caller reaps next.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
-                Err(e) => return Err(e),
+        match self {
+            Engine::Uring(e) => e.submit(),
+            Engine::Inline(e) => {
+                e.run_queued();
+                Ok(())
             }
         }
     }
 
     /// Block until at least one operation completes (used when draining a queue).
     pub fn wait_for_completion(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
-            Err(e) => Err(e),
+        match self {
+            Engine::Uring(e) => e.wait_for_completion(),
+            Engine::Inline(e) => {
+                e.run_queued();
+                Ok(())
+            }
         }
     }
 
-    /// Collect finished operations into `out`. Short transfers and EAGAIN are resubmitted
-    /// here and reported only when whole.
+    /// Move finished operations into `out`, each reported once, whole.
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
-        // Drain the eventfd first so a completion arriving after we look re-arms it.
-        let _ = self.completion_event.read();
-        let finished: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (user_data, res) in finished {
-            let slot = user_data as u32;
-            let Some(Some(inflight)) = self.slots.get_mut(slot as usize) else {
-                tracing::error!(user_data, "io_uring completion for an unknown operation");
-                continue;
-            };
-            let result = match res {
-                r if r == -libc::EAGAIN || r == -libc::EINTR => {
-                    self.push_slot(slot)?;
-                    continue;
-                }
-                r if r < 0 => Err(-r),
-                r => match inflight.op.kind {
-                    OpKind::Read | OpKind::Write => {
-                        let done = r as u64;
-                        if done == 0 && inflight.remaining > 0 {
-                            Err(libc::EIO) // end of file inside the image: truncated underneath us
-                        } else if done < inflight.remaining {
-                            inflight.remaining -= done;
-                            inflight.op.offset += done;
-                            advance_iovecs(&mut inflight.op.iovecs, done);
-                            self.push_slot(slot)?;
-                            continue;
-                        } else {
-                            Ok(())
-                        }
-                    }
-                    _ => Ok(()),
-                },
-            };
-            let tag = self.slots[slot as usize]
-                .take()
-                .expect("slot checked above")
-                .op
-                .tag;
-            self.free_slots.push(slot);
-            out.push(Completion { tag, result });
+        match self {
+            Engine::Uring(e) => e.reap(out),
+            Engine::Inline(e) => {
+                e.reap(out);
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 
 /// Drop `done` bytes from the front of `iovecs`.
-fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut done: u64) {
+pub(super) fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut done: u64) {
     let mut consumed = 0;
     for iov in iovecs.iter_mut() {
         if done >= iov.iov_len as u64 {
@@ -280,6 +194,7 @@ mod tests {
     use super::*;
     use crate::storage::aligned::AlignedBuf;
     use std::io::Write;
+    use std::os::fd::AsRawFd;
 
     fn run_to_completion(engine: &mut Engine) -> Vec<Completion> {
         let mut out = Vec::new();
@@ -295,61 +210,65 @@ mod tests {
     fn write_then_read_round_trips_and_reports_each_tag_once() {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&vec![0u8; 1 << 16]).unwrap();
-        let mut engine = Engine::new(file.as_raw_fd(), 16).unwrap();
-        let mut src = AlignedBuf::zeroed(8192);
-        src.as_mut_slice()
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, b)| *b = (i % 251) as u8);
-        let iov = |b: &mut AlignedBuf, off: usize, len: usize| libc::iovec {
-            // SAFETY: off + len is within the 8 KiB buffer in every call below.
-            iov_base: unsafe { b.as_mut_ptr().add(off) } as *mut _,
-            iov_len: len,
-        };
-        let w = vec![iov(&mut src, 0, 4096), iov(&mut src, 4096, 4096)];
-        engine
-            .queue(Op::transfer(OpKind::Write, 4096, w, 7))
-            .unwrap();
-        engine.queue(Op::sync(8)).unwrap();
-        let mut tags: Vec<_> = run_to_completion(&mut engine)
-            .iter()
-            .map(|c| (c.tag, c.result))
-            .collect();
-        tags.sort();
-        assert_eq!(tags, vec![(7, Ok(())), (8, Ok(()))]);
+        for kind in [EngineKind::IoUring, EngineKind::Inline] {
+            let mut engine = Engine::new(kind, file.as_raw_fd(), 16).unwrap();
+            let mut src = AlignedBuf::zeroed(8192);
+            src.as_mut_slice()
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i % 251) as u8);
+            let iov = |b: &mut AlignedBuf, off: usize, len: usize| libc::iovec {
+                // SAFETY: off + len is within the 8 KiB buffer in every call below.
+                iov_base: unsafe { b.as_mut_ptr().add(off) } as *mut _,
+                iov_len: len,
+            };
+            let w = vec![iov(&mut src, 0, 4096), iov(&mut src, 4096, 4096)];
+            engine
+                .queue(Op::transfer(OpKind::Write, 4096, w, 7))
+                .unwrap();
+            engine.queue(Op::sync(8)).unwrap();
+            let mut tags: Vec<_> = run_to_completion(&mut engine)
+                .iter()
+                .map(|c| (c.tag, c.result))
+                .collect();
+            tags.sort();
+            assert_eq!(tags, vec![(7, Ok(())), (8, Ok(()))]);
 
-        let mut dst = AlignedBuf::zeroed(8192);
-        let r = vec![iov(&mut dst, 0, 8192)];
-        engine
-            .queue(Op::transfer(OpKind::Read, 4096, r, 9))
-            .unwrap();
-        assert_eq!(
-            run_to_completion(&mut engine),
-            vec![Completion {
-                tag: 9,
-                result: Ok(())
-            }]
-        );
-        assert_eq!(src.as_slice(), dst.as_slice());
+            let mut dst = AlignedBuf::zeroed(8192);
+            let r = vec![iov(&mut dst, 0, 8192)];
+            engine
+                .queue(Op::transfer(OpKind::Read, 4096, r, 9))
+                .unwrap();
+            assert_eq!(
+                run_to_completion(&mut engine),
+                vec![Completion {
+                    tag: 9,
+                    result: Ok(())
+                }]
+            );
+            assert_eq!(src.as_slice(), dst.as_slice());
+        }
     }
 
     #[test]
     fn reads_past_end_of_file_fail_instead_of_spinning() {
         let file = tempfile::tempfile().unwrap();
-        let mut engine = Engine::new(file.as_raw_fd(), 8).unwrap();
-        let mut dst = AlignedBuf::zeroed(4096);
-        let r = vec![libc::iovec {
-            iov_base: dst.as_mut_ptr() as *mut _,
-            iov_len: 4096,
-        }];
-        engine.queue(Op::transfer(OpKind::Read, 0, r, 1)).unwrap();
-        assert_eq!(
-            run_to_completion(&mut engine),
-            vec![Completion {
-                tag: 1,
-                result: Err(libc::EIO)
-            }]
-        );
+        for kind in [EngineKind::IoUring, EngineKind::Inline] {
+            let mut engine = Engine::new(kind, file.as_raw_fd(), 8).unwrap();
+            let mut dst = AlignedBuf::zeroed(4096);
+            let r = vec![libc::iovec {
+                iov_base: dst.as_mut_ptr() as *mut _,
+                iov_len: 4096,
+            }];
+            engine.queue(Op::transfer(OpKind::Read, 0, r, 1)).unwrap();
+            assert_eq!(
+                run_to_completion(&mut engine),
+                vec![Completion {
+                    tag: 1,
+                    result: Err(libc::EIO)
+                }]
+            );
+        }
     }
 
     #[test]

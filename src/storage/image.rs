@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use super::{AlignedBuf, EngineKind};
+
 /// The unit all virtio-blk offsets are expressed in.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -176,6 +178,38 @@ impl Image {
 
     pub fn is_block_device(&self) -> bool {
         self.block_device
+    }
+
+    /// Whether the kernel can attempt I/O on this image without blocking (RWF_NOWAIT).
+    /// Without it io_uring hands every operation to a worker thread, so the inline engine
+    /// is faster (see `storage::inline`).
+    pub fn supports_nonblocking_io(&self) -> bool {
+        let mut probe =
+            AlignedBuf::zeroed(self.direct_io.map_or(SECTOR_SIZE, |a| a.offset) as usize);
+        let iov = libc::iovec {
+            iov_base: probe.as_mut_ptr() as *mut libc::c_void,
+            iov_len: probe.len(),
+        };
+        // SAFETY: one iovec over our own buffer, valid for its length during the call.
+        let rc = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+        rc >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+    }
+
+    /// The engine `--io-engine auto` picks for this image.
+    pub fn preferred_engine(&self) -> EngineKind {
+        if self.supports_nonblocking_io() {
+            EngineKind::IoUring
+        } else {
+            EngineKind::Inline
+        }
+    }
+
+    /// Drop the image lock now rather than when the last reference to the open file goes:
+    /// io_uring tears down rings asynchronously after exit, which would hold it a while longer
+    /// and make an immediate restart fail.
+    pub fn release_lock(&self) {
+        // SAFETY: flock on our own open descriptor.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
 
     pub fn fd(&self) -> RawFd {

@@ -1,4 +1,4 @@
-//! Storage: the image file and the per-queue io_uring engine that moves bytes to and from it.
+//! Storage: the image file and the per-queue engine that moves bytes to and from it.
 //!
 //! The bottom layer. It must not know about virtio, descriptor chains or guests: it takes
 //! byte offsets and iovecs and reports completions.
@@ -6,7 +6,9 @@
 pub mod aligned;
 pub mod engine;
 pub mod image;
+pub mod inline;
+pub mod uring;
 
 pub use aligned::AlignedBuf;
-pub use engine::{Completion, Engine, Op, OpKind};
+pub use engine::{Completion, Engine, EngineKind, Op, OpKind};
 pub use image::{DirectIoAlignment, Image, ImageError, SECTOR_SIZE};

@@ -23,7 +23,12 @@ pub struct Daemon {
 impl Daemon {
     /// Create a `size`-byte image and serve it with the extra `args`.
     pub fn start(size: u64, args: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(&std::env::temp_dir(), size, args)
+    }
+
+    /// As [`Daemon::start`], with the image on the filesystem holding `base`.
+    pub fn start_in(base: &Path, size: u64, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir_in(base).unwrap();
         let image = dir.path().join("disk.img");
         let status = Command::new(BIN)
             .args([
