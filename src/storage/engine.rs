@@ -98,7 +98,7 @@ impl std::fmt::Display for EngineKind {
 
 /// A queue's storage engine.
 pub enum Engine {
-    Uring(UringEngine),
+    Uring(Box<UringEngine>),
     Inline(InlineEngine),
 }
 
@@ -106,7 +106,7 @@ impl Engine {
     /// An engine of `kind` with room for `depth` operations in flight against `image_fd`.
     pub fn new(kind: EngineKind, image_fd: RawFd, depth: u32) -> io::Result<Engine> {
         Ok(match kind {
-            EngineKind::IoUring => Engine::Uring(UringEngine::new(image_fd, depth)?),
+            EngineKind::IoUring => Engine::Uring(Box::new(UringEngine::new(image_fd, depth)?)),
             EngineKind::Inline => Engine::Inline(InlineEngine::new(image_fd)),
         })
     }
