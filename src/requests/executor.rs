@@ -160,7 +160,8 @@ impl Executor {
     }
 
     /// Parse and start one descriptor chain. Requests that finish at once (rejections, GET_ID)
-    /// are appended to `done`; the rest complete through [`Executor::reap`].
+    /// are appended to `done`; the rest complete through [`Executor::reap`]. Returns the data
+    /// bytes the request moves (0 for rejected and data-less requests).
     pub fn start(
         &mut self,
         head: u16,
@@ -168,14 +169,22 @@ impl Executor {
         mem: &Arc<GuestMemoryMmap>,
         write_through: bool,
         done: &mut Vec<UsedEntry>,
-    ) {
+    ) -> u64 {
         match parse_request(head, descriptors, mem, &self.limits) {
             Ok(request) => {
+                let bytes = match &request.kind {
+                    RequestKind::Read { len, .. } | RequestKind::Write { len, .. } => *len,
+                    _ => 0,
+                };
                 if let Err(e) = self.plan(request, mem, write_through, done) {
                     tracing::error!(head, error = %e, "cannot queue I/O; failing the request");
                 }
+                bytes
             }
-            Err(rejected) => done.push(self.reject(rejected, mem)),
+            Err(rejected) => {
+                done.push(self.reject(rejected, mem));
+                0
+            }
         }
     }
 
@@ -294,7 +303,19 @@ impl Executor {
 
         let slot = self.insert(inflight);
         for op in ops {
-            self.queue_op(slot, op)?;
+            if let Err(e) = self.queue_op(slot, op) {
+                // Whatever was queued completes normally; if nothing was, finish now (IOERR:
+                // queue_op recorded the failure) so the guest is not left waiting.
+                if self.requests[slot as usize]
+                    .as_ref()
+                    .is_some_and(|r| r.pending_ops == 0)
+                {
+                    let inflight = self.requests[slot as usize].take().expect("checked above");
+                    self.free_requests.push(slot);
+                    done.push(self.finish(inflight));
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
