@@ -86,7 +86,7 @@ pub struct ServeArgs {
     /// Permissions of the socket file, in octal. Only processes that can open it can attach.
     #[arg(long, default_value = "0600", value_parser = parse_mode, value_name = "MODE")]
     pub socket_mode: u32,
-    /// Number of virtqueues offered (1-64), each served by its own thread and io_uring.
+    /// Number of virtqueues offered (1-64), each served by its own thread (and its own io_uring).
     /// QEMU's num-queues must not exceed this.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub queues: u16,
@@ -99,7 +99,7 @@ pub struct ServeArgs {
     /// Serial number the guest reads (GET_ID), up to 20 ASCII characters.
     #[arg(long, value_name = "ID")]
     pub serial: Option<String>,
-    /// Initial write-cache mode; the guest may switch it (e.g. via /sys/block/vdX/queue/write_cache).
+    /// Initial write-cache mode; the guest may switch it (Linux: echo "write through" > /sys/block/vdX/cache_type).
     #[arg(long, value_enum, default_value_t = CacheMode::Writeback)]
     pub cache: CacheMode,
     /// How queue threads submit I/O to the kernel.

@@ -23,6 +23,17 @@ pub enum OpKind {
     ZeroRange,
 }
 
+impl OpKind {
+    /// fallocate(2) mode for the range operations; both keep the file size.
+    pub fn fallocate_mode(self) -> i32 {
+        match self {
+            OpKind::PunchHole => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            OpKind::ZeroRange => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            OpKind::Read | OpKind::Write | OpKind::Sync => 0,
+        }
+    }
+}
+
 /// One storage operation against the image.
 #[derive(Debug)]
 pub struct Op {

@@ -82,18 +82,9 @@ fn perform(
                     libc::pwritev(fd, iovecs.as_ptr(), iovecs.len() as i32, offset as i64) as i64
                 }
                 OpKind::Sync => libc::fdatasync(fd) as i64,
-                OpKind::PunchHole => libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as i64,
-                    len as i64,
-                ) as i64,
-                OpKind::ZeroRange => libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as i64,
-                    len as i64,
-                ) as i64,
+                OpKind::PunchHole | OpKind::ZeroRange => {
+                    libc::fallocate(fd, kind.fallocate_mode(), offset as i64, len as i64) as i64
+                }
             }
         };
         if rc < 0 {

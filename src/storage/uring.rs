@@ -86,17 +86,10 @@ impl UringEngine {
             OpKind::Sync => opcode::Fsync::new(IMAGE_FILE)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            OpKind::PunchHole | OpKind::ZeroRange => {
-                let mode = if op.kind == OpKind::PunchHole {
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-                } else {
-                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-                };
-                opcode::Fallocate::new(IMAGE_FILE, op.len)
-                    .offset(op.offset)
-                    .mode(mode)
-                    .build()
-            }
+            OpKind::PunchHole | OpKind::ZeroRange => opcode::Fallocate::new(IMAGE_FILE, op.len)
+                .offset(op.offset)
+                .mode(op.kind.fallocate_mode())
+                .build(),
         }
         .user_data(u64::from(slot));
         self.push_entry(&entry)
