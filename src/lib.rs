@@ -8,6 +8,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod integrity;
 pub mod protocol;
 pub mod requests;
 pub mod storage;
