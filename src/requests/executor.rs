@@ -224,7 +224,8 @@ impl Executor {
             segments: Vec::new(),
             class: Class::Flush,
         };
-        let ops: Vec<PlannedOp> = match kind {
+        // Each op's `tag` holds its index within the request until queue_op adds the slot.
+        let ops: Vec<Op> = match kind {
             RequestKind::GetId { buffer, len } => {
                 let wrote = write_guest(mem, &buffer, &self.serial).is_ok();
                 let status_byte = if wrote {
@@ -247,13 +248,7 @@ impl Executor {
                 inflight.used_len = (len + 1) as u32;
                 let offset = sector * SECTOR_SIZE;
                 let iovecs = self.data_path(&mut inflight, data, len, offset, false);
-                vec![PlannedOp {
-                    kind: OpKind::Read,
-                    offset,
-                    len,
-                    iovecs,
-                    aux: 0,
-                }]
+                vec![Op::transfer(OpKind::Read, offset, iovecs, 0)]
             }
             RequestKind::Write { sector, data, len } => {
                 inflight.class = Class::Write;
@@ -262,23 +257,11 @@ impl Executor {
                 inflight.sync_after_write = write_through;
                 let offset = sector * SECTOR_SIZE;
                 let iovecs = self.data_path(&mut inflight, data, len, offset, true);
-                vec![PlannedOp {
-                    kind: OpKind::Write,
-                    offset,
-                    len,
-                    iovecs,
-                    aux: 0,
-                }]
+                vec![Op::transfer(OpKind::Write, offset, iovecs, 0)]
             }
             RequestKind::Flush => {
                 QueueStats::bump(&self.stats.flushes, 1);
-                vec![PlannedOp {
-                    kind: OpKind::Sync,
-                    offset: 0,
-                    len: 0,
-                    iovecs: Vec::new(),
-                    aux: 0,
-                }]
+                vec![Op::sync(0)]
             }
             RequestKind::Discard { segments } => {
                 inflight.class = Class::Discard;
@@ -376,17 +359,12 @@ impl Executor {
         }
     }
 
-    fn queue_op(&mut self, slot: u32, op: PlannedOp) -> io::Result<()> {
+    fn queue_op(&mut self, slot: u32, mut op: Op) -> io::Result<()> {
         let inflight = self.requests[slot as usize]
             .as_mut()
             .expect("queueing for a live request");
         inflight.pending_ops += 1;
-        let t = tag(slot, op.aux);
-        let op = match op.kind {
-            OpKind::Read | OpKind::Write => Op::transfer(op.kind, op.offset, op.iovecs, t),
-            OpKind::Sync => Op::sync(t),
-            OpKind::PunchHole | OpKind::ZeroRange => Op::range(op.kind, op.offset, op.len, t),
-        };
+        op.tag = tag(slot, op.tag as u32);
         if let Err(e) = self.engine.queue(op) {
             inflight.pending_ops -= 1;
             inflight.errno.get_or_insert(libc::EIO);
@@ -466,14 +444,7 @@ impl Executor {
             && inflight.errno.is_none()
         {
             inflight.stage = Stage::SyncAfterWrite;
-            let sync = PlannedOp {
-                kind: OpKind::Sync,
-                offset: 0,
-                len: 0,
-                iovecs: Vec::new(),
-                aux: 0,
-            };
-            if self.queue_op(slot, sync).is_ok() {
+            if self.queue_op(slot, Op::sync(0)).is_ok() {
                 return;
             }
         }
@@ -483,7 +454,7 @@ impl Executor {
     }
 
     /// Write-zeroes degrades gracefully: zero-range → punch-hole → writing zeroes.
-    fn fallback(&mut self, slot: u32, aux: u32, errno: i32) -> Option<PlannedOp> {
+    fn fallback(&mut self, slot: u32, aux: u32, errno: i32) -> Option<Op> {
         if errno != libc::EOPNOTSUPP {
             return None;
         }
@@ -497,13 +468,12 @@ impl Executor {
         let offset = segment.sector * SECTOR_SIZE;
         let len = u64::from(segment.sectors) * SECTOR_SIZE;
         if aux & TRIED_PUNCH == 0 {
-            return Some(PlannedOp {
-                kind: OpKind::PunchHole,
+            return Some(Op::range(
+                OpKind::PunchHole,
                 offset,
                 len,
-                iovecs: Vec::new(),
-                aux: aux | TRIED_PUNCH,
-            });
+                u64::from(aux | TRIED_PUNCH),
+            ));
         }
         // Neither fallocate mode works here (e.g. a block device without zeroing support):
         // write real zeroes, one shared read-only buffer repeated.
@@ -520,13 +490,7 @@ impl Executor {
         if iovecs.len() > MAX_IOVECS {
             return None;
         }
-        Some(PlannedOp {
-            kind: OpKind::Write,
-            offset,
-            len,
-            iovecs,
-            aux,
-        })
+        Some(Op::transfer(OpKind::Write, offset, iovecs, u64::from(aux)))
     }
 
     fn finish(&self, inflight: InFlight) -> UsedEntry {
@@ -561,24 +525,14 @@ impl Executor {
     }
 }
 
-struct PlannedOp {
-    kind: OpKind,
-    offset: u64,
-    len: u64,
-    iovecs: Vec<libc::iovec>,
-    aux: u32,
-}
-
-fn range_ops(segments: &[Segment], kind_of: impl Fn(&Segment) -> OpKind) -> Vec<PlannedOp> {
+/// One fallocate-style op per segment, tagged with the segment's index.
+fn range_ops(segments: &[Segment], kind_of: impl Fn(&Segment) -> OpKind) -> Vec<Op> {
     segments
         .iter()
         .enumerate()
-        .map(|(i, s)| PlannedOp {
-            kind: kind_of(s),
-            offset: s.sector * SECTOR_SIZE,
-            len: u64::from(s.sectors) * SECTOR_SIZE,
-            iovecs: Vec::new(),
-            aux: i as u32,
+        .map(|(i, s)| {
+            let (offset, len) = (s.sector * SECTOR_SIZE, u64::from(s.sectors) * SECTOR_SIZE);
+            Op::range(kind_of(s), offset, len, i as u64)
         })
         .collect()
 }
