@@ -3,6 +3,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -13,6 +14,17 @@ fn guardblk(args: &[&str]) -> Output {
         .env("RUST_LOG", "error")
         .output()
         .unwrap()
+}
+
+/// `guardblk serve IMAGE --socket SOCKET EXTRA...`, run to completion (these all fail fast).
+fn serve(image: &Path, socket: &Path, extra: &[&str]) -> Output {
+    let base = [
+        "serve",
+        image.to_str().unwrap(),
+        "--socket",
+        socket.to_str().unwrap(),
+    ];
+    guardblk(&[&base[..], extra].concat())
 }
 
 /// The command failed with exactly one line on stderr, containing `needle`.
@@ -57,12 +69,7 @@ fn missing_image_is_one_sentence() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("nope.img");
     let sock = dir.path().join("s.sock");
-    let out = guardblk(&[
-        "serve",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
+    let out = serve(&img, &sock, &[]);
     assert_one_sentence(&out, "does not exist");
 }
 
@@ -72,12 +79,7 @@ fn image_size_not_a_multiple_of_512_is_refused() {
     let img = dir.path().join("odd.img");
     std::fs::write(&img, vec![0u8; 1000]).unwrap();
     let sock = dir.path().join("s.sock");
-    let out = guardblk(&[
-        "serve",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-    ]);
+    let out = serve(&img, &sock, &[]);
     assert_one_sentence(&out, "not a multiple of 512");
     let out = guardblk(&[
         "create",
@@ -112,12 +114,7 @@ fn live_socket_is_refused_and_stale_socket_is_replaced() {
             .status
             .success()
     );
-    let out = guardblk(&[
-        "serve",
-        other.to_str().unwrap(),
-        "--socket",
-        d.socket.to_str().unwrap(),
-    ]);
+    let out = serve(&other, &d.socket, &[]);
     assert_one_sentence(&out, "in use by a running daemon");
 
     // A stale socket file (nobody listening) is replaced.
@@ -142,26 +139,10 @@ fn unusable_socket_directory_is_one_sentence() {
         .status
         .success());
     let missing = dir.path().join("no/such/dir/s.sock");
-    assert_one_sentence(
-        &guardblk(&[
-            "serve",
-            img.to_str().unwrap(),
-            "--socket",
-            missing.to_str().unwrap(),
-        ]),
-        "does not exist",
-    );
+    assert_one_sentence(&serve(&img, &missing, &[]), "does not exist");
     let file_in_the_way = dir.path().join("taken");
     std::fs::write(&file_in_the_way, b"x").unwrap();
-    assert_one_sentence(
-        &guardblk(&[
-            "serve",
-            img.to_str().unwrap(),
-            "--socket",
-            file_in_the_way.to_str().unwrap(),
-        ]),
-        "not a socket",
-    );
+    assert_one_sentence(&serve(&img, &file_in_the_way, &[]), "not a socket");
 }
 
 #[test]
@@ -172,13 +153,7 @@ fn bad_arguments_are_one_sentence() {
         .status
         .success());
     let sock = dir.path().join("s.sock");
-    let base = [
-        "serve",
-        img.to_str().unwrap(),
-        "--socket",
-        sock.to_str().unwrap(),
-    ];
-    let with = |extra: &[&str]| guardblk(&[&base[..], extra].concat());
+    let with = |extra: &[&str]| serve(&img, &sock, extra);
     assert_one_sentence(&with(&["--queues", "0"]), "--queues");
     assert_one_sentence(&with(&["--queue-size", "100"]), "--queue-size");
     assert_one_sentence(
