@@ -16,6 +16,19 @@ pub fn crc64_nvme(data: &[u8]) -> u64 {
     crc_fast::checksum(CrcAlgorithm::Crc64Nvme, data)
 }
 
+/// Copy one protection interval from `src` to `dst` and return its CRC-16/T10-DIF guard,
+/// computed over the bytes as written to `dst` (the bytes that will reach the disk).
+pub fn copy_crc16_t10dif(dst: &mut [u8], src: &[u8]) -> u16 {
+    dst.copy_from_slice(src);
+    crc16_t10dif(dst)
+}
+
+/// As [`copy_crc16_t10dif`], with the CRC-64/NVME guard.
+pub fn copy_crc64_nvme(dst: &mut [u8], src: &[u8]) -> u64 {
+    dst.copy_from_slice(src);
+    crc64_nvme(dst)
+}
+
 /// Copy `src` into `dst` interval by interval, computing each interval's guard right after
 /// copying it, while it is still in L1 cache: one pass over memory instead of two.
 /// `guards` receives one guard per interval. Lengths must be whole intervals.
