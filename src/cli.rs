@@ -54,6 +54,48 @@ pub struct CreateArgs {
     /// Capacity, a multiple of 512 bytes: plain bytes or with a K, M, G or T suffix (powers of 1024), e.g. 8G.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
+    /// Protection-information format: type1 (CRC-16 guard + reference tag = LBA), type3
+    /// (CRC-16 guard only), nvme64 (CRC-64 guard + 48-bit reference tag) or none (plain raw
+    /// image). The tuples go in IMAGE.pi beside the image.
+    #[arg(long, value_enum, default_value_t = PiChoice::Type1)]
+    pub pi: PiChoice,
+    /// Protection interval in bytes (512 or 4096): the guest-visible logical block size.
+    #[arg(long, default_value_t = 4096, value_parser = parse_interval, value_name = "BYTES")]
+    pub interval: u32,
+    /// Where to put the PI metadata (a file, or a block device), instead of IMAGE.pi.
+    #[arg(long, value_name = "PATH")]
+    pub pi_meta: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PiChoice {
+    Type1,
+    Type3,
+    Nvme64,
+    None,
+}
+
+impl PiChoice {
+    pub fn format(self) -> Option<crate::integrity::PiFormat> {
+        use crate::integrity::PiFormat;
+        match self {
+            PiChoice::Type1 => Some(PiFormat::Type1),
+            PiChoice::Type3 => Some(PiFormat::Type3),
+            PiChoice::Nvme64 => Some(PiFormat::Nvme64),
+            PiChoice::None => None,
+        }
+    }
+}
+
+/// 512 or 4096.
+pub fn parse_interval(text: &str) -> Result<u32, String> {
+    match text.trim() {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!(
+            "'{text}' is not a protection interval; use 512 or 4096"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -111,6 +153,10 @@ pub struct ServeArgs {
     /// 0 disables polling.
     #[arg(long, default_value_t = 50, value_name = "MICROSECONDS")]
     pub poll_us: u32,
+    /// PI metadata of the image (default IMAGE.pi). When it exists, every write stores guard
+    /// tags and every read is verified; without it the image is served without PI.
+    #[arg(long, value_name = "PATH")]
+    pub pi_meta: Option<PathBuf>,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -20,6 +20,7 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::integrity::PiStore;
 use crate::protocol::{features, BlkBackend, DeviceSettings};
 use crate::requests::QueueStats;
 use crate::storage::Image;
@@ -190,7 +191,11 @@ fn poll_readable_timeout(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>
 }
 
 /// Serve `image` on the configured socket until SIGINT/SIGTERM.
-pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
+pub fn serve(
+    image: Image,
+    pi: Option<Arc<PiStore>>,
+    config: &ServeConfig,
+) -> Result<(), DaemonError> {
     let shutdown = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DaemonError::Signals)?);
     spawn_signal_thread(Arc::clone(&shutdown))?;
     let (std_listener, _socket_file) = bind_socket(&config.socket, config.socket_mode)?;
@@ -208,6 +213,7 @@ pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
         read_only = image.read_only(),
         direct_io = image.direct_io().is_some(),
         io_engine = %config.device.engine,
+        pi = pi.as_ref().map_or("none".to_string(), |p| describe_pi(p)),
         "guardblk ready"
     );
 
@@ -221,6 +227,7 @@ pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
         if run_session(
             session_number,
             &image,
+            &pi,
             config,
             &stats,
             &mut listener,
@@ -228,6 +235,13 @@ pub fn serve(image: Image, config: &ServeConfig) -> Result<(), DaemonError> {
         )? {
             break;
         }
+    }
+    if let Some(pi) = &pi {
+        // Sessions drained every queue: nothing is in flight, so the intents can go.
+        if let Err(e) = image.sync().and_then(|()| pi.close_clean()) {
+            tracing::error!(error = %e, "cannot close the PI metadata cleanly; the next start will re-check regions with writes");
+        }
+        pi.meta.release_lock();
     }
     image.release_lock();
     tracing::info!("guardblk stopped");
@@ -241,12 +255,13 @@ const RECONNECT_GRACE_MS: i32 = 2000;
 fn run_session(
     number: u64,
     image: &Arc<Image>,
+    pi: &Option<Arc<PiStore>>,
     config: &ServeConfig,
     stats: &[Arc<QueueStats>],
     listener: &mut Listener,
     shutdown: &EventFd,
 ) -> Result<bool, DaemonError> {
-    let backend = BlkBackend::new(Arc::clone(image), &config.device, stats)?;
+    let backend = BlkBackend::new(Arc::clone(image), pi.clone(), &config.device, stats)?;
     let mut daemon = VhostUserDaemon::new("guardblk".into(), backend.clone(), backend.memory())
         .map_err(|e| DaemonError::Session(e.to_string()))?;
     backend.register_completion_events(&daemon.get_epoll_handlers())?;
@@ -325,13 +340,15 @@ fn run_session(
         rejected = after[3] - before[3],
         io_errors = after[4] - before[4],
         bounced = after[5] - before[5],
+        guard_errors = after[6] - before[6],
+        read_retries_healed = after[7] - before[7],
         "frontend disconnected"
     );
     Ok(shutdown_requested)
 }
 
-fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 6] {
-    let mut totals = [0u64; 6];
+fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 8] {
+    let mut totals = [0u64; 8];
     for s in stats {
         let values = [
             &s.reads,
@@ -340,10 +357,22 @@ fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 6] {
             &s.rejected,
             &s.io_errors,
             &s.bounced,
+            &s.guard_errors,
+            &s.read_retries_healed,
         ];
         for (t, v) in totals.iter_mut().zip(values) {
             *t += v.load(Ordering::Relaxed);
         }
     }
     totals
+}
+
+/// "type1, 4096-byte intervals, metadata disk.img.pi" for the ready line.
+fn describe_pi(pi: &PiStore) -> String {
+    format!(
+        "{}, {}-byte intervals, metadata {}",
+        pi.format(),
+        pi.interval(),
+        pi.meta.path().display()
+    )
 }

@@ -1,11 +1,19 @@
-//! Integrity: T10 protection information (PI) formats and the guard checksums behind them.
+//! Integrity: T10 protection information (PI) — formats and guard checksums, the metadata
+//! file that keeps one tuple per protection interval beside the raw image, the write-intent
+//! log that makes the pair crash-consistent, the error journal, and whole-disk passes (scrub,
+//! import, recovery).
 //!
-//! Pure computation over byte slices: no I/O, no virtio. The request layer will call it to
-//! generate tuples for written intervals and verify read ones; storage will keep the tuples.
-//! (This is the first part of the PI work: formats, guards and their tests. The on-disk
-//! metadata file and the data path come next.)
+//! Sits between requests (which call it to generate and verify) and storage (whose image it
+//! reads for scans). Knows nothing of virtio.
 
 pub mod guard;
+pub mod intent;
+pub mod journal;
+pub mod metadata;
 pub mod pi;
+pub mod scan;
+pub mod store;
 
+pub use metadata::{MetadataError, PiMetadata, APP_TAG};
 pub use pi::{PiError, PiErrorKind, PiFormat, Tuple};
+pub use store::{PiCounters, PiStore};

@@ -21,6 +21,16 @@ pub enum PiFormat {
     Nvme64,
 }
 
+impl std::fmt::Display for PiFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PiFormat::Type1 => "type1",
+            PiFormat::Type3 => "type3",
+            PiFormat::Nvme64 => "nvme64",
+        })
+    }
+}
+
 /// One protection-information tuple, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Tuple {
@@ -111,6 +121,17 @@ impl PiFormat {
         lba: u64,
         expected_app: Option<u16>,
     ) -> Result<Verified, PiError> {
+        self.verify_guard(self.guard(data), tuple, lba, expected_app)
+    }
+
+    /// As [`PiFormat::verify`], for data whose guard is already computed.
+    pub fn verify_guard(
+        self,
+        guard: u64,
+        tuple: &Tuple,
+        lba: u64,
+        expected_app: Option<u16>,
+    ) -> Result<Verified, PiError> {
         let escaped = match self {
             PiFormat::Type1 | PiFormat::Nvme64 => tuple.app == APP_ESCAPE,
             PiFormat::Type3 => tuple.app == APP_ESCAPE && tuple.reference == REF32_ESCAPE,
@@ -137,7 +158,6 @@ impl PiFormat {
                 });
             }
         }
-        let guard = self.guard(data);
         if tuple.guard != guard {
             return Err(PiError {
                 kind: PiErrorKind::Guard,

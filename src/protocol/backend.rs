@@ -24,6 +24,7 @@ use vmm_sys_util::event::{
 
 use super::config_space::{parse_wce_write, BlkConfig};
 use super::features;
+use crate::integrity::PiStore;
 use crate::requests::{Executor, Limits, QueueStats, UsedEntry};
 use crate::storage::{EngineKind, Image, SECTOR_SIZE};
 
@@ -80,10 +81,12 @@ pub struct BlkBackend {
 impl BlkBackend {
     pub fn new(
         image: Arc<Image>,
+        pi: Option<Arc<PiStore>>,
         settings: &DeviceSettings,
         stats: &[Arc<QueueStats>],
     ) -> io::Result<BlkBackend> {
-        let config = blk_config(&image, settings);
+        let block_size = pi.as_ref().map_or(SECTOR_SIZE as u32, |p| p.interval());
+        let config = blk_config(&image, settings, block_size);
         let queues = (0..settings.num_queues as usize)
             .map(|q| {
                 let executor = Executor::new(
@@ -93,6 +96,7 @@ impl BlkBackend {
                     settings.queue_size,
                     Arc::clone(&stats[q]),
                     settings.engine,
+                    pi.clone(),
                 )?;
                 Ok(Mutex::new(QueueWorker {
                     executor,
@@ -246,9 +250,9 @@ fn lock(queue: &Mutex<QueueWorker>) -> MutexGuard<'_, QueueWorker> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Geometry and limits for this image and these settings.
-fn blk_config(image: &Image, settings: &DeviceSettings) -> BlkConfig {
-    let block_size = SECTOR_SIZE as u32;
+/// Geometry and limits for this image and these settings. With PI the logical block size
+/// is the protection interval, so every request covers whole intervals.
+fn blk_config(image: &Image, settings: &DeviceSettings, block_size: u32) -> BlkConfig {
     let max_segments = u32::from(settings.queue_size).saturating_sub(2).max(1);
     // Tell the guest the alignment O_DIRECT wants so its I/O stays zero-copy.
     let physical = image

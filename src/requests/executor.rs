@@ -19,6 +19,9 @@ use super::parse::{
     parse_request, GuestRange, Limits, Rejected, Request, RequestKind, Segment,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
+use super::protected;
+use crate::integrity::intent::FlushTicket;
+use crate::integrity::PiStore;
 use crate::storage::{AlignedBuf, Completion, Engine, EngineKind, Image, Op, OpKind, SECTOR_SIZE};
 
 /// Largest iovec array one readv/writev takes (Linux UIO_MAXIOV).
@@ -47,6 +50,10 @@ pub struct QueueStats {
     pub bounced: AtomicU64,
     pub rejected: AtomicU64,
     pub io_errors: AtomicU64,
+    /// Reads completed with IOERR because data and tuple disagree.
+    pub guard_errors: AtomicU64,
+    /// Reads whose first verification failed and whose locked re-read verified.
+    pub read_retries_healed: AtomicU64,
 }
 
 impl QueueStats {
@@ -62,9 +69,36 @@ enum DataPath {
     /// iovecs point straight into guest memory.
     ZeroCopy,
     /// A bounce buffer stands in for guest memory; reads scatter it back on completion.
+    /// The request's data is `buffer[..len]` (pooled buffers may be larger).
     Bounce {
         buffer: AlignedBuf,
+        len: usize,
         guest: Vec<GuestRange>,
+    },
+}
+
+/// The protection-information work a request carries (only when the disk has PI).
+enum PiWork {
+    None,
+    /// Verify `count` intervals from `lba` on completion; `guest` is where they landed
+    /// (zero-copy) — bounced reads verify their buffer.
+    Read {
+        lba: u64,
+        count: u64,
+        guest: Vec<GuestRange>,
+    },
+    /// Store these guards' tuples once the data is on disk.
+    Write {
+        lba: u64,
+        guards: Vec<u64>,
+    },
+    /// Discard / write-zeroes: segments that completed now read as zeros (unwritten).
+    Ranges {
+        zeroed: Vec<bool>,
+    },
+    /// Flush: after the data sync, make tuples durable and clear idle intents.
+    Flush {
+        ticket: FlushTicket,
     },
 }
 
@@ -90,6 +124,9 @@ struct InFlight {
     /// Write-zeroes segments, for the fallbacks when the filesystem cannot zero a range.
     segments: Vec<Segment>,
     class: Class,
+    pi: PiWork,
+    /// LBA range [start, end) this request holds in the PI range locks (writes, zeroing).
+    locked: Option<(u64, u64)>,
 }
 
 /// What kind of request an in-flight entry is; decides error handling and fallbacks.
@@ -112,7 +149,17 @@ pub struct Executor {
     completions: Vec<Completion>,
     zeroes: Option<AlignedBuf>,
     stats: Arc<QueueStats>,
+    pi: Option<Arc<PiStore>>,
+    /// Reads whose verification failed, waiting for a locked re-read (done after the
+    /// completion loop, which must not wait for locks itself).
+    retries: Vec<InFlight>,
+    /// Recycled bounce buffers, by size class (4 KiB << i).
+    pool: Vec<Vec<AlignedBuf>>,
+    scratch: Vec<u8>,
 }
+
+/// Bounce buffers up to 4 KiB << (POOL_CLASSES - 1) = 1 MiB are recycled.
+const POOL_CLASSES: usize = 9;
 
 fn tag(slot: u32, aux: u32) -> u64 {
     (u64::from(slot) << 32) | u64::from(aux)
@@ -130,6 +177,7 @@ impl Executor {
         queue_size: u16,
         stats: Arc<QueueStats>,
         engine: EngineKind,
+        pi: Option<Arc<PiStore>>,
     ) -> io::Result<Executor> {
         // Two ops per request covers write + sync; range requests with more segments wait for
         // submission-queue room inside the engine.
@@ -147,7 +195,44 @@ impl Executor {
             completions: Vec::new(),
             zeroes: None,
             stats,
+            pi,
+            retries: Vec::new(),
+            pool: (0..POOL_CLASSES).map(|_| Vec::new()).collect(),
+            scratch: Vec::new(),
         })
+    }
+
+    /// A bounce buffer of at least `len` bytes (contents unspecified), from the pool if
+    /// one is free.
+    fn take_buffer(&mut self, len: usize) -> AlignedBuf {
+        let class = pool_class(len);
+        if let Some(buffer) = class.and_then(|c| self.pool[c].pop()) {
+            return buffer;
+        }
+        AlignedBuf::zeroed(class.map_or(len, |c| 4096 << c))
+    }
+
+    fn return_buffer(&mut self, buffer: AlignedBuf) {
+        if let Some(c) = pool_class(buffer.len()).filter(|&c| 4096 << c == buffer.len()) {
+            if self.pool[c].len() < 64 {
+                self.pool[c].push(buffer);
+            }
+        }
+    }
+
+    /// Take [start, end) in the PI range locks, completing this queue's own requests while
+    /// another write holds part of it (the holder may be one of them).
+    fn lock_range(&mut self, pi: &PiStore, start: u64, end: u64, done: &mut Vec<UsedEntry>) {
+        let mut spins = 0u32;
+        while !pi.ranges.try_lock(start, end) {
+            self.reap_completions(done);
+            spins += 1;
+            if spins > 64 {
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            } else {
+                std::thread::yield_now();
+            }
+        }
     }
 
     /// See [`Engine::completion_fd`].
@@ -223,7 +308,10 @@ impl Executor {
             sync_after_write: false,
             segments: Vec::new(),
             class: Class::Flush,
+            pi: PiWork::None,
+            locked: None,
         };
+        let pi = self.pi.clone();
         // Each op's `tag` holds its index within the request until queue_op adds the slot.
         let ops: Vec<Op> = match kind {
             RequestKind::GetId { buffer, len } => {
@@ -247,7 +335,20 @@ impl Executor {
                 QueueStats::bump(&self.stats.bytes_read, len);
                 inflight.used_len = (len + 1) as u32;
                 let offset = sector * SECTOR_SIZE;
+                if let Some(pi) = &pi {
+                    let interval = u64::from(pi.interval());
+                    inflight.pi = PiWork::Read {
+                        lba: offset / interval,
+                        count: len / interval,
+                        guest: data.clone(),
+                    };
+                }
                 let iovecs = self.data_path(&mut inflight, data, len, offset, false);
+                if let (DataPath::Bounce { .. }, PiWork::Read { guest, .. }) =
+                    (&inflight.data, &mut inflight.pi)
+                {
+                    guest.clear(); // verified in the buffer instead
+                }
                 vec![Op::transfer(OpKind::Read, offset, iovecs, 0)]
             }
             RequestKind::Write { sector, data, len } => {
@@ -256,17 +357,30 @@ impl Executor {
                 QueueStats::bump(&self.stats.bytes_written, len);
                 inflight.sync_after_write = write_through;
                 let offset = sector * SECTOR_SIZE;
-                let iovecs = self.data_path(&mut inflight, data, len, offset, true);
+                let iovecs = match &pi {
+                    Some(pi) => self.protected_write(pi, &mut inflight, data, len, offset, done)?,
+                    None => self.data_path(&mut inflight, data, len, offset, true),
+                };
                 vec![Op::transfer(OpKind::Write, offset, iovecs, 0)]
             }
             RequestKind::Flush => {
                 QueueStats::bump(&self.stats.flushes, 1);
+                if let Some(pi) = &pi {
+                    inflight.pi = PiWork::Flush {
+                        ticket: pi.meta.flush_ticket(),
+                    };
+                }
                 vec![Op::sync(0)]
             }
             RequestKind::Discard { segments } => {
                 inflight.class = Class::Discard;
                 QueueStats::bump(&self.stats.discards, 1);
-                range_ops(&segments, |_| OpKind::PunchHole)
+                let ops = range_ops(&segments, |_| OpKind::PunchHole);
+                if let Some(pi) = &pi {
+                    self.protect_ranges(pi, &mut inflight, &segments, done)?;
+                }
+                inflight.segments = segments;
+                ops
             }
             RequestKind::WriteZeroes { segments } => {
                 QueueStats::bump(&self.stats.write_zeroes, 1);
@@ -279,6 +393,9 @@ impl Executor {
                         OpKind::ZeroRange
                     }
                 });
+                if let Some(pi) = &pi {
+                    self.protect_ranges(pi, &mut inflight, &segments, done)?;
+                }
                 inflight.segments = segments;
                 ops
             }
@@ -295,7 +412,7 @@ impl Executor {
                 {
                     let inflight = self.requests[slot as usize].take().expect("checked above");
                     self.free_requests.push(slot);
-                    done.push(self.finish(inflight));
+                    self.complete(inflight, done);
                 }
                 return Err(e);
             }
@@ -330,7 +447,8 @@ impl Executor {
         }
         // Misaligned for O_DIRECT (or too fragmented): go through an aligned buffer.
         QueueStats::bump(&self.stats.bounced, 1);
-        let mut buffer = AlignedBuf::zeroed(len as usize);
+        let mut buffer = self.take_buffer(len as usize);
+        let mem = &inflight.mem;
         if is_write {
             read_guest(mem, &data, &mut buffer.as_mut_slice()[..len as usize])
                 .expect("range validated against this memory snapshot");
@@ -341,9 +459,79 @@ impl Executor {
         }];
         inflight.data = DataPath::Bounce {
             buffer,
+            len: len as usize,
             guest: data,
         };
         iov
+    }
+
+    /// A write to a PI disk: lock its LBA range, record the write intent, then copy the data
+    /// into a bounce buffer computing each interval's guard in the same pass. The tuples are
+    /// stored when the write completes, from these guards: they describe exactly the bytes
+    /// that reach the disk, whatever the guest does to its buffer meanwhile.
+    fn protected_write(
+        &mut self,
+        pi: &Arc<PiStore>,
+        inflight: &mut InFlight,
+        data: Vec<GuestRange>,
+        len: u64,
+        offset: u64,
+        done: &mut Vec<UsedEntry>,
+    ) -> io::Result<Vec<libc::iovec>> {
+        let interval = u64::from(pi.interval());
+        let (lba, count) = (offset / interval, len / interval);
+        self.lock_range(pi, lba, lba + count, done);
+        inflight.locked = Some((lba, lba + count));
+        pi.meta.begin_write(lba, count)?;
+        let mut buffer = self.take_buffer(len as usize);
+        let mut guards = Vec::with_capacity(count as usize);
+        protected::gather_with_guards(
+            &inflight.mem,
+            &data,
+            &mut buffer.as_mut_slice()[..len as usize],
+            pi.format(),
+            interval as usize,
+            &mut guards,
+        );
+        let iov = vec![libc::iovec {
+            iov_base: buffer.as_mut_ptr() as *mut libc::c_void,
+            iov_len: len as usize,
+        }];
+        inflight.data = DataPath::Bounce {
+            buffer,
+            len: len as usize,
+            guest: data,
+        };
+        inflight.pi = PiWork::Write { lba, guards };
+        Ok(iov)
+    }
+
+    /// Discard or write-zeroes on a PI disk: lock the span the segments cover (one lock, so
+    /// two requests cannot each hold part of the other's) and record the write intents.
+    fn protect_ranges(
+        &mut self,
+        pi: &Arc<PiStore>,
+        inflight: &mut InFlight,
+        segments: &[Segment],
+        done: &mut Vec<UsedEntry>,
+    ) -> io::Result<()> {
+        let per = u64::from(pi.interval()) / SECTOR_SIZE;
+        let start = segments.iter().map(|s| s.sector / per).min().unwrap_or(0);
+        let end = segments
+            .iter()
+            .map(|s| (s.sector + u64::from(s.sectors)) / per)
+            .max()
+            .unwrap_or(0);
+        self.lock_range(pi, start, end, done);
+        inflight.locked = Some((start, end));
+        inflight.pi = PiWork::Ranges {
+            zeroed: vec![false; segments.len()],
+        };
+        for s in segments {
+            pi.meta
+                .begin_write(s.sector / per, u64::from(s.sectors) / per)?;
+        }
+        Ok(())
     }
 
     fn insert(&mut self, inflight: InFlight) -> u32 {
@@ -383,6 +571,13 @@ impl Executor {
     /// Submit what is queued, collect completed operations and finish the requests they
     /// complete, then submit any follow-up operations (continuations, syncs, fallbacks).
     pub fn reap(&mut self, done: &mut Vec<UsedEntry>) {
+        self.reap_completions(done);
+        while let Some(inflight) = self.retries.pop() {
+            self.retry_read(inflight, done);
+        }
+    }
+
+    fn reap_completions(&mut self, done: &mut Vec<UsedEntry>) {
         let mut completions = std::mem::take(&mut self.completions);
         loop {
             self.submit();
@@ -422,6 +617,13 @@ impl Executor {
             return;
         };
         inflight.pending_ops -= 1;
+        if completion.result.is_ok() && inflight.stage == Stage::Transfer {
+            if let PiWork::Ranges { zeroed } = &mut inflight.pi {
+                if let Some(z) = zeroed.get_mut((aux & !TRIED_PUNCH) as usize) {
+                    *z = true;
+                }
+            }
+        }
         if let Err(errno) = completion.result {
             if let Some(next) = self.fallback(slot, aux, errno) {
                 if self.queue_op(slot, next).is_ok() {
@@ -450,7 +652,7 @@ impl Executor {
         }
         let inflight = self.requests[slot as usize].take().expect("live request");
         self.free_requests.push(slot);
-        done.push(self.finish(inflight));
+        self.complete(inflight, done);
     }
 
     /// Write-zeroes degrades gracefully: zero-range → punch-hole → writing zeroes.
@@ -462,8 +664,6 @@ impl Executor {
         if inflight.class != Class::WriteZeroes {
             return None;
         }
-        // aux: segment index, with the top bit set once punch-hole was already tried.
-        const TRIED_PUNCH: u32 = 1 << 31;
         let segment = *inflight.segments.get((aux & !TRIED_PUNCH) as usize)?;
         let offset = segment.sector * SECTOR_SIZE;
         let len = u64::from(segment.sectors) * SECTOR_SIZE;
@@ -493,8 +693,33 @@ impl Executor {
         Some(Op::transfer(OpKind::Write, offset, iovecs, u64::from(aux)))
     }
 
-    fn finish(&self, inflight: InFlight) -> UsedEntry {
+    /// A request's last operation finished: do its PI work, release what it holds, and
+    /// write its status. Reads that fail verification are set aside for a locked re-read.
+    fn complete(&mut self, mut inflight: InFlight, done: &mut Vec<UsedEntry>) {
         let mut status = VIRTIO_BLK_S_OK;
+        if let Some(pi) = self.pi.clone() {
+            if inflight.errno.is_none() && inflight.class == Class::Read {
+                let verified = match (&inflight.pi, &inflight.data) {
+                    (PiWork::Read { lba, .. }, DataPath::Bounce { buffer, len, .. }) => {
+                        protected::verify_buffer(&pi, &buffer.as_slice()[..*len], *lba).is_empty()
+                    }
+                    (PiWork::Read { lba, guest, .. }, _) => {
+                        protected::verify_guest(&pi, &inflight.mem, guest, *lba, &mut self.scratch)
+                            .is_ok()
+                    }
+                    _ => true,
+                };
+                if !verified {
+                    self.retries.push(inflight);
+                    return;
+                }
+            }
+            if let Err(e) = self.finish_protected(&pi, &mut inflight) {
+                inflight
+                    .errno
+                    .get_or_insert(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
         if let Some(errno) = inflight.errno {
             QueueStats::bump(&self.stats.io_errors, 1);
             tracing::warn!(
@@ -503,26 +728,148 @@ impl Executor {
                 "I/O failed; completing the request with IOERR"
             );
             status = VIRTIO_BLK_S_IOERR;
-        } else if let DataPath::Bounce { buffer, guest } = &inflight.data {
+        } else if let DataPath::Bounce { buffer, len, guest } = &inflight.data {
             // Reads through a bounce buffer land in guest memory only now. (For writes the
             // guest ranges were gathered before submission and this copies nothing back.)
             if inflight.class == Class::Read
-                && write_guest(&inflight.mem, guest, buffer.as_slice()).is_err()
+                && write_guest(&inflight.mem, guest, &buffer.as_slice()[..*len]).is_err()
             {
                 status = VIRTIO_BLK_S_IOERR;
             }
         }
-        if inflight.mem.write_obj(status, inflight.status).is_err() {
-            return UsedEntry {
-                head: inflight.head,
-                len: 0,
-            };
+        done.push(self.write_status(&mut inflight, status));
+    }
+
+    /// Write the status byte and recycle the request's buffer.
+    fn write_status(&mut self, inflight: &mut InFlight, status: u8) -> UsedEntry {
+        let written = inflight.mem.write_obj(status, inflight.status).is_ok();
+        if let DataPath::Bounce { buffer, .. } =
+            std::mem::replace(&mut inflight.data, DataPath::None)
+        {
+            self.return_buffer(buffer);
         }
         UsedEntry {
             head: inflight.head,
-            len: inflight.used_len,
+            len: if written { inflight.used_len } else { 0 },
         }
     }
+
+    /// PI bookkeeping when a write, zeroing or flush finishes: store (or re-derive) tuples,
+    /// make them durable where the cache mode or the flush demands, end write intents and
+    /// release the range lock.
+    fn finish_protected(&mut self, pi: &PiStore, inflight: &mut InFlight) -> io::Result<()> {
+        let interval = u64::from(pi.interval());
+        let per = interval / SECTOR_SIZE;
+        let mut result = Ok(());
+        match std::mem::replace(&mut inflight.pi, PiWork::None) {
+            PiWork::None | PiWork::Read { .. } => {}
+            PiWork::Write { lba, guards } => {
+                let count = guards.len() as u64;
+                if inflight.errno.is_none() {
+                    for (i, &guard) in guards.iter().enumerate() {
+                        let l = lba + i as u64;
+                        pi.meta.set_tuple(l, &pi.tuple_for(l, guard));
+                    }
+                    pi.counters
+                        .tuples_written
+                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                    if inflight.sync_after_write {
+                        result = pi.meta.sync_tuples(lba, count);
+                    }
+                } else {
+                    protected::rederive_from_disk(&self.image, pi, lba, count);
+                }
+                pi.meta.end_write(lba, count);
+            }
+            PiWork::Ranges { zeroed } => {
+                for (segment, zeroed) in inflight.segments.iter().zip(zeroed) {
+                    let (lba, count) = (segment.sector / per, u64::from(segment.sectors) / per);
+                    if zeroed {
+                        pi.meta.set_unwritten(lba, count);
+                        if inflight.sync_after_write {
+                            result = result.and(pi.meta.sync_tuples(lba, count));
+                        }
+                    } else if inflight.class == Class::WriteZeroes || inflight.errno.is_some() {
+                        // Not known to be zero, not known to be untouched.
+                        protected::rederive_from_disk(&self.image, pi, lba, count);
+                    }
+                    pi.meta.end_write(lba, count);
+                }
+            }
+            PiWork::Flush { ticket } => {
+                if inflight.errno.is_none() {
+                    // The data is durable (the sync op); now the tuples, then intents of
+                    // regions that are durable and idle can go.
+                    result = pi.meta.sync();
+                    if result.is_ok() {
+                        pi.meta.clear_intents(ticket);
+                    }
+                }
+            }
+        }
+        if let Some((start, end)) = inflight.locked.take() {
+            pi.ranges.unlock(start, end);
+        }
+        result
+    }
+
+    /// A read whose data did not verify: re-read it with the range locked (no write can be
+    /// in flight there) into a buffer and verify again. If that verifies, the first read
+    /// raced a write or the guest changed its buffer: hand over the verified data. If not,
+    /// it is a real guard error: report every failing interval and complete with IOERR.
+    fn retry_read(&mut self, mut inflight: InFlight, done: &mut Vec<UsedEntry>) {
+        let pi = self.pi.clone().expect("only PI reads are retried");
+        let PiWork::Read { lba, count, .. } = inflight.pi else {
+            unreachable!("only reads are retried")
+        };
+        self.lock_range(&pi, lba, lba + count, done);
+        let status = match protected::read_intervals(&self.image, &pi, lba, count) {
+            Err(e) => {
+                tracing::warn!(lba, count, error = %e, "re-reading a block that failed verification failed");
+                QueueStats::bump(&self.stats.io_errors, 1);
+                VIRTIO_BLK_S_IOERR
+            }
+            Ok(buffer) => {
+                let failures = protected::verify_buffer(&pi, buffer.as_slice(), lba);
+                if failures.is_empty() {
+                    QueueStats::bump(&self.stats.read_retries_healed, 1);
+                    pi.counters
+                        .read_retries_healed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let guest = match &inflight.data {
+                        DataPath::Bounce { guest, .. } => guest,
+                        _ => match &inflight.pi {
+                            PiWork::Read { guest, .. } => guest,
+                            _ => unreachable!("checked above"),
+                        },
+                    };
+                    if write_guest(&inflight.mem, guest, buffer.as_slice()).is_ok() {
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    }
+                } else {
+                    for (l, e) in &failures {
+                        pi.report(*l, e, "read");
+                    }
+                    QueueStats::bump(&self.stats.guard_errors, 1);
+                    QueueStats::bump(&self.stats.io_errors, 1);
+                    VIRTIO_BLK_S_IOERR
+                }
+            }
+        };
+        pi.ranges.unlock(lba, lba + count);
+        done.push(self.write_status(&mut inflight, status));
+    }
+}
+
+/// Range-op tags: the segment index, with this bit set once punch-hole was already tried.
+const TRIED_PUNCH: u32 = 1 << 31;
+
+/// Pool size class for a bounce buffer of `len` bytes (None: too big to recycle).
+fn pool_class(len: usize) -> Option<usize> {
+    let class = len.max(4096).next_power_of_two().trailing_zeros() as usize - 12;
+    (class < POOL_CLASSES).then_some(class)
 }
 
 /// One fallocate-style op per segment, tagged with the segment's index.

@@ -1,11 +1,13 @@
 //! Requests: from a guest's descriptor chain to finished storage I/O.
 //!
 //! `parse` is the trust boundary (validates everything a guest controls); `executor` plans
-//! and tracks the storage operations of validated requests. This layer sits between the
+//! and tracks the storage operations of validated requests; `protected` does their PI work
+//! (guards on write, verification on read) against the integrity layer. This layer sits between the
 //! vhost-user device (which owns vrings) and storage (which owns the image and io_uring).
 
 pub mod executor;
 pub mod parse;
+pub mod protected;
 
 pub use executor::{Executor, QueueStats, UsedEntry};
 pub use parse::{Limits, RequestError};

@@ -180,6 +180,60 @@ impl Image {
         self.block_device
     }
 
+    /// Read exactly `buf.len()` bytes at `offset`, synchronously (tools and slow paths; the
+    /// data path uses the engines). Under O_DIRECT, `buf` and `offset` must be aligned.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+    }
+
+    /// Write all of `buf` at `offset`, synchronously; same alignment rules as `read_at`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+    }
+
+    /// fdatasync the image.
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Start of the next allocated extent at or after `offset` (`None`: only a hole follows).
+    /// Block devices and filesystems without SEEK_DATA report everything as data.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        self.seek(offset, libc::SEEK_DATA)
+    }
+
+    /// Start of the next hole at or after `offset` (the end of the image if none).
+    pub fn next_hole(&self, offset: u64) -> u64 {
+        self.seek(offset, libc::SEEK_HOLE).unwrap_or(self.size)
+    }
+
+    fn seek(&self, offset: u64, whence: i32) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        if self.block_device {
+            return Some(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                self.size
+            });
+        }
+        // SAFETY: lseek on a valid descriptor; the data path never uses the file position
+        // (it uses positioned I/O only), so moving it is harmless.
+        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        if rc < 0 {
+            return match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENXIO) => None,
+                _ => Some(if whence == libc::SEEK_DATA {
+                    offset
+                } else {
+                    self.size
+                }),
+            };
+        }
+        Some((rc as u64).min(self.size))
+    }
+
     /// Whether the kernel can attempt I/O on this image without blocking (RWF_NOWAIT).
     /// Without it io_uring hands every operation to a worker thread, so the inline engine
     /// is faster (see `storage::inline`).
@@ -210,6 +264,11 @@ impl Image {
     pub fn release_lock(&self) {
         // SAFETY: flock on our own open descriptor.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// The open image, for synchronous positioned I/O by tools.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     pub fn fd(&self) -> RawFd {

@@ -26,8 +26,15 @@ impl Daemon {
         Self::start_in(&std::env::temp_dir(), size, args)
     }
 
-    /// As [`Daemon::start`], with the image on the filesystem holding `base`.
+    /// As [`Daemon::start`], with the image on the filesystem holding `base`. The image is
+    /// plain raw (`--pi none`): these tests cover the data path without PI.
     pub fn start_in(base: &Path, size: u64, args: &[&str]) -> Daemon {
+        Self::start_created(base, size, &["--pi", "none"], args)
+    }
+
+    /// Create a `size`-byte image with `create_args` (e.g. `--pi type1 --interval 512`) on
+    /// the filesystem holding `base`, and serve it with `args`.
+    pub fn start_created(base: &Path, size: u64, create_args: &[&str], args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir_in(base).unwrap();
         let image = dir.path().join("disk.img");
         let status = Command::new(BIN)
@@ -37,6 +44,7 @@ impl Daemon {
                 "--size",
                 &size.to_string(),
             ])
+            .args(create_args)
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -93,6 +101,22 @@ impl Daemon {
     /// Count occurrences of `needle` in the log.
     pub fn log_count(&self, needle: &str) -> usize {
         self.log_text().matches(needle).count()
+    }
+
+    /// Stop (SIGTERM, must exit cleanly) and serve the same image again with `args`.
+    pub fn restart(mut self, args: &[&str]) -> Daemon {
+        let status = self.terminate();
+        assert!(status.success(), "daemon exited with {status}");
+        self.restart_after_exit(args)
+    }
+
+    /// Serve the same image again once the daemon has exited (or was killed).
+    pub fn restart_after_exit(mut self, args: &[&str]) -> Daemon {
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let image = self.image.clone();
+        drop(self);
+        Daemon::serve(dir, image, args)
     }
 
     /// SIGTERM and wait; returns the exit status.

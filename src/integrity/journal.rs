@@ -1,0 +1,180 @@
+//! The error journal: one JSON object per line, appended and made durable for every guard
+//! error the daemon or `scrub` finds, every tuple re-derived by crash recovery and every
+//! corruption `inject` makes on purpose. It lives beside the image
+//! (`IMAGE.pi-journal.jsonl`), survives restarts, and `guardblk info` summarises it.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::pi::PiErrorKind;
+
+/// What a journal record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// Data and tuple disagree: a real integrity failure.
+    GuardError,
+    /// After an unclean shutdown, a tuple in a region with writes in flight was re-derived
+    /// from the data found there (an unfinished write, not corruption).
+    Recovered,
+    /// `guardblk inject` corrupted this block on purpose.
+    Injected,
+}
+
+/// One line of the journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub event: Event,
+    /// In protection-interval (logical-block) units.
+    pub lba: u64,
+    pub byte_offset: u64,
+    /// guard, ref or app for errors; data, guard, ref or app for injections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<String>,
+    /// What found it: read (a guest read), scrub, recovery, inject.
+    pub source: String,
+}
+
+impl Record {
+    pub fn now(event: Event, lba: u64, interval: u32, source: &str) -> Record {
+        Record {
+            time: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            event,
+            lba,
+            byte_offset: lba * u64::from(interval),
+            kind: None,
+            expected: None,
+            actual: None,
+            source: source.into(),
+        }
+    }
+
+    pub fn with_mismatch(mut self, kind: PiErrorKind, expected: u64, actual: u64) -> Record {
+        self.kind = Some(kind.to_string());
+        self.expected = Some(format!("{expected:#x}"));
+        self.actual = Some(format!("{actual:#x}"));
+        self
+    }
+}
+
+/// The journal path for an image: `IMAGE.pi-journal.jsonl`.
+pub fn default_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".pi-journal.jsonl");
+    PathBuf::from(name)
+}
+
+/// An open journal, shared by every queue.
+#[derive(Debug)]
+pub struct Journal {
+    path: PathBuf,
+    file: Mutex<Option<File>>,
+}
+
+impl Journal {
+    /// The file is created on the first record, so a clean disk has no journal at all.
+    pub fn new(path: PathBuf) -> Journal {
+        Journal {
+            path,
+            file: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Append `record` and make it durable. Failing to journal is logged, never fatal: the
+    /// structured log line and the guest's I/O error still report the failure.
+    pub fn append(&self, record: &Record) {
+        if let Err(e) = self.try_append(record) {
+            tracing::error!(journal = %self.path.display(), error = %e, "cannot append to the PI error journal");
+        }
+    }
+
+    fn try_append(&self, record: &Record) -> io::Result<()> {
+        let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
+        line.push('\n');
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if file.is_none() {
+            *file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        let f = file.as_mut().expect("opened above");
+        f.write_all(line.as_bytes())?;
+        f.sync_data()
+    }
+
+    /// Every record in the journal at `path`, oldest first; missing file = no records.
+    /// Lines that do not parse (a torn last line after a crash) are skipped and counted.
+    pub fn read(path: &Path) -> io::Result<(Vec<Record>, usize)> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(e),
+        };
+        let mut records = Vec::new();
+        let mut skipped = 0;
+        for line in io::BufReader::new(file).lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str(&line) {
+                Ok(r) => records.push(r),
+                Err(_) => skipped += 1,
+            }
+        }
+        Ok((records, skipped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_a_round_trip_and_torn_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let journal = Journal::new(path.clone());
+        let error = Record::now(Event::GuardError, 7, 4096, "read").with_mismatch(
+            PiErrorKind::Guard,
+            0x1234,
+            0xbeef,
+        );
+        journal.append(&error);
+        journal.append(&Record::now(Event::Recovered, 9, 512, "recovery"));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"time\":\"2026")
+            .unwrap();
+        let (records, skipped) = Journal::read(&path).unwrap();
+        assert_eq!(skipped, 1);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0], error);
+        assert_eq!(records[0].byte_offset, 7 * 4096);
+        assert_eq!(records[0].expected.as_deref(), Some("0x1234"));
+        assert_eq!(records[1].event, Event::Recovered);
+        assert_eq!(records[1].byte_offset, 9 * 512);
+        let line = std::fs::read_to_string(&path).unwrap();
+        assert!(line.starts_with("{\"time\":"), "{line}");
+        assert!(line.contains("\"event\":\"guard_error\""), "{line}");
+    }
+}

@@ -1,0 +1,794 @@
+//! The PI metadata file: a versioned header, the write-intent bitmap and one tuple per
+//! protection interval of the data image, kept beside the raw image (`IMAGE.pi` by default).
+//!
+//! Layout and meaning are documented in docs/FORMAT.md; keep the two in step. The file is
+//! mapped shared: tuples are loaded and stored as aligned 64-bit atomics straight in the
+//! mapping (no system call per request), the kernel writes dirty pages back, and
+//! [`PiMetadata::sync`] makes them durable.
+//!
+//! An all-zero tuple means "unwritten": the interval reads as zeros and verifies as such.
+//! A sparse file is all zeros, so creating metadata for a 1 TiB image only sets a length.
+//! Generated tuples always carry [`APP_TAG`], so they are never all zeros.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use thiserror::Error;
+
+use super::guard::crc64_nvme;
+use super::intent::IntentLog;
+use super::pi::{PiFormat, Tuple};
+
+/// First bytes of every metadata file.
+pub const MAGIC: [u8; 8] = *b"GBLK-PI\0";
+/// The only layout version this build reads and writes.
+pub const VERSION: u32 = 1;
+/// The header occupies the first page.
+pub const HEADER_SIZE: u64 = 4096;
+/// Application tag guardblk stores with every generated tuple. Guests cannot send PI over
+/// virtio-blk, so the tag is ours: a fixed value that is checked on read and that keeps a
+/// written tuple distinguishable from the all-zero "unwritten" one.
+pub const APP_TAG: u16 = 0x4742; // "GB"
+/// Intent regions are at least 1 MiB; larger disks get larger regions so the per-region
+/// state stays at or under 2^20 entries (8 MiB of memory).
+const MIN_REGION_SHIFT: u32 = 20;
+const MAX_REGIONS_LOG2: u32 = 20;
+/// The data target's path is recorded (informational) in this many bytes.
+const PATH_FIELD: usize = 256;
+
+#[derive(Debug, Error)]
+pub enum MetadataError {
+    #[error("PI metadata {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("cannot open PI metadata {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} already exists; refusing to overwrite it")]
+    AlreadyExists { path: PathBuf },
+    #[error("cannot create PI metadata {path}: {source}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("{path} is not guardblk PI metadata (bad magic)")]
+    NotMetadata { path: PathBuf },
+    #[error("PI metadata {path} has format version {version}; this guardblk reads version {VERSION} only")]
+    UnsupportedVersion { path: PathBuf, version: u32 },
+    #[error("PI metadata {path} has a damaged header ({what}); restore it from a backup or re-create it with `guardblk import`")]
+    Corrupt { path: PathBuf, what: &'static str },
+    #[error("PI metadata {path} is truncated: {len} bytes, but its header needs {needed}")]
+    Truncated {
+        path: PathBuf,
+        len: u64,
+        needed: u64,
+    },
+    #[error("PI metadata {meta} describes a {expected}-byte disk, but {data} is {actual} bytes; this is not its image (or the image was resized)")]
+    SizeMismatch {
+        meta: PathBuf,
+        data: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("PI metadata {meta} does not belong to {data}: none of the {sampled} written blocks sampled verify against it")]
+    NotPaired {
+        meta: PathBuf,
+        data: PathBuf,
+        sampled: usize,
+    },
+    #[error("PI metadata {path} is in use by another process (it holds the metadata lock)")]
+    Locked { path: PathBuf },
+    #[error("cannot map PI metadata {path}: {source}")]
+    Map { path: PathBuf, source: io::Error },
+    #[error("I/O error on PI metadata {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("image size {size} is not a multiple of the {interval}-byte protection interval")]
+    NotIntervalMultiple { size: u64, interval: u32 },
+}
+
+/// Whether the metadata was closed cleanly (every tuple durable, no write intents).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeState {
+    Clean,
+    /// Opened for writing and not (yet) closed cleanly.
+    InUse,
+}
+
+/// What identifies the data target a metadata file belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataIdentity {
+    pub path: PathBuf,
+    pub size: u64,
+    pub device: u64,
+    pub inode: u64,
+}
+
+impl DataIdentity {
+    pub fn of(path: &Path, size: u64) -> io::Result<DataIdentity> {
+        let meta = std::fs::metadata(path)?;
+        let (device, inode) = if meta.file_type().is_block_device() {
+            (meta.rdev(), 0)
+        } else {
+            (meta.dev(), meta.ino())
+        };
+        Ok(DataIdentity {
+            path: std::fs::canonicalize(path).unwrap_or_else(|_| path.into()),
+            size,
+            device,
+            inode,
+        })
+    }
+}
+
+/// The decoded header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub uuid: [u8; 16],
+    pub format: PiFormat,
+    pub interval: u32,
+    pub blocks: u64,
+    pub region_shift: u32,
+    pub state: VolumeState,
+    pub created_unix: u64,
+    pub data: DataIdentity,
+}
+
+fn format_code(format: PiFormat) -> u8 {
+    match format {
+        PiFormat::Type1 => 1,
+        PiFormat::Type3 => 3,
+        PiFormat::Nvme64 => 64,
+    }
+}
+
+fn round_up_page(n: u64) -> u64 {
+    n.div_ceil(4096) * 4096
+}
+
+impl Header {
+    pub fn new(format: PiFormat, interval: u32, data: DataIdentity) -> Header {
+        let blocks = data.size / u64::from(interval);
+        let mut region_shift = MIN_REGION_SHIFT;
+        while data.size.div_ceil(1 << region_shift) > 1 << MAX_REGIONS_LOG2 {
+            region_shift += 1;
+        }
+        Header {
+            uuid: random_uuid(),
+            format,
+            interval,
+            blocks,
+            region_shift,
+            state: VolumeState::Clean,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            data,
+        }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.blocks * u64::from(self.interval)
+    }
+
+    pub fn regions(&self) -> u64 {
+        self.capacity_bytes().div_ceil(1 << self.region_shift)
+    }
+
+    pub fn bitmap_offset(&self) -> u64 {
+        HEADER_SIZE
+    }
+
+    pub fn bitmap_len(&self) -> u64 {
+        round_up_page(self.regions().div_ceil(64) * 8)
+    }
+
+    pub fn tuples_offset(&self) -> u64 {
+        self.bitmap_offset() + self.bitmap_len()
+    }
+
+    pub fn tuples_len(&self) -> u64 {
+        round_up_page(self.blocks * self.format.tuple_size() as u64)
+    }
+
+    /// Bytes the whole metadata file needs.
+    pub fn file_len(&self) -> u64 {
+        self.tuples_offset() + self.tuples_len()
+    }
+
+    pub fn uuid_string(&self) -> String {
+        let h: String = self.uuid.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    }
+
+    /// The on-disk header page; field offsets are documented in docs/FORMAT.md.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut page = vec![0u8; HEADER_SIZE as usize];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            page[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &MAGIC);
+        put(8, &VERSION.to_le_bytes());
+        put(12, &(HEADER_SIZE as u32).to_le_bytes());
+        put(16, &self.uuid);
+        put(32, &[format_code(self.format)]);
+        put(33, &[self.format.tuple_size() as u8]);
+        put(36, &self.interval.to_le_bytes());
+        put(40, &self.blocks.to_le_bytes());
+        put(48, &self.capacity_bytes().to_le_bytes());
+        put(56, &self.bitmap_offset().to_le_bytes());
+        put(64, &self.bitmap_len().to_le_bytes());
+        put(72, &self.region_shift.to_le_bytes());
+        let state: u32 = match self.state {
+            VolumeState::Clean => 0,
+            VolumeState::InUse => 1,
+        };
+        put(76, &state.to_le_bytes());
+        put(80, &self.tuples_offset().to_le_bytes());
+        put(88, &self.tuples_len().to_le_bytes());
+        put(96, &self.created_unix.to_le_bytes());
+        put(104, &self.data.device.to_le_bytes());
+        put(112, &self.data.inode.to_le_bytes());
+        let path = self.data.path.as_os_str().as_encoded_bytes();
+        put(120, &path[..path.len().min(PATH_FIELD - 1)]);
+        let checksum = crc64_nvme(&page[..HEADER_SIZE as usize - 8]);
+        page[HEADER_SIZE as usize - 8..].copy_from_slice(&checksum.to_le_bytes());
+        page
+    }
+
+    pub fn decode(page: &[u8], path: &Path) -> Result<Header, MetadataError> {
+        let corrupt = |what| MetadataError::Corrupt {
+            path: path.into(),
+            what,
+        };
+        if page.len() < HEADER_SIZE as usize || page[..8] != MAGIC {
+            return Err(MetadataError::NotMetadata { path: path.into() });
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(page[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().expect("8 bytes"));
+        let version = u32_at(8);
+        if version != VERSION {
+            return Err(MetadataError::UnsupportedVersion {
+                path: path.into(),
+                version,
+            });
+        }
+        if u64_at(HEADER_SIZE as usize - 8) != crc64_nvme(&page[..HEADER_SIZE as usize - 8]) {
+            return Err(corrupt("header checksum mismatch"));
+        }
+        if u64::from(u32_at(12)) != HEADER_SIZE {
+            return Err(corrupt("unexpected header size"));
+        }
+        let format = match page[32] {
+            1 => PiFormat::Type1,
+            3 => PiFormat::Type3,
+            64 => PiFormat::Nvme64,
+            _ => return Err(corrupt("unknown PI format")),
+        };
+        if usize::from(page[33]) != format.tuple_size() {
+            return Err(corrupt("tuple size does not match the PI format"));
+        }
+        let interval = u32_at(36);
+        if interval != 512 && interval != 4096 {
+            return Err(corrupt("protection interval is neither 512 nor 4096"));
+        }
+        let state = match u32_at(76) {
+            0 => VolumeState::Clean,
+            1 => VolumeState::InUse,
+            _ => return Err(corrupt("unknown state")),
+        };
+        let path_bytes = &page[120..120 + PATH_FIELD];
+        let path_len = path_bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(PATH_FIELD);
+        let header = Header {
+            uuid: page[16..32].try_into().expect("16 bytes"),
+            format,
+            interval,
+            blocks: u64_at(40),
+            region_shift: u32_at(72),
+            state,
+            created_unix: u64_at(96),
+            data: DataIdentity {
+                path: PathBuf::from(String::from_utf8_lossy(&path_bytes[..path_len]).as_ref()),
+                size: u64_at(48),
+                device: u64_at(104),
+                inode: u64_at(112),
+            },
+        };
+        if header.data.size != header.capacity_bytes()
+            || !(MIN_REGION_SHIFT..64).contains(&header.region_shift)
+            || u64_at(56) != header.bitmap_offset()
+            || u64_at(64) != header.bitmap_len()
+            || u64_at(80) != header.tuples_offset()
+            || u64_at(88) != header.tuples_len()
+        {
+            return Err(corrupt("inconsistent geometry"));
+        }
+        Ok(header)
+    }
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut uuid = [0u8; 16];
+    // SAFETY: getrandom writes at most `uuid.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(uuid.as_mut_ptr().cast(), uuid.len(), 0) };
+    if n != uuid.len() as isize {
+        // Entropy is not critical here (the UUID names the pair); fall back to the clock.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        uuid = (t ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
+    uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
+    uuid
+}
+
+/// The default metadata path for an image: `IMAGE.pi`.
+pub fn default_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".pi");
+    PathBuf::from(name)
+}
+
+/// A shared, writable-or-not mapping of the whole metadata file.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; every access to tuples and bitmap words goes
+// through atomics, so it may be used from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; nothing borrows the mapping any more
+        // (PiMetadata hands out no references that outlive it).
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// An open metadata file: header, intent bitmap and tuples.
+pub struct PiMetadata {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    map: Mapping,
+    writable: bool,
+    intent: IntentLog,
+}
+
+impl std::fmt::Debug for PiMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PiMetadata")
+            .field("path", &self.path)
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+/// Size of a regular file or block device.
+fn target_len(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut size as *mut u64) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(size)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+impl PiMetadata {
+    /// Write a fresh metadata file (or block device) for `data`: header, clear bitmap, all
+    /// tuples unwritten. Sparse on files, so it takes the same time for any disk size.
+    pub fn create(path: &Path, header: &Header) -> Result<(), MetadataError> {
+        let size = header.data.size;
+        if size % u64::from(header.interval) != 0 {
+            return Err(MetadataError::NotIntervalMultiple {
+                size,
+                interval: header.interval,
+            });
+        }
+        let is_device = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        let create_err = |source| MetadataError::Create {
+            path: path.into(),
+            source,
+        };
+        let file = if is_device {
+            OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(create_err)?
+        } else {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| match source.kind() {
+                    io::ErrorKind::AlreadyExists => {
+                        MetadataError::AlreadyExists { path: path.into() }
+                    }
+                    _ => create_err(source),
+                })?
+        };
+        let result = (|| {
+            let need = header.file_len();
+            if is_device {
+                let have = target_len(&file)?;
+                if have < need {
+                    return Err(io::Error::other(format!(
+                        "the device holds {have} bytes but the metadata needs {need}"
+                    )));
+                }
+                zero_device_range(&file, HEADER_SIZE, need - HEADER_SIZE)?;
+            } else {
+                file.set_len(need)?;
+            }
+            std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0)?;
+            file.sync_all()
+        })();
+        if let Err(source) = result {
+            if !is_device {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(create_err(source));
+        }
+        Ok(())
+    }
+
+    /// Open `path` as the metadata of the data target `data`, checking that they belong
+    /// together. A writable open marks the header in use until [`PiMetadata::close_clean`].
+    pub fn open(
+        path: &Path,
+        data: &DataIdentity,
+        writable: bool,
+    ) -> Result<PiMetadata, MetadataError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => MetadataError::Missing { path: path.into() },
+                _ => MetadataError::Open {
+                    path: path.into(),
+                    source,
+                },
+            })?;
+        // SAFETY: flock on a valid, owned descriptor; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(MetadataError::Locked { path: path.into() });
+        }
+        let io_err = |source| MetadataError::Io {
+            path: path.into(),
+            source,
+        };
+        let len = target_len(&file).map_err(io_err)?;
+        if len < HEADER_SIZE {
+            return Err(if len < 8 {
+                MetadataError::NotMetadata { path: path.into() }
+            } else {
+                MetadataError::Truncated {
+                    path: path.into(),
+                    len,
+                    needed: HEADER_SIZE,
+                }
+            });
+        }
+        let mut page = vec![0u8; HEADER_SIZE as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, 0).map_err(io_err)?;
+        let header = Header::decode(&page, path)?;
+        if len < header.file_len() {
+            return Err(MetadataError::Truncated {
+                path: path.into(),
+                len,
+                needed: header.file_len(),
+            });
+        }
+        if header.capacity_bytes() != data.size {
+            return Err(MetadataError::SizeMismatch {
+                meta: path.into(),
+                data: data.path.clone(),
+                expected: header.capacity_bytes(),
+                actual: data.size,
+            });
+        }
+
+        let map_len = header.file_len() as usize;
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: mapping a file we hold open, for a length the file has (checked above);
+        // the kernel picks the address. The result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MetadataError::Map {
+                path: path.into(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        let map = Mapping {
+            ptr: ptr.cast(),
+            len: map_len,
+        };
+        let intent = IntentLog::new(
+            header.regions(),
+            header.region_shift,
+            u32::try_from(header.interval.trailing_zeros()).expect("small"),
+        );
+        let mut meta = PiMetadata {
+            path: path.into(),
+            file,
+            header,
+            map,
+            writable,
+            intent,
+        };
+        meta.intent.load(meta.bitmap_words());
+        if writable {
+            meta.header.state = VolumeState::InUse;
+            meta.header.data = DataIdentity {
+                path: data.path.clone(),
+                ..meta.header.data.clone()
+            };
+            meta.write_header().map_err(io_err)?;
+        }
+        Ok(meta)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn format(&self) -> PiFormat {
+        self.header.format
+    }
+
+    pub fn interval(&self) -> u32 {
+        self.header.interval
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.header.blocks
+    }
+
+    pub fn intent(&self) -> &IntentLog {
+        &self.intent
+    }
+
+    /// Whether the data target's identity differs from the one recorded (moved or copied
+    /// image, or another image of the same size).
+    pub fn identity_differs(&self, data: &DataIdentity) -> bool {
+        self.header.data.device != data.device || self.header.data.inode != data.inode
+    }
+
+    /// Record `data` as the target this metadata belongs to (after a pairing check).
+    pub fn rebind(&mut self, data: &DataIdentity) -> io::Result<()> {
+        self.header.data = data.clone();
+        self.write_header()
+    }
+
+    fn write_header(&self) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &self.header.encode(), 0)?;
+        self.file.sync_data()
+    }
+
+    fn bitmap_words(&self) -> &[AtomicU64] {
+        let offset = self.header.bitmap_offset() as usize;
+        let words = self.header.bitmap_len() as usize / 8;
+        // SAFETY: the bitmap lies inside the mapping (file_len covers it), is 8-byte aligned
+        // (page-aligned offset) and lives as long as `self`; AtomicU64 has u64's layout.
+        unsafe { std::slice::from_raw_parts(self.map.ptr.add(offset).cast::<AtomicU64>(), words) }
+    }
+
+    /// The 64-bit words holding `lba`'s tuple (one for 8-byte tuples, two for 16-byte).
+    fn tuple_words(&self, lba: u64) -> &[AtomicU64] {
+        assert!(lba < self.header.blocks, "LBA {lba} past the end");
+        let size = self.header.format.tuple_size();
+        let offset = self.header.tuples_offset() as usize + lba as usize * size;
+        // SAFETY: lba < blocks, so the tuple lies inside the tuple area of the mapping; the
+        // area is page-aligned and tuples are 8 or 16 bytes, so the words are 8-aligned.
+        unsafe {
+            std::slice::from_raw_parts(self.map.ptr.add(offset).cast::<AtomicU64>(), size / 8)
+        }
+    }
+
+    /// The tuple stored for `lba`, or `None` when the interval is unwritten.
+    pub fn tuple(&self, lba: u64) -> Option<Tuple> {
+        let mut raw = [0u8; 16];
+        let words = self.tuple_words(lba);
+        for (i, w) in words.iter().enumerate() {
+            raw[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Acquire).to_ne_bytes());
+        }
+        let raw = &raw[..words.len() * 8];
+        if raw.iter().all(|&b| b == 0) {
+            return None;
+        }
+        Some(self.header.format.decode(raw))
+    }
+
+    /// The tuple's raw on-disk bytes (for tools that corrupt or copy them on purpose).
+    pub fn raw_tuple(&self, lba: u64) -> Vec<u8> {
+        self.tuple_words(lba)
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_ne_bytes())
+            .collect()
+    }
+
+    pub fn set_raw_tuple(&self, lba: u64, raw: &[u8]) {
+        assert!(self.writable, "storing a tuple in read-only metadata");
+        for (w, bytes) in self.tuple_words(lba).iter().zip(raw.chunks_exact(8)) {
+            w.store(
+                u64::from_ne_bytes(bytes.try_into().expect("8 bytes")),
+                Ordering::Release,
+            );
+        }
+    }
+
+    pub fn set_tuple(&self, lba: u64, tuple: &Tuple) {
+        let mut raw = [0u8; 16];
+        let size = self.header.format.tuple_size();
+        self.header.format.encode(tuple, &mut raw[..size]);
+        self.set_raw_tuple(lba, &raw[..size]);
+    }
+
+    /// Mark `count` intervals from `lba` unwritten (they now read as zeros).
+    pub fn set_unwritten(&self, lba: u64, count: u64) {
+        assert!(self.writable, "storing a tuple in read-only metadata");
+        for l in lba..lba + count {
+            for w in self.tuple_words(l) {
+                w.store(0, Ordering::Release);
+            }
+        }
+    }
+
+    /// Make every stored tuple and bitmap word durable.
+    pub fn sync(&self) -> io::Result<()> {
+        self.msync(0, self.map.len)
+    }
+
+    /// Make the tuples of `count` intervals from `lba` durable.
+    pub fn sync_tuples(&self, lba: u64, count: u64) -> io::Result<()> {
+        let size = self.header.format.tuple_size() as u64;
+        let start = self.header.tuples_offset() + lba * size;
+        self.msync(start as usize, (count * size) as usize)
+    }
+
+    /// Make the bitmap word holding `region` durable.
+    pub(crate) fn sync_bitmap_word(&self, region: u64) -> io::Result<()> {
+        let offset = self.header.bitmap_offset() + region / 64 * 8;
+        self.msync(offset as usize, 8)
+    }
+
+    fn msync(&self, offset: usize, len: usize) -> io::Result<()> {
+        if !self.writable || len == 0 {
+            return Ok(());
+        }
+        let start = offset & !4095;
+        let end = (offset + len).min(self.map.len);
+        // SAFETY: [start, end) lies within the mapping (page-aligned start, end clamped).
+        let rc = unsafe { libc::msync(self.map.ptr.add(start).cast(), end - start, libc::MS_SYNC) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Write-intent: make sure the regions covering `count` intervals from `lba` are marked
+    /// dirty on disk before data or tuples there change. See docs/CRASH-CONSISTENCY.md.
+    pub fn begin_write(&self, lba: u64, count: u64) -> io::Result<()> {
+        self.intent
+            .begin(lba, count, self.bitmap_words(), |region| {
+                self.sync_bitmap_word(region)
+            })
+    }
+
+    /// The write that [`PiMetadata::begin_write`] announced has finished (tuples stored).
+    pub fn end_write(&self, lba: u64, count: u64) {
+        self.intent.end(lba, count);
+    }
+
+    /// Regions whose intent bit is set on disk: to be checked after an unclean shutdown.
+    pub fn dirty_regions(&self) -> Vec<u64> {
+        self.intent.dirty_regions(self.bitmap_words())
+    }
+
+    /// Intervals covered by `region`, as (first LBA, count).
+    pub fn region_blocks(&self, region: u64) -> (u64, u64) {
+        let per = (1u64 << self.header.region_shift) / u64::from(self.header.interval);
+        let first = region * per;
+        (first, per.min(self.header.blocks - first))
+    }
+
+    /// Clear intent bits of regions that are now durable and idle (after a flush).
+    pub fn clear_intents(&self, ticket: super::intent::FlushTicket) {
+        self.intent.clear(ticket, self.bitmap_words());
+    }
+
+    /// Start of a flush: pick the regions the flush may clean.
+    pub fn flush_ticket(&self) -> super::intent::FlushTicket {
+        self.intent.ticket(self.bitmap_words())
+    }
+
+    /// Clear every intent bit (recovery done, or nothing in flight at shutdown).
+    pub fn clear_all_intents(&self) -> io::Result<()> {
+        self.intent.clear_all(self.bitmap_words());
+        self.sync()
+    }
+
+    /// Clean shutdown: tuples durable, no intents, header says clean.
+    pub fn close_clean(&self) -> io::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
+        self.sync()?;
+        self.clear_all_intents()?;
+        let clean = Header {
+            state: VolumeState::Clean,
+            ..self.header.clone()
+        };
+        std::os::unix::fs::FileExt::write_all_at(&self.file, &clean.encode(), 0)?;
+        self.file.sync_data()
+    }
+
+    /// Release the metadata lock now (not at drop, which can be delayed by async teardown).
+    pub fn release_lock(&self) {
+        // SAFETY: flock on a valid descriptor we own.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Zero a byte range of a block device, by fallocate when it can, else by writing zeroes.
+fn zero_device_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on a valid descriptor; no memory involved.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! A PI-protected disk as the data path and the tools see it: metadata (tuples, intents), the
+//! error journal, write-range locks and counters, opened and checked as a pair with its image.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use super::journal::{self, Event, Journal, Record};
+use super::metadata::{DataIdentity, MetadataError, PiMetadata, APP_TAG};
+use super::pi::{PiError, PiErrorKind, PiFormat, Tuple};
+use super::scan;
+use crate::storage::Image;
+
+/// Counters across all queues; the daemon logs them per session and `info` shows them.
+#[derive(Debug, Default)]
+pub struct PiCounters {
+    /// Intervals whose tuple was generated on write.
+    pub tuples_written: AtomicU64,
+    /// Intervals verified on read.
+    pub intervals_verified: AtomicU64,
+    /// Real guard errors (failed again after a locked re-read).
+    pub guard_errors: AtomicU64,
+    /// Reads whose first verification failed but whose locked re-read verified (a racing
+    /// write, or the guest changing its own buffer).
+    pub read_retries_healed: AtomicU64,
+}
+
+/// Writes in flight, by LBA range: at most one write per interval at a time, so the tuple
+/// stored when a write completes describes what the disk holds. Readers that fail
+/// verification take the same lock to re-read without a racing write.
+#[derive(Debug, Default)]
+pub struct RangeLocks {
+    held: Mutex<Vec<(u64, u64)>>,
+}
+
+impl RangeLocks {
+    /// Take [start, end) if no held range overlaps it.
+    pub fn try_lock(&self, start: u64, end: u64) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.iter().any(|&(s, e)| s < end && start < e) {
+            return false;
+        }
+        held.push((start, end));
+        true
+    }
+
+    pub fn unlock(&self, start: u64, end: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = held.iter().position(|&r| r == (start, end)) {
+            held.swap_remove(i);
+        }
+    }
+}
+
+/// Where a PI metadata file and journal are, given the image and an optional override.
+pub fn meta_path(image: &Path, pi_meta: Option<&Path>) -> PathBuf {
+    pi_meta.map_or_else(|| super::metadata::default_path(image), Path::to_path_buf)
+}
+
+pub struct PiStore {
+    pub meta: PiMetadata,
+    pub journal: Journal,
+    pub ranges: RangeLocks,
+    pub counters: PiCounters,
+    /// Guard of an all-zero interval: what an unwritten interval's data must hash to.
+    zero_guard: u64,
+}
+
+impl std::fmt::Debug for PiStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PiStore").field("meta", &self.meta).finish()
+    }
+}
+
+/// What opening found and did, for the caller to log.
+#[derive(Debug, Default)]
+pub struct OpenReport {
+    /// Regions with write intents found (the previous run did not close cleanly).
+    pub dirty_regions: usize,
+    /// Tuples re-derived from data in those regions.
+    pub recovered: u64,
+    /// The image was moved or copied since the metadata last saw it (pairing re-checked).
+    pub rebound: bool,
+}
+
+impl PiStore {
+    /// Open the metadata for `image` and check the pair: size, identity (a moved or copied
+    /// image must still verify on a sample of written blocks) and, for a writable open after
+    /// an unclean shutdown, recovery of every region with a write intent.
+    pub fn open(
+        image: &Image,
+        meta_path: &Path,
+        journal_path: PathBuf,
+        writable: bool,
+    ) -> Result<(PiStore, OpenReport), MetadataError> {
+        let io_err = |source| MetadataError::Io {
+            path: meta_path.into(),
+            source,
+        };
+        let data = DataIdentity::of(image.path(), image.size()).map_err(io_err)?;
+        let mut meta = PiMetadata::open(meta_path, &data, writable)?;
+        let mut report = OpenReport::default();
+        let zero_guard = meta.format().guard(&vec![0u8; meta.interval() as usize]);
+        if meta.identity_differs(&data) {
+            let (sampled, failed) = scan::pairing_sample(image, &meta, zero_guard);
+            if sampled > 0 && failed == sampled {
+                return Err(MetadataError::NotPaired {
+                    meta: meta_path.into(),
+                    data: image.path().into(),
+                    sampled,
+                });
+            }
+            if writable {
+                meta.rebind(&data).map_err(io_err)?;
+            }
+            report.rebound = true;
+        }
+        let store = PiStore {
+            meta,
+            journal: Journal::new(journal_path),
+            ranges: RangeLocks::default(),
+            counters: PiCounters::default(),
+            zero_guard,
+        };
+        if writable {
+            let dirty = store.meta.dirty_regions();
+            report.dirty_regions = dirty.len();
+            if !dirty.is_empty() {
+                report.recovered = scan::recover(image, &store, &dirty).map_err(io_err)?;
+            }
+        }
+        Ok((store, report))
+    }
+
+    /// Open with the default journal path beside the image.
+    pub fn open_beside(
+        image: &Image,
+        pi_meta: Option<&Path>,
+        writable: bool,
+    ) -> Result<(PiStore, OpenReport), MetadataError> {
+        let meta = meta_path(image.path(), pi_meta);
+        PiStore::open(image, &meta, journal::default_path(image.path()), writable)
+    }
+
+    pub fn format(&self) -> PiFormat {
+        self.meta.format()
+    }
+
+    pub fn interval(&self) -> u32 {
+        self.meta.interval()
+    }
+
+    /// The tuple to store for an interval at `lba` whose data hashes to `guard`.
+    pub fn tuple_for(&self, lba: u64, guard: u64) -> Tuple {
+        self.format().tuple_from_guard(guard, lba, APP_TAG)
+    }
+
+    /// Store the tuple for `data` (one interval) at `lba`; all-zero data is stored as
+    /// unwritten, which reads and verifies the same and keeps the metadata sparse.
+    pub fn store_generated(&self, lba: u64, data: &[u8]) {
+        if is_zero(data) {
+            self.meta.set_unwritten(lba, 1);
+        } else {
+            let tuple = self.tuple_for(lba, self.format().guard(data));
+            self.meta.set_tuple(lba, &tuple);
+        }
+    }
+
+    /// Verify one interval of data read from `lba` against its stored tuple.
+    pub fn check(&self, lba: u64, data: &[u8]) -> Result<(), PiError> {
+        match self.meta.tuple(lba) {
+            None if is_zero(data) => Ok(()),
+            None => Err(PiError {
+                kind: PiErrorKind::Guard,
+                expected: self.zero_guard,
+                actual: self.format().guard(data),
+            }),
+            Some(tuple) => self
+                .format()
+                .verify(data, &tuple, lba, Some(APP_TAG))
+                .map(|_| ()),
+        }
+    }
+
+    /// As [`PiStore::check`], when the interval's guard is already known.
+    pub fn check_guard(&self, lba: u64, guard: u64, data: &[u8]) -> Result<(), PiError> {
+        match self.meta.tuple(lba) {
+            None if is_zero(data) => Ok(()),
+            None => Err(PiError {
+                kind: PiErrorKind::Guard,
+                expected: self.zero_guard,
+                actual: guard,
+            }),
+            Some(tuple) => self
+                .format()
+                .verify_guard(guard, &tuple, lba, Some(APP_TAG))
+                .map(|_| ()),
+        }
+    }
+
+    /// Report a real guard error: one structured log line, a counter and a journal record.
+    pub fn report(&self, lba: u64, error: &PiError, source: &str) {
+        self.counters.guard_errors.fetch_add(1, Ordering::Relaxed);
+        let interval = self.interval();
+        tracing::error!(
+            lba,
+            byte_offset = lba * u64::from(interval),
+            kind = %error.kind,
+            expected = format_args!("{:#x}", error.expected),
+            actual = format_args!("{:#x}", error.actual),
+            request = source,
+            "PI guard error"
+        );
+        self.journal.append(
+            &Record::now(Event::GuardError, lba, interval, source).with_mismatch(
+                error.kind,
+                error.expected,
+                error.actual,
+            ),
+        );
+    }
+
+    /// Flush the tuples and close cleanly (no write intents left).
+    pub fn close_clean(&self) -> io::Result<()> {
+        self.meta.close_clean()
+    }
+}
+
+/// Whether every byte is zero (word at a time; the compiler vectorises the loop).
+pub fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to yields only in-bounds, aligned words.
+    let (head, words, tail) = unsafe { data.align_to::<u64>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words.iter().fold(0u64, |acc, &w| acc | w) == 0
+}

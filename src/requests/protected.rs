@@ -1,0 +1,197 @@
+//! The PI side of request execution: gathering guest data into a bounce buffer while
+//! computing guards, verifying read data (in guest memory or a buffer) interval by interval,
+//! and the synchronous slow paths (locked re-read, re-deriving tuples after a failed write).
+//!
+//! The executor decides when; this module does the per-interval work against a [`PiStore`].
+
+use std::io;
+use std::sync::atomic::Ordering;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use super::parse::GuestRange;
+use crate::integrity::guard::{copy_crc16_t10dif, copy_crc64_nvme};
+use crate::integrity::{PiError, PiFormat, PiStore};
+use crate::storage::{AlignedBuf, Image};
+
+/// Host pieces (pointer, length) of the guest ranges, in order.
+fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, usize)> {
+    let mut pieces = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        for slice in mem.get_slices(range.addr, range.len as usize) {
+            // The parser checked every range against this same memory snapshot.
+            let slice = slice.expect("range validated against this memory snapshot");
+            pieces.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+        }
+    }
+    pieces
+}
+
+/// Copy one interval from guest memory into `dst`, returning the guard of the copied bytes.
+fn copy_guard(format: PiFormat, dst: &mut [u8], src: &[u8]) -> u64 {
+    match format {
+        PiFormat::Type1 | PiFormat::Type3 => u64::from(copy_crc16_t10dif(dst, src)),
+        PiFormat::Nvme64 => copy_crc64_nvme(dst, src),
+    }
+}
+
+/// Gather the guest's write data into `buffer` (exactly the request's length) and return the
+/// guard of every interval, computed over the bytes in `buffer` — the bytes that will reach
+/// the disk — in the same pass as the copy when an interval is contiguous in guest memory.
+pub fn gather_with_guards(
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    buffer: &mut [u8],
+    format: PiFormat,
+    interval: usize,
+    guards: &mut Vec<u64>,
+) {
+    let pieces = host_pieces(mem, ranges);
+    let mut piece = 0usize;
+    let mut within = 0usize;
+    for dst in buffer.chunks_exact_mut(interval) {
+        let (ptr, len) = pieces[piece];
+        if len - within >= interval {
+            // SAFETY: ptr+within..+interval lies inside a host mapping of guest memory that
+            // the request's memory snapshot keeps mapped. The guest (another process) may
+            // change these bytes meanwhile; that only changes what is copied, because the
+            // guard is computed over the copy in `dst`, never over guest memory.
+            let src = unsafe { std::slice::from_raw_parts(ptr.add(within), interval) };
+            guards.push(copy_guard(format, dst, src));
+            within += interval;
+        } else {
+            // The interval straddles descriptors or memory regions: copy piece by piece,
+            // then compute the guard over the assembled copy.
+            let mut filled = 0;
+            while filled < interval {
+                let (ptr, len) = pieces[piece];
+                let n = (len - within).min(interval - filled);
+                // SAFETY: as above; n bytes from ptr+within stay inside this piece.
+                let src = unsafe { std::slice::from_raw_parts(ptr.add(within), n) };
+                dst[filled..filled + n].copy_from_slice(src);
+                filled += n;
+                within += n;
+                if within == len {
+                    piece += 1;
+                    within = 0;
+                }
+            }
+            guards.push(format.guard(dst));
+            continue;
+        }
+        if within == len {
+            piece += 1;
+            within = 0;
+        }
+    }
+}
+
+/// Verify data that a read placed straight into guest memory. Returns the first failing
+/// interval's LBA and error, if any. `scratch` (one interval) assembles intervals that
+/// straddle descriptors.
+pub fn verify_guest(
+    store: &PiStore,
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    first_lba: u64,
+    scratch: &mut Vec<u8>,
+) -> Result<(), (u64, PiError)> {
+    let interval = store.interval() as usize;
+    let pieces = host_pieces(mem, ranges);
+    let total: usize = pieces.iter().map(|p| p.1).sum();
+    scratch.resize(interval, 0);
+    let mut piece = 0usize;
+    let mut within = 0usize;
+    for i in 0..total / interval {
+        let lba = first_lba + i as u64;
+        let (ptr, len) = pieces[piece];
+        let result = if len - within >= interval {
+            // SAFETY: in bounds of a host mapping the request's snapshot keeps mapped (see
+            // gather_with_guards). A guest changing its own read buffer meanwhile can only
+            // make this check fail, which sends the request to the locked re-read.
+            let data = unsafe { std::slice::from_raw_parts(ptr.add(within), interval) };
+            within += interval;
+            store.check(lba, data)
+        } else {
+            let mut filled = 0;
+            while filled < interval {
+                let (ptr, len) = pieces[piece];
+                let n = (len - within).min(interval - filled);
+                // SAFETY: as above; n bytes from ptr+within stay inside this piece.
+                let src = unsafe { std::slice::from_raw_parts(ptr.add(within), n) };
+                scratch[filled..filled + n].copy_from_slice(src);
+                filled += n;
+                within += n;
+                if within == len {
+                    piece += 1;
+                    within = 0;
+                }
+            }
+            store.check(lba, scratch)
+        };
+        if within > 0 && within == pieces[piece].1 {
+            piece += 1;
+            within = 0;
+        }
+        result.map_err(|e| (lba, e))?;
+    }
+    store
+        .counters
+        .intervals_verified
+        .fetch_add((total / interval) as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Verify every interval of `data` (read from `first_lba`); all failures, in order.
+pub fn verify_buffer(store: &PiStore, data: &[u8], first_lba: u64) -> Vec<(u64, PiError)> {
+    let interval = store.interval() as usize;
+    store
+        .counters
+        .intervals_verified
+        .fetch_add((data.len() / interval) as u64, Ordering::Relaxed);
+    data.chunks_exact(interval)
+        .enumerate()
+        .filter_map(|(i, d)| {
+            let lba = first_lba + i as u64;
+            store.check(lba, d).err().map(|e| (lba, e))
+        })
+        .collect()
+}
+
+/// Read `count` intervals from `lba` synchronously into an aligned buffer.
+pub fn read_intervals(
+    image: &Image,
+    store: &PiStore,
+    lba: u64,
+    count: u64,
+) -> io::Result<AlignedBuf> {
+    let interval = u64::from(store.interval());
+    let mut buffer = AlignedBuf::zeroed((count * interval) as usize);
+    crate::integrity::scan::read_upto(image, buffer.as_mut_slice(), lba * interval)?;
+    Ok(buffer)
+}
+
+/// After a write or zeroing failed part-way the disk may hold any mix of old and new data:
+/// re-derive the tuples of the range from what it holds now, so a failed request cannot
+/// leave a false guard error behind.
+pub fn rederive_from_disk(image: &Image, store: &PiStore, lba: u64, count: u64) {
+    match read_intervals(image, store, lba, count) {
+        Ok(buffer) => {
+            let interval = store.interval() as usize;
+            for (i, data) in buffer.as_slice().chunks_exact(interval).enumerate() {
+                store.store_generated(lba + i as u64, data);
+            }
+            tracing::warn!(
+                lba,
+                count,
+                "a write failed; re-derived the range's tuples from the data on disk"
+            );
+        }
+        Err(e) => tracing::error!(
+            lba,
+            count,
+            error = %e,
+            "a write failed and the range cannot be read back; its tuples are unchanged and the region stays marked for recovery"
+        ),
+    }
+}
