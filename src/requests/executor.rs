@@ -357,11 +357,18 @@ impl Executor {
                 QueueStats::bump(&self.stats.bytes_written, len);
                 inflight.sync_after_write = write_through;
                 let offset = sector * SECTOR_SIZE;
-                let iovecs = match &pi {
-                    Some(pi) => self.protected_write(pi, &mut inflight, data, len, offset, done)?,
-                    None => self.data_path(&mut inflight, data, len, offset, true),
-                };
-                vec![Op::transfer(OpKind::Write, offset, iovecs, 0)]
+                match &pi {
+                    Some(pi) => {
+                        match self.protected_write(pi, &mut inflight, data, len, offset, done) {
+                            Ok(iovecs) => vec![Op::transfer(OpKind::Write, offset, iovecs, 0)],
+                            Err(e) => metadata_failed(&mut inflight, e),
+                        }
+                    }
+                    None => {
+                        let iovecs = self.data_path(&mut inflight, data, len, offset, true);
+                        vec![Op::transfer(OpKind::Write, offset, iovecs, 0)]
+                    }
+                }
             }
             RequestKind::Flush => {
                 QueueStats::bump(&self.stats.flushes, 1);
@@ -375,9 +382,11 @@ impl Executor {
             RequestKind::Discard { segments } => {
                 inflight.class = Class::Discard;
                 QueueStats::bump(&self.stats.discards, 1);
-                let ops = range_ops(&segments, |_| OpKind::PunchHole);
+                let mut ops = range_ops(&segments, |_| OpKind::PunchHole);
                 if let Some(pi) = &pi {
-                    self.protect_ranges(pi, &mut inflight, &segments, done)?;
+                    if let Err(e) = self.protect_ranges(pi, &mut inflight, &segments, done) {
+                        ops = metadata_failed(&mut inflight, e);
+                    }
                 }
                 inflight.segments = segments;
                 ops
@@ -386,7 +395,7 @@ impl Executor {
                 QueueStats::bump(&self.stats.write_zeroes, 1);
                 inflight.sync_after_write = write_through;
                 inflight.class = Class::WriteZeroes;
-                let ops = range_ops(&segments, |s| {
+                let mut ops = range_ops(&segments, |s| {
                     if s.unmap {
                         OpKind::PunchHole
                     } else {
@@ -394,13 +403,20 @@ impl Executor {
                     }
                 });
                 if let Some(pi) = &pi {
-                    self.protect_ranges(pi, &mut inflight, &segments, done)?;
+                    if let Err(e) = self.protect_ranges(pi, &mut inflight, &segments, done) {
+                        ops = metadata_failed(&mut inflight, e);
+                    }
                 }
                 inflight.segments = segments;
                 ops
             }
         };
 
+        if inflight.errno.is_some() {
+            // Failed before any I/O (the PI metadata could not record the write intent).
+            self.complete(inflight, done);
+            return Ok(());
+        }
         let slot = self.insert(inflight);
         for op in ops {
             if let Err(e) = self.queue_op(slot, op) {
@@ -482,7 +498,10 @@ impl Executor {
         let (lba, count) = (offset / interval, len / interval);
         self.lock_range(pi, lba, lba + count, done);
         inflight.locked = Some((lba, lba + count));
-        pi.meta.begin_write(lba, count)?;
+        if let Err(e) = pi.meta.begin_write(lba, count) {
+            pi.meta.end_write(lba, count);
+            return Err(e);
+        }
         let mut buffer = self.take_buffer(len as usize);
         let mut guards = Vec::with_capacity(count as usize);
         protected::gather_with_guards(
@@ -524,13 +543,20 @@ impl Executor {
             .unwrap_or(0);
         self.lock_range(pi, start, end, done);
         inflight.locked = Some((start, end));
+        let mut result = Ok(());
+        for s in segments {
+            let began = pi.meta.begin_write(s.sector / per, u64::from(s.sectors) / per);
+            result = result.and(began);
+        }
+        if result.is_err() {
+            for s in segments {
+                pi.meta.end_write(s.sector / per, u64::from(s.sectors) / per);
+            }
+            return result;
+        }
         inflight.pi = PiWork::Ranges {
             zeroed: vec![false; segments.len()],
         };
-        for s in segments {
-            pi.meta
-                .begin_write(s.sector / per, u64::from(s.sectors) / per)?;
-        }
         Ok(())
     }
 
@@ -596,6 +622,7 @@ impl Executor {
 
     /// Wait until every request this queue accepted has completed.
     pub fn drain(&mut self, done: &mut Vec<UsedEntry>) {
+        self.reap(done);
         while self.in_flight() > 0 {
             self.submit();
             if let Err(e) = self.engine.wait_for_completion() {
@@ -861,6 +888,13 @@ impl Executor {
         pi.ranges.unlock(lba, lba + count);
         done.push(self.write_status(&mut inflight, status));
     }
+}
+
+/// The PI metadata could not record a write intent: fail the request before any I/O.
+fn metadata_failed(inflight: &mut InFlight, error: io::Error) -> Vec<Op> {
+    tracing::error!(head = inflight.head, error = %error, "cannot record a write intent in the PI metadata; failing the request");
+    inflight.errno = Some(libc::EIO);
+    Vec::new()
 }
 
 /// Range-op tags: the segment index, with this bit set once punch-hole was already tried.
