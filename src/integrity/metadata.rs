@@ -75,6 +75,8 @@ pub enum MetadataError {
         data: PathBuf,
         sampled: usize,
     },
+    #[error("PI metadata {path} was not closed cleanly and needs recovery, which needs write access to it ({source}); run `guardblk scrub` on the image once with write access")]
+    NeedsRecovery { path: PathBuf, source: io::Error },
     #[error("PI metadata {path} is in use by another process (it holds the metadata lock)")]
     Locked { path: PathBuf },
     #[error("cannot map PI metadata {path}: {source}")]

@@ -100,6 +100,20 @@ impl PiStore {
         };
         let data = DataIdentity::of(image.path(), image.size()).map_err(io_err)?;
         let mut meta = PiMetadata::open(meta_path, &data, writable)?;
+        let mut writable = writable;
+        if !writable && !meta.dirty_regions().is_empty() {
+            // Not closed cleanly: a read-only user would see false guard errors where writes
+            // were in flight. Recovery only writes metadata, so do it if we may.
+            drop(meta);
+            meta = PiMetadata::open(meta_path, &data, true).map_err(|e| match e {
+                MetadataError::Open { source, .. } => MetadataError::NeedsRecovery {
+                    path: meta_path.into(),
+                    source,
+                },
+                other => other,
+            })?;
+            writable = true;
+        }
         let mut report = OpenReport::default();
         let zero_guard = meta.format().guard(&vec![0u8; meta.interval() as usize]);
         if meta.identity_differs(&data) {

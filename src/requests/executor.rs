@@ -545,12 +545,15 @@ impl Executor {
         inflight.locked = Some((start, end));
         let mut result = Ok(());
         for s in segments {
-            let began = pi.meta.begin_write(s.sector / per, u64::from(s.sectors) / per);
+            let began = pi
+                .meta
+                .begin_write(s.sector / per, u64::from(s.sectors) / per);
             result = result.and(began);
         }
         if result.is_err() {
             for s in segments {
-                pi.meta.end_write(s.sector / per, u64::from(s.sectors) / per);
+                pi.meta
+                    .end_write(s.sector / per, u64::from(s.sectors) / per);
             }
             return result;
         }
