@@ -237,6 +237,15 @@ pub fn serve(
         }
     }
     if let Some(pi) = &pi {
+        let c = &pi.counters;
+        tracing::info!(
+            tuples_written = c.tuples_written.load(Ordering::Relaxed),
+            intervals_verified = c.intervals_verified.load(Ordering::Relaxed),
+            guard_errors = c.guard_errors.load(Ordering::Relaxed),
+            read_retries_healed = c.read_retries_healed.load(Ordering::Relaxed),
+            journal = %pi.journal.path().display(),
+            "PI summary"
+        );
         // Sessions drained every queue: nothing is in flight, so the intents can go.
         if let Err(e) = image.sync().and_then(|()| pi.close_clean()) {
             tracing::error!(error = %e, "cannot close the PI metadata cleanly; the next start will re-check regions with writes");
