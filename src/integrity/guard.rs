@@ -1,42 +1,238 @@
-//! Guard checksums: CRC-16/T10-DIF and CRC-64/NVME, computed with SIMD (the `crc-fast` crate
-//! picks PCLMULQDQ/VPCLMULQDQ or the ARM equivalents at run time).
+//! Guard checksums: CRC-16/T10-DIF and CRC-64/NVME.
+//!
+//! On x86-64 CPUs with AVX-512 and VPCLMULQDQ the guards are computed by the carry-less-multiply
+//! folding kernels in [`super::fold`] (detected once, then one relaxed atomic load per call);
+//! elsewhere by the `crc-fast` crate ([`portable`]). The fused copy functions load each block
+//! of the source into SIMD registers once, store it to the destination and fold the same
+//! registers into the CRC: one pass over the data.
 //!
 //! `benches/crc.rs` measures these against ISA-L and the `crc` crate; tests cross-check them
 //! against the `crc` crate's table implementation, the reference.
 
-use crc_fast::CrcAlgorithm;
+#[cfg(target_arch = "x86_64")]
+use super::fold::x86;
+
+/// Whether the SIMD kernels are in use on this CPU.
+#[inline]
+fn simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// CRC-16/T10-DIF register update (not reflected, so the register is the CRC itself).
+#[inline]
+fn t10dif_update(state: u16, data: &[u8]) -> u16 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: x86::available() confirmed the kernel's target features.
+        return unsafe { x86::t10dif_update(state, data) };
+    }
+    portable::t10dif_update(state, data)
+}
+
+/// CRC-64/NVME register update (reflected register; the CRC is `register ^ !0`).
+#[inline]
+fn nvme_update(state: u64, data: &[u8]) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: x86::available() confirmed the kernel's target features.
+        return unsafe { x86::nvme_update(state, data) };
+    }
+    portable::nvme_update(state, data)
+}
 
 /// CRC-16/T10-DIF: the guard of T10 Type 1/2/3 protection information.
+#[inline]
 pub fn crc16_t10dif(data: &[u8]) -> u16 {
-    crc_fast::checksum(CrcAlgorithm::Crc16T10Dif, data) as u16
+    t10dif_update(0, data)
 }
 
 /// CRC-64/NVME: the guard of the NVMe 64-bit-guard protection format.
+#[inline]
 pub fn crc64_nvme(data: &[u8]) -> u64 {
-    crc_fast::checksum(CrcAlgorithm::Crc64Nvme, data)
+    nvme_update(!0, data) ^ !0
 }
 
 /// Copy one protection interval from `src` to `dst` and return its CRC-16/T10-DIF guard,
-/// computed over the bytes as written to `dst` (the bytes that will reach the disk).
+/// computed over the bytes as written to `dst` (the bytes that will reach the disk), in one
+/// pass: every block is loaded once, stored, and folded from the same registers.
+///
+/// Panics if the lengths differ. Any length works; multiples of 16 (best: 256) are fastest.
+#[inline]
 pub fn copy_crc16_t10dif(dst: &mut [u8], src: &[u8]) -> u16 {
+    assert_eq!(dst.len(), src.len(), "copy_crc16_t10dif: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: x86::available() confirmed the kernel's target features.
+        return unsafe { x86::t10dif_copy_update(0, dst, src) };
+    }
     dst.copy_from_slice(src);
-    crc16_t10dif(dst)
+    portable::t10dif_update(0, dst)
 }
 
 /// As [`copy_crc16_t10dif`], with the CRC-64/NVME guard.
+#[inline]
 pub fn copy_crc64_nvme(dst: &mut [u8], src: &[u8]) -> u64 {
+    assert_eq!(dst.len(), src.len(), "copy_crc64_nvme: length mismatch");
+    #[cfg(target_arch = "x86_64")]
+    if simd() {
+        // SAFETY: x86::available() confirmed the kernel's target features.
+        return unsafe { x86::nvme_copy_update(!0, dst, src) } ^ !0;
+    }
     dst.copy_from_slice(src);
-    crc64_nvme(dst)
+    portable::nvme_update(!0, dst) ^ !0
+}
+
+/// Incremental CRC-16/T10-DIF, for an interval split over several buffers:
+/// `new()`, `update()` per piece in order, `finish()`. Equal to [`crc16_t10dif`] of the
+/// concatenation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Crc16T10Dif {
+    state: u16,
+}
+
+impl Crc16T10Dif {
+    pub const fn new() -> Self {
+        Self { state: 0 }
+    }
+
+    #[inline]
+    pub fn update(&mut self, data: &[u8]) {
+        self.state = t10dif_update(self.state, data);
+    }
+
+    /// Copy `src` to `dst` (same length) and add the bytes to the CRC, in one pass.
+    #[inline]
+    pub fn copy_update(&mut self, dst: &mut [u8], src: &[u8]) {
+        assert_eq!(dst.len(), src.len(), "copy_update: length mismatch");
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            // SAFETY: x86::available() confirmed the kernel's target features.
+            self.state = unsafe { x86::t10dif_copy_update(self.state, dst, src) };
+            return;
+        }
+        dst.copy_from_slice(src);
+        self.state = portable::t10dif_update(self.state, dst);
+    }
+
+    #[inline]
+    pub fn finish(&self) -> u16 {
+        self.state
+    }
+}
+
+/// Incremental CRC-64/NVME; see [`Crc16T10Dif`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crc64Nvme {
+    state: u64,
+}
+
+impl Default for Crc64Nvme {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Crc64Nvme {
+    pub const fn new() -> Self {
+        Self { state: !0 }
+    }
+
+    #[inline]
+    pub fn update(&mut self, data: &[u8]) {
+        self.state = nvme_update(self.state, data);
+    }
+
+    /// Copy `src` to `dst` (same length) and add the bytes to the CRC, in one pass.
+    #[inline]
+    pub fn copy_update(&mut self, dst: &mut [u8], src: &[u8]) {
+        assert_eq!(dst.len(), src.len(), "copy_update: length mismatch");
+        #[cfg(target_arch = "x86_64")]
+        if simd() {
+            // SAFETY: x86::available() confirmed the kernel's target features.
+            self.state = unsafe { x86::nvme_copy_update(self.state, dst, src) };
+            return;
+        }
+        dst.copy_from_slice(src);
+        self.state = portable::nvme_update(self.state, dst);
+    }
+
+    #[inline]
+    pub fn finish(&self) -> u64 {
+        self.state ^ !0
+    }
+}
+
+/// The portable path (any CPU): the `crc-fast` crate, which carries the same CRC registers
+/// as the SIMD kernels (verified by the tests). Public so tests and benches can compare.
+pub mod portable {
+    use crc_fast::{CrcAlgorithm, Digest};
+
+    /// CRC-16/T10-DIF register update.
+    pub fn t10dif_update(state: u16, data: &[u8]) -> u16 {
+        if state == 0 {
+            return crc_fast::checksum(CrcAlgorithm::Crc16T10Dif, data) as u16;
+        }
+        let mut d = Digest::new_with_init_state(CrcAlgorithm::Crc16T10Dif, state as u64);
+        d.update(data);
+        d.get_state() as u16
+    }
+
+    /// CRC-64/NVME reflected-register update.
+    pub fn nvme_update(state: u64, data: &[u8]) -> u64 {
+        if state == !0 {
+            return crc_fast::checksum(CrcAlgorithm::Crc64Nvme, data) ^ !0;
+        }
+        let mut d = Digest::new_with_init_state(CrcAlgorithm::Crc64Nvme, state);
+        d.update(data);
+        d.get_state()
+    }
+
+    pub fn crc16_t10dif(data: &[u8]) -> u16 {
+        t10dif_update(0, data)
+    }
+
+    pub fn crc64_nvme(data: &[u8]) -> u64 {
+        nvme_update(!0, data) ^ !0
+    }
 }
 
 /// Copy `src` into `dst` interval by interval, computing each interval's guard right after
 /// copying it, while it is still in L1 cache: one pass over memory instead of two.
 /// `guards` receives one guard per interval. Lengths must be whole intervals.
+/// (For the guardblk CRCs, [`copy_with_guards_fused`] with [`copy_crc16_t10dif`] or
+/// [`copy_crc64_nvme`] does copy and CRC from the same registers.)
 pub fn copy_with_guards<G>(
     dst: &mut [u8],
     src: &[u8],
     interval: usize,
     guard: impl Fn(&[u8]) -> G,
+    guards: &mut Vec<G>,
+) {
+    copy_with_guards_fused(
+        dst,
+        src,
+        interval,
+        |d, s| {
+            d.copy_from_slice(s);
+            guard(d)
+        },
+        guards,
+    )
+}
+
+/// As [`copy_with_guards`], with a fused copy+guard function such as [`copy_crc16_t10dif`].
+pub fn copy_with_guards_fused<G>(
+    dst: &mut [u8],
+    src: &[u8],
+    interval: usize,
+    copy_guard: impl Fn(&mut [u8], &[u8]) -> G,
     guards: &mut Vec<G>,
 ) {
     assert_eq!(dst.len(), src.len(), "copy_with_guards: length mismatch");
@@ -49,8 +245,7 @@ pub fn copy_with_guards<G>(
         .chunks_exact_mut(interval)
         .zip(src.chunks_exact(interval))
     {
-        d.copy_from_slice(s);
-        guards.push(guard(d));
+        guards.push(copy_guard(d, s));
     }
 }
 
@@ -65,6 +260,8 @@ mod tests {
     fn known_answers() {
         assert_eq!(crc16_t10dif(b"123456789"), 0xD0DB);
         assert_eq!(crc64_nvme(b"123456789"), 0xAE8B_1486_0A79_9888);
+        assert_eq!(portable::crc16_t10dif(b"123456789"), 0xD0DB);
+        assert_eq!(portable::crc64_nvme(b"123456789"), 0xAE8B_1486_0A79_9888);
     }
 
     /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
@@ -78,6 +275,31 @@ mod tests {
                 x as u8
             })
             .collect()
+    }
+
+    fn check(data: &[u8], what: &str) {
+        let (r16, r64) = (CRC16_REF.checksum(data), CRC64_REF.checksum(data));
+        assert_eq!(crc16_t10dif(data), r16, "crc16, {what}");
+        assert_eq!(crc64_nvme(data), r64, "crc64, {what}");
+        assert_eq!(portable::crc16_t10dif(data), r16, "portable crc16, {what}");
+        assert_eq!(portable::crc64_nvme(data), r64, "portable crc64, {what}");
+        let mut dst = vec![0u8; data.len()];
+        assert_eq!(copy_crc16_t10dif(&mut dst, data), r16, "copy crc16, {what}");
+        assert_eq!(dst, data, "copy crc16 bytes, {what}");
+        let mut dst = vec![0xA5u8; data.len()];
+        assert_eq!(copy_crc64_nvme(&mut dst, data), r64, "copy crc64, {what}");
+        assert_eq!(dst, data, "copy crc64 bytes, {what}");
+    }
+
+    #[test]
+    fn simd_path_is_used_where_supported() {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("vpclmulqdq")
+        {
+            assert!(simd());
+        }
     }
 
     #[test]
@@ -102,6 +324,113 @@ mod tests {
     }
 
     #[test]
+    fn every_length_up_to_600_and_big_ones() {
+        for len in 0..=600usize {
+            check(&noise(len, len as u64 + 1), &format!("len {len}"));
+        }
+        for len in [
+            1023usize,
+            1024,
+            4095,
+            4096,
+            4104,
+            4112,
+            8192 + 48,
+            65536,
+            65536 + 13,
+            1 << 20,
+        ] {
+            check(&noise(len, len as u64 * 3), &format!("len {len}"));
+        }
+    }
+
+    #[test]
+    fn special_patterns() {
+        for len in [16usize, 64, 256, 512, 4096] {
+            check(&vec![0u8; len], &format!("zeros {len}"));
+            check(&vec![0xFFu8; len], &format!("ones {len}"));
+        }
+    }
+
+    #[test]
+    fn misaligned_sub_slices() {
+        let big = noise(4096 + 8 + 128, 99);
+        for offset in 1..64usize {
+            for len in [0usize, 5, 16, 48, 64, 100, 255, 256, 512, 520, 4096, 4104] {
+                let s = &big[offset..offset + len];
+                check(s, &format!("offset {offset} len {len}"));
+                // Misaligned destination too.
+                let mut out = vec![0u8; len + 64];
+                let d = &mut out[64 - offset..64 - offset + len];
+                assert_eq!(copy_crc16_t10dif(d, s), CRC16_REF.checksum(s));
+                assert_eq!(d, s);
+            }
+        }
+    }
+
+    #[test]
+    fn incremental_equals_one_shot() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rnd = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        };
+        for len in [0usize, 1, 17, 100, 512, 520, 1000, 4096, 4104, 10000] {
+            let data = noise(len, len as u64 + 5);
+            for _ in 0..50 {
+                let mut cuts: Vec<usize> = (0..rnd(6)).map(|_| rnd(len + 1)).collect();
+                cuts.push(0);
+                cuts.push(len);
+                cuts.sort_unstable();
+                let (mut a, mut b) = (Crc16T10Dif::new(), Crc64Nvme::new());
+                let (mut c, mut d) = (Crc16T10Dif::new(), Crc64Nvme::new());
+                let mut dst = vec![0u8; len];
+                let mut dst2 = vec![0u8; len];
+                for w in cuts.windows(2) {
+                    let piece = &data[w[0]..w[1]];
+                    a.update(piece);
+                    b.update(piece);
+                    c.copy_update(&mut dst[w[0]..w[1]], piece);
+                    d.copy_update(&mut dst2[w[0]..w[1]], piece);
+                }
+                assert_eq!(a.finish(), CRC16_REF.checksum(&data), "cuts {cuts:?}");
+                assert_eq!(b.finish(), CRC64_REF.checksum(&data), "cuts {cuts:?}");
+                assert_eq!(c.finish(), a.finish());
+                assert_eq!(d.finish(), b.finish());
+                assert_eq!(dst, data);
+                assert_eq!(dst2, data);
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_registers_agree() {
+        // Carry-in registers other than init, both paths.
+        for len in [0usize, 3, 16, 40, 255, 256, 600, 4104] {
+            let data = noise(len, 7 + len as u64);
+            for state in [0u64, 1, 0xFFFF, 0x1234, !0, 0xDEAD_BEEF_0BAD_F00D] {
+                let s16 = state as u16;
+                let p16 = portable::t10dif_update(s16, &data);
+                let p64 = portable::nvme_update(state, &data);
+                assert_eq!(t10dif_update(s16, &data), p16, "len {len} state {state:x}");
+                assert_eq!(nvme_update(state, &data), p64, "len {len} state {state:x}");
+                assert_eq!(
+                    super::super::fold::t10dif::update_table(s16, &data),
+                    p16,
+                    "table, len {len}"
+                );
+                assert_eq!(
+                    super::super::fold::nvme::update_table(state, &data),
+                    p64,
+                    "table, len {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn fused_copy_gives_the_same_bytes_and_guards() {
         let src = noise(8 * 512, 42);
         let mut dst = vec![0u8; src.len()];
@@ -109,6 +438,19 @@ mod tests {
         copy_with_guards(&mut dst, &src, 512, crc16_t10dif, &mut guards);
         assert_eq!(dst, src);
         let expected: Vec<u16> = src.chunks(512).map(|c| CRC16_REF.checksum(c)).collect();
+        assert_eq!(guards, expected);
+
+        let mut dst = vec![0u8; src.len()];
+        let mut guards = Vec::new();
+        copy_with_guards_fused(&mut dst, &src, 512, copy_crc16_t10dif, &mut guards);
+        assert_eq!(dst, src);
+        assert_eq!(guards, expected);
+
+        let mut dst = vec![0u8; src.len()];
+        let mut guards = Vec::new();
+        copy_with_guards_fused(&mut dst, &src, 4096, copy_crc64_nvme, &mut guards);
+        assert_eq!(dst, src);
+        let expected: Vec<u64> = src.chunks(4096).map(|c| CRC64_REF.checksum(c)).collect();
         assert_eq!(guards, expected);
     }
 }

@@ -6,6 +6,7 @@
 //! Sits between requests (which call it to generate and verify) and storage (whose image it
 //! reads for scans). Knows nothing of virtio.
 
+pub mod fold;
 pub mod guard;
 pub mod intent;
 pub mod journal;

@@ -97,7 +97,7 @@ fn for_each_interval(
 /// (the image's last bytes) is read through a rounded-up window.
 pub fn read_upto(image: &Image, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let align = image.direct_io().map_or(1, |a| a.offset.max(a.memory)) as usize;
-    if buf.len() % align == 0 && offset % align as u64 == 0 {
+    if buf.len().is_multiple_of(align) && offset.is_multiple_of(align as u64) {
         return image.read_at(buf, offset);
     }
     let start = offset - offset % align as u64;

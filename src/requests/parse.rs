@@ -409,7 +409,7 @@ fn expect_no_writable(request: &'static str, len: u64) -> Result<(), RequestErro
 /// Check `sectors` sectors starting at `sector` are block-aligned and inside the disk.
 fn check_range(sector: u64, sectors: u64, limits: &Limits) -> Result<(), RequestError> {
     let block_sectors = u64::from(limits.block_size) / SECTOR_SIZE;
-    if sector % block_sectors != 0 {
+    if !sector.is_multiple_of(block_sectors) {
         return Err(RequestError::UnalignedSector {
             sector,
             block_size: limits.block_size,
@@ -437,7 +437,7 @@ fn check_transfer(
     if len == 0 {
         return Err(RequestError::NoData { request });
     }
-    if len % u64::from(limits.block_size) != 0 {
+    if !len.is_multiple_of(u64::from(limits.block_size)) {
         return Err(RequestError::UnalignedLength {
             len,
             block_size: limits.block_size,
@@ -468,7 +468,7 @@ fn parse_segments(
             limits.max_write_zeroes_sectors,
         )
     };
-    if payload_len == 0 || payload_len % SEGMENT_LEN != 0 {
+    if payload_len == 0 || !payload_len.is_multiple_of(SEGMENT_LEN) {
         return Err(RequestError::BadSegmentPayload {
             request,
             len: payload_len,
@@ -508,7 +508,7 @@ fn parse_segments(
                     max: max_sectors,
                 });
             }
-            if u64::from(sectors) * SECTOR_SIZE % u64::from(limits.block_size) != 0 {
+            if !(u64::from(sectors) * SECTOR_SIZE).is_multiple_of(u64::from(limits.block_size)) {
                 return Err(RequestError::UnalignedLength {
                     len: u64::from(sectors) * SECTOR_SIZE,
                     block_size: limits.block_size,

@@ -60,7 +60,7 @@ pub struct Image {
 impl Image {
     /// Create a sparse raw image of `size` bytes. Refuses to touch an existing file.
     pub fn create(path: &Path, size: u64) -> Result<(), ImageError> {
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(ImageError::BadSize { size });
         }
         let file = OpenOptions::new()
@@ -281,9 +281,10 @@ impl Image {
         let Some(align) = self.direct_io else {
             return true;
         };
-        offset % align.offset == 0
+        offset.is_multiple_of(align.offset)
             && buffers.iter().all(|iov| {
-                iov.iov_base as u64 % align.memory == 0 && iov.iov_len as u64 % align.offset == 0
+                (iov.iov_base as u64).is_multiple_of(align.memory)
+                    && (iov.iov_len as u64).is_multiple_of(align.offset)
             })
     }
 }
