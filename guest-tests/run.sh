@@ -18,8 +18,12 @@
 # created, before the daemon starts; may append to SERVE_ARGS) and host_check_<name>
 # (runs on the image after the guest powered off) in this file.
 #
-# Prints "N passed, M failed" last; exits 0 only if every guest scenario and host check
-# passed. Everything it makes lives in guest-tests/work/ (gitignored): the kernel is
+# The image has type 1 PI (4096-byte intervals, so a 4096-byte logical block size in the
+# guest). Any guard error the daemon logs or journals at an LBA that no host_prepare_<name>
+# hook corrupted on purpose (EXPECTED_GUARD_LBAS) fails the run: that is a false guard error.
+#
+# Prints a guard-error count line, then "N passed, M failed" last; exits 0 only if every
+# guest scenario and host check passed. Everything it makes lives in guest-tests/work/ (gitignored): the kernel is
 # downloaded once and reused; the run's image, logs and serial output are in work/run/.
 
 set -uo pipefail
@@ -29,7 +33,8 @@ ROOT=$(dirname "$HERE")
 WORK=$HERE/work
 RUN=$WORK/run
 QEMU_TIMEOUT=${GUARDBLK_QEMU_TIMEOUT:-240}
-GUARDBLK_TESTS=${GUARDBLK_TESTS:-o_direct_pattern,filesystem,write_cache}
+# pi_corruption last: it reads back the whole disk, verifying what the others wrote.
+GUARDBLK_TESTS=${GUARDBLK_TESTS:-block_size,o_direct_pattern,filesystem,write_cache,pi_corruption}
 
 # Disk layout (MiB), shared with the guest through /etc/guardblk-test.env. The gaps
 # between regions must stay zero: a misdirected write lands there and is caught.
@@ -38,6 +43,18 @@ FS_MIB=128             # ext2 on [0, 128)
 PATTERN_OFFSET_MIB=192 # pattern on [192, 200)
 PATTERN_MIB=8
 SCRATCH_OFFSET_MIB=224 # scenarios' throwaway writes on [224, 256)
+
+# The image has type 1 PI with one guard tag per PI_INTERVAL bytes, which the guest sees
+# as its logical block size; "LBA" below and in the daemon's guard errors counts those.
+PI_INTERVAL=4096
+# pi_corruption's block, corrupted behind the daemon's back: in the scratch region, 16 MiB
+# past write_cache's writes at its start and far from any region a buffered read could
+# read ahead into.
+CORRUPT_LBA=$(((SCRATCH_OFFSET_MIB + 16) * (1 << 20) / PI_INTERVAL + 13))
+# LBAs the daemon may name in guard errors (host_prepare_pi_corruption adds its block);
+# a guard error anywhere else is a false positive and fails the run.
+EXPECTED_GUARD_LBAS=()
+GUARD_SUMMARY=""
 
 GUEST_MEM=512M
 # Extra daemon options a host_prepare_<name> hook may append to.
@@ -73,6 +90,7 @@ summary() {
     echo "== guest-tests results ($((SECONDS - T0)) s) =="
     local r
     for r in "${RESULTS[@]}"; do echo "  $r"; done
+    [[ -n $GUARD_SUMMARY ]] && echo "$GUARD_SUMMARY"
     echo "$PASSED passed, $FAILED failed"
 }
 # Setup errors end the run but still produce the summary line CI reads.
@@ -261,6 +279,9 @@ FS_MIB=$FS_MIB
 PATTERN_OFFSET_MIB=$PATTERN_OFFSET_MIB
 PATTERN_MIB=$PATTERN_MIB
 SCRATCH_OFFSET_MIB=$SCRATCH_OFFSET_MIB
+IMAGE_MIB=$IMAGE_MIB
+PI_INTERVAL=$PI_INTERVAL
+CORRUPT_LBA=$CORRUPT_LBA
 QUEUES=$QUEUES
 EOF
     install -m 0755 "$HERE/init.sh" "$INITRD_ROOT/init"
@@ -285,7 +306,10 @@ build_daemon() {
 
 create_image() {
     IMG=$RUN/disk.img
-    "$GUARDBLK_BIN" create "$IMG" --size "${IMAGE_MIB}M" >"$RUN/create.log" 2>&1 ||
+    # Metadata in $IMG.pi; guard errors are journalled to $JOURNAL.
+    JOURNAL=$IMG.pi-journal.jsonl
+    "$GUARDBLK_BIN" create "$IMG" --size "${IMAGE_MIB}M" --pi type1 --interval "$PI_INTERVAL" \
+        >"$RUN/create.log" 2>&1 ||
         die "guardblk create failed: $(cat "$RUN/create.log")"
 }
 
@@ -477,17 +501,105 @@ host_check_write_cache() {
     fi
 }
 
+# pi_corruption: corrupt one unwritten block of the image before the daemon starts, with
+# `guardblk inject` where this daemon has it, else by writing into the raw image file. An
+# unwritten block must read as zeros, so the bytes are a guard error on the next read.
+host_prepare_pi_corruption() {
+    local out
+    CORRUPT_HOW=""
+    if "$GUARDBLK_BIN" inject --help >/dev/null 2>&1; then
+        if out=$("$GUARDBLK_BIN" inject "$IMG" --lba "$CORRUPT_LBA" --kind data 2>&1); then
+            CORRUPT_HOW="guardblk inject --kind data"
+        else
+            fail host:pi_corruption_inject "guardblk inject --lba $CORRUPT_LBA --kind data: $(tail -n 3 <<<"$out" | tr '\n' ' ')(falling back to a raw write)"
+        fi
+    fi
+    if [[ -z $CORRUPT_HOW ]]; then
+        printf 'GUARDBLK-CORRUPT' |
+            dd of="$IMG" bs=1 seek=$((CORRUPT_LBA * PI_INTERVAL + 100)) conv=notrunc status=none ||
+            die "cannot write into $IMG"
+        CORRUPT_HOW="raw write into the image"
+    fi
+    EXPECTED_GUARD_LBAS+=("$CORRUPT_LBA")
+    say "pi_corruption: block $CORRUPT_LBA corrupted ($CORRUPT_HOW)"
+}
+
+# The guest saw the read fail (its result line); the daemon must have said which block and
+# journalled it. The guest rewrote the block at the end; that data must be in the image.
+host_check_pi_corruption() {
+    local n=$CORRUPT_LBA lines records
+    lines=$(grep "PI guard error" "$DAEMON_LOG" | grep -E "[[:space:]]lba=$n( |\$)")
+    if [[ -z $lines ]]; then
+        fail host:pi_guard_error_logged "no 'PI guard error' line with lba=$n in the daemon log"
+    elif ! grep -Eq "[[:space:]]byte_offset=$((n * PI_INTERVAL))( |\$)" <<<"$lines"; then
+        fail host:pi_guard_error_logged "guard error for lba=$n without byte_offset=$((n * PI_INTERVAL)): $(head -n 1 <<<"$lines")"
+    else
+        pass host:pi_guard_error_logged
+    fi
+
+    records=$(grep -E "\"event\":\"guard_error\"" "$JOURNAL" 2>/dev/null | grep -E "\"lba\":$n[,}]")
+    if [[ ! -e $JOURNAL ]]; then
+        fail host:pi_guard_error_journalled "no journal $JOURNAL"
+    elif [[ -z $records ]]; then
+        fail host:pi_guard_error_journalled "no guard_error record with \"lba\":$n in $JOURNAL: $(head -n 2 "$JOURNAL" | tr '\n' ' ')"
+    elif ! grep -q '"source":"read"' <<<"$records"; then
+        fail host:pi_guard_error_journalled "guard_error record for lba $n is not from a read: $(head -n 1 <<<"$records")"
+    else
+        pass host:pi_guard_error_journalled
+    fi
+
+    if cmp --ignore-initial=0:$((n * PI_INTERVAL)) --bytes="$PI_INTERVAL" "$RUN/pattern.bin" "$IMG" >/dev/null 2>&1; then
+        pass host:pi_rewritten_block_in_image
+    else
+        fail host:pi_rewritten_block_in_image "block $n in the image is not what the guest rewrote it with"
+    fi
+}
+
+# Every guard error the daemon reported, in its log and its journal, must name a block the
+# run corrupted on purpose: anything else is a false guard error. Runs for every selection.
+host_guard_errors() {
+    local log_lbas journal_lbas n_log n_journal lba bad="" expected=" ${EXPECTED_GUARD_LBAS[*]} "
+    log_lbas=$(grep "PI guard error" "$DAEMON_LOG" | grep -oE "[[:space:]]lba=[0-9]+" | sed 's/.*=//')
+    journal_lbas=$(grep -E '"event":"guard_error"' "$JOURNAL" 2>/dev/null | grep -oE '"lba":[0-9]+' | sed 's/.*://')
+    n_log=$(grep -c "PI guard error" "$DAEMON_LOG")
+    n_journal=$(grep -cE '"event":"guard_error"' "$JOURNAL" 2>/dev/null)
+    n_journal=${n_journal:-0}
+    for lba in $log_lbas $journal_lbas; do
+        [[ $expected == *" $lba "* || $bad == *" $lba"* ]] || bad+=" $lba"
+    done
+    lba=$(printf '%s\n' $log_lbas $journal_lbas | sed '/^$/d' | sort -nu | tr '\n' ' ')
+    lba=${lba% }
+    GUARD_SUMMARY="guard errors: $n_log logged by the daemon, $n_journal journalled; LBAs: ${lba:-none} (expected: ${EXPECTED_GUARD_LBAS[*]:-none})"
+    if [[ -n $bad ]]; then
+        local pat=${bad# }
+        fail host:no_false_guard_errors "guard errors at LBA(s)$bad, which nothing corrupted: $(grep "PI guard error" "$DAEMON_LOG" |
+            grep -E "[[:space:]]lba=(${pat// /|})( |\$)" | head -n 2 | sed 's/^[^ ]* *//' | tr '\n' ' ')"
+    elif ((n_log != $(wc -w <<<"$log_lbas"))); then
+        fail host:no_false_guard_errors "'PI guard error' lines without an lba= field"
+    elif ((n_journal != $(wc -w <<<"$journal_lbas"))); then
+        fail host:no_false_guard_errors "guard_error journal records without an lba field"
+    else
+        pass host:no_false_guard_errors
+    fi
+}
+
 # Panics, errors, failed I/O or rejected requests in the daemon's own account of the run.
+# Guard errors are ERROR lines and I/O errors by design; host_guard_errors judges those, so
+# here every I/O error must be a guard error and no other ERROR line may appear.
 host_daemon_log() {
-    local problems stats
-    problems=$(grep -E "panicked|ERROR" "$DAEMON_LOG" | head -n 3)
+    local problems stats io_errors guard_errors
+    problems=$(grep -E "panicked|ERROR" "$DAEMON_LOG" | grep -v "PI guard error" | head -n 3)
     stats=$(grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1)
+    io_errors=$(grep -oE '[[:space:]]io_errors=[0-9]+' <<<"$stats" | sed 's/.*=//')
+    guard_errors=$(grep -oE '[[:space:]]guard_errors=[0-9]+' <<<"$stats" | sed 's/.*=//')
     if [[ -n $problems ]]; then
         fail host:daemon_log "$problems"
     elif [[ -z $stats ]]; then
         fail host:daemon_log "no 'frontend disconnected' line (session never ended cleanly)"
-    elif ! grep -Eq 'io_errors=0( |$)' <<<"$stats" || ! grep -Eq 'rejected=0( |$)' <<<"$stats"; then
+    elif [[ -z $io_errors ]] || ! grep -Eq 'rejected=0( |$)' <<<"$stats"; then
         fail host:daemon_log "$stats"
+    elif ((io_errors != ${guard_errors:-0})); then
+        fail host:daemon_log "io_errors=$io_errors but guard_errors=${guard_errors:-0}: I/O errors other than guard errors: $stats"
     else
         pass host:daemon_log
     fi
@@ -512,6 +624,7 @@ stop_daemon
 collect_guest_results
 host_untouched_regions
 run_hooks host_check
+host_guard_errors
 host_daemon_log
 
 if ((FAILED > 0)); then
