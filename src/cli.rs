@@ -26,9 +26,18 @@ pub const DEFAULT_SOCKET: &str = "/tmp/guardblk.sock";
 QEMU connects to guardblk's Unix socket and the guest sees a virtio-blk disk. Guest I/O moves \
 directly between guest memory and the image with io_uring and O_DIRECT; the daemon keeps running \
 when QEMU exits, restarts or reconnects.\n\n\
+Every block can carry T10 protection information (PI): a guard checksum, stored in a \
+metadata file beside the image (IMAGE.pi), that is generated on every write and verified on \
+every read, so corruption anywhere between the guest and the disk is detected instead of \
+silently returned.\n\n\
 Quick start:\n  guardblk create disk.img --size 8G\n  guardblk serve disk.img --socket /run/guardblk.sock\n\
 Then start QEMU with shared guest memory and a vhost-user-blk-pci device (guardblk serve prints \
-the exact options). Ready-made command lines are in qemu-configs/."
+the exact options). Ready-made command lines are in qemu-configs/.\n\n\
+Looking after a protected image:\n  guardblk import old.img     add PI to an existing raw image\n  \
+guardblk scrub disk.img     verify every block (exit 1 if any is corrupt)\n  \
+guardblk info disk.img      format, geometry and the error journal\n\n\
+Block addresses (LBAs) are always in protection-interval units (--interval, 4096 bytes by \
+default); reports give the byte offset too."
 )]
 pub struct Cli {
     /// Log verbosity: error, warn, info, debug or trace. RUST_LOG, if set, takes precedence.
@@ -41,8 +50,48 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a new, sparse raw disk image (refuses to overwrite an existing file).
+    /// Create a new, sparse raw disk image with PI metadata (refuses to overwrite an existing file).
     Create(CreateArgs),
+    /// Add PI to an existing raw image: compute a guard tag for every block of it.
+    #[command(
+        long_about = "Add protection information to an existing raw disk image.\n\n\
+Reads the whole image once, computes the guard tag of every protection interval and writes \
+them to a new metadata file (IMAGE.pi, or --pi-meta). From then on `guardblk serve` verifies \
+every read against them. Holes in a sparse image are not read. Refuses if the metadata already \
+exists (use `guardblk scrub` to check an image that already has PI) and while the image is \
+being served."
+    )]
+    Import(ImportArgs),
+    /// Verify every block of a PI-protected image against its guard tags.
+    #[command(
+        long_about = "Verify every protection interval of an image against its stored PI tuple.\n\n\
+Prints one line per corrupt block (LBA in interval units, byte offset, which tag failed, \
+expected and found values) and a summary; each failure is also appended to the error journal \
+(IMAGE.pi-journal.jsonl). If the image was not shut down cleanly, blocks whose writes were in \
+flight at the time are first re-checked and their tags re-derived (counted as `recovered`, \
+not as errors). The image must not be in use: stop the daemon serving it first.",
+        after_help = "Exit status:\n  0  every block verified\n  1  at least one block failed verification (guard, reference or application tag)\n  \
+2  the scrub could not run (no PI metadata, image served by a running daemon, I/O error, ...)"
+    )]
+    Scrub(ScrubArgs),
+    /// Show an image's PI format, geometry, state and error journal (safe while it is served).
+    #[command(
+        long_about = "Show what guardblk knows about an image: its size, the PI format \
+and protection interval, the metadata file, whether it was closed cleanly, and a summary of the \
+error journal (guard errors by block, recoveries, injected faults, the latest records).\n\n\
+Only reads; works while a daemon is serving the image."
+    )]
+    Info(InfoArgs),
+    /// Corrupt one block on purpose, to test that corruption is detected.
+    #[command(
+        long_about = "Corrupt one block on purpose, for tests and failure drills.\n\n\
+--kind data flips the bits of one byte of the block's data; guard, ref and app flip bits of that \
+field of the block's stored PI tuple (guard tag, reference tag, application tag). A later read \
+by a guest fails with an I/O error and `guardblk scrub` reports the block. Each injection is \
+recorded in the error journal. Refuses while the image is being served. Note that type3 PI has \
+no reference tag check, so a ref injection there is not detected (by design)."
+    )]
+    Inject(InjectArgs),
     /// Serve a disk image on a vhost-user-blk socket until SIGINT/SIGTERM.
     Serve(ServeArgs),
 }
@@ -65,6 +114,85 @@ pub struct CreateArgs {
     /// Where to put the PI metadata (a file, or a block device), instead of IMAGE.pi.
     #[arg(long, value_name = "PATH")]
     pub pi_meta: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Existing raw image (file or block device) to protect; its size must be a multiple of --interval.
+    pub image: PathBuf,
+    /// Protection-information format: type1 (CRC-16 guard + reference tag = LBA), type3
+    /// (CRC-16 guard only) or nvme64 (CRC-64 guard + 48-bit reference tag).
+    #[arg(long, value_enum, default_value_t = PiChoice::Type1)]
+    pub pi: PiChoice,
+    /// Protection interval in bytes (512 or 4096): the guest-visible logical block size.
+    #[arg(long, default_value_t = 4096, value_parser = parse_interval, value_name = "BYTES")]
+    pub interval: u32,
+    /// Where to put the PI metadata (a file, or a block device), instead of IMAGE.pi.
+    #[arg(long, value_name = "PATH")]
+    pub pi_meta: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ScrubArgs {
+    /// PI-protected image (file or block device) to verify.
+    pub image: PathBuf,
+    /// Print JSON lines instead of text: one journal record per corrupt block, then a
+    /// {"summary":{...}} line.
+    #[arg(long)]
+    pub json: bool,
+    /// The image's PI metadata, if not IMAGE.pi.
+    #[arg(long, value_name = "PATH")]
+    pub pi_meta: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Image (file or block device) to describe.
+    pub image: PathBuf,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The image's PI metadata, if not IMAGE.pi.
+    #[arg(long, value_name = "PATH")]
+    pub pi_meta: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// PI-protected image (file or block device) to corrupt.
+    pub image: PathBuf,
+    /// Block to corrupt, in protection-interval units (LBA 3 with 4096-byte intervals is byte offset 12288).
+    #[arg(long, value_name = "N")]
+    pub lba: u64,
+    /// What to corrupt: the block's data, or one field of its stored PI tuple.
+    #[arg(long, value_enum)]
+    pub kind: InjectKind,
+    /// The image's PI metadata, if not IMAGE.pi.
+    #[arg(long, value_name = "PATH")]
+    pub pi_meta: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InjectKind {
+    /// Flip the bits of one byte in the middle of the block's data.
+    Data,
+    /// Flip low bits of the stored guard tag (the checksum).
+    Guard,
+    /// Flip the lowest bit of the stored reference tag (the block's address).
+    Ref,
+    /// Flip bits of the stored application tag.
+    App,
+}
+
+impl std::fmt::Display for InjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            InjectKind::Data => "data",
+            InjectKind::Guard => "guard",
+            InjectKind::Ref => "ref",
+            InjectKind::App => "app",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -120,7 +248,8 @@ pub enum IoEngine {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Raw disk image (file or block device) to serve. If omitted, ./guardblk-default.img is
-    /// created (8 GiB, sparse) if missing and served.
+    /// created if missing (8 GiB, sparse, type1 PI with 4096-byte intervals, like `create`) and
+    /// served.
     pub image: Option<PathBuf>,
     /// Unix socket to listen on; QEMU connects here with -chardev socket,path=...
     #[arg(long, default_value = DEFAULT_SOCKET, value_name = "PATH")]

@@ -12,3 +12,4 @@ pub mod integrity;
 pub mod protocol;
 pub mod requests;
 pub mod storage;
+pub mod tools;
