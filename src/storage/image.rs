@@ -50,6 +50,8 @@ pub struct DirectIoAlignment {
 pub struct Image {
     path: PathBuf,
     file: File,
+    /// Holds the exclusive flock that says "this image is being served" (see `open`).
+    lock: File,
     size: u64,
     read_only: bool,
     /// `None` when the host filesystem refused O_DIRECT and the image is served buffered.
@@ -123,8 +125,19 @@ impl Image {
             }
         };
 
+        // The lock lives on a descriptor of its own that no io_uring ever holds: the kernel
+        // tears rings down asynchronously after a process dies (even by SIGKILL), and a lock
+        // on a registered file would outlive the daemon by that long.
+        let lock = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| ImageError::Open {
+                path: path.into(),
+                source,
+            })?;
         // SAFETY: flock on a valid, owned descriptor; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(ImageError::Locked { path: path.into() });
         }
 
@@ -149,6 +162,7 @@ impl Image {
         Ok(Image {
             path: path.into(),
             file,
+            lock,
             size,
             read_only,
             direct_io,
@@ -258,12 +272,10 @@ impl Image {
         }
     }
 
-    /// Drop the image lock now rather than when the last reference to the open file goes:
-    /// io_uring tears down rings asynchronously after exit, which would hold it a while longer
-    /// and make an immediate restart fail.
+    /// Drop the image lock now, at the end of a clean shutdown, rather than at exit.
     pub fn release_lock(&self) {
         // SAFETY: flock on our own open descriptor.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
     }
 
     /// The open image, for synchronous positioned I/O by tools.
