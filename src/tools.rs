@@ -398,13 +398,14 @@ impl ScrubReport {
         }
         let _ = write!(
             out,
-            "scrub of {}: {} blocks checked ({} PI, {}-byte intervals, {}), {} errors, {} recovered after an unclean shutdown, {:.2} s",
+            "scrub of {}: {} blocks checked ({} PI, {}-byte intervals, {}), {} guard error{}, {} recovered after an unclean shutdown, {:.2} s",
             self.image.display(),
             self.blocks,
             self.format,
             self.interval,
             human(self.blocks * interval),
             self.errors.len(),
+            if self.errors.len() == 1 { "" } else { "s" },
             self.recovered,
             self.elapsed.as_secs_f64()
         );

@@ -303,7 +303,7 @@ fn import_then_scrub_is_clean() {
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(text.contains("4096 blocks checked"), "{text}");
-    assert!(text.contains(" 0 errors"), "{text}");
+    assert!(text.contains(" 0 guard errors"), "{text}");
 
     let (code, errors, summary) = scrub_json(&image);
     assert_eq!(code, 0);
