@@ -423,7 +423,7 @@ fn inject_each_kind(pi_args: &[&str], interval: u64) {
             "no {prefix:?} in:\n{text}"
         );
     }
-    assert!(lines.last().unwrap().contains("7 errors"), "{text}");
+    assert!(lines.last().unwrap().contains("7 guard errors"), "{text}");
 
     let (code, errors, summary) = scrub_json(&image);
     assert_eq!(code, 1);
