@@ -785,6 +785,10 @@ impl PiMetadata {
 
     /// Start of a flush: pick the regions the flush may clean.
     pub fn flush_ticket(&self) -> super::intent::FlushTicket {
+        if !self.writable {
+            // A read-only mapping has no intents to clear (and must not be written).
+            return super::intent::FlushTicket::default();
+        }
         self.intent.ticket(self.bitmap_words())
     }
 
