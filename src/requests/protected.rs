@@ -158,17 +158,31 @@ pub fn verify_buffer(store: &PiStore, data: &[u8], first_lba: u64) -> Vec<(u64, 
         .collect()
 }
 
-/// Read `count` intervals from `lba` synchronously into an aligned buffer.
+/// Exactly `count` intervals read synchronously, in an aligned buffer (which may be larger:
+/// allocations round up to a page, and nothing past `len` belongs to the request).
+pub struct IntervalData {
+    buffer: AlignedBuf,
+    len: usize,
+}
+
+impl IntervalData {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buffer.as_slice()[..self.len]
+    }
+}
+
+/// Read `count` intervals from `lba` synchronously.
 pub fn read_intervals(
     image: &Image,
     store: &PiStore,
     lba: u64,
     count: u64,
-) -> io::Result<AlignedBuf> {
-    let interval = u64::from(store.interval());
-    let mut buffer = AlignedBuf::zeroed((count * interval) as usize);
-    crate::integrity::scan::read_upto(image, buffer.as_mut_slice(), lba * interval)?;
-    Ok(buffer)
+) -> io::Result<IntervalData> {
+    let len = (count * u64::from(store.interval())) as usize;
+    let mut buffer = AlignedBuf::zeroed(len);
+    let offset = lba * u64::from(store.interval());
+    crate::integrity::scan::read_upto(image, &mut buffer.as_mut_slice()[..len], offset)?;
+    Ok(IntervalData { buffer, len })
 }
 
 /// After a write or zeroing failed part-way the disk may hold any mix of old and new data:
@@ -300,6 +314,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (image, store) = store(dir.path(), PiFormat::Nvme64, 512);
         let mut block = AlignedBuf::zeroed(4096);
+        // A neighbour outside the range, which re-derivation must not touch.
+        let mut neighbour = AlignedBuf::zeroed(4096);
+        neighbour.as_mut_slice().fill(0x11);
+        image.write_at(neighbour.as_slice(), 12288).unwrap();
         block.as_mut_slice().fill(0x5A);
         image.write_at(block.as_slice(), 8192).unwrap();
         // Tuples say "unwritten" but the disk holds data: what a write that failed after
@@ -309,5 +327,11 @@ mod tests {
         for lba in 16..24 {
             assert_eq!(store.check(lba, &block.as_slice()[..512]), Ok(()));
         }
+        rederive_from_disk(&image, &store, 24, 1);
+        assert_eq!(store.check(24, &neighbour.as_slice()[..512]), Ok(()));
+        assert!(
+            store.check(25, &neighbour.as_slice()[..512]).is_err(),
+            "re-deriving LBA 24 must not touch LBA 25"
+        );
     }
 }
