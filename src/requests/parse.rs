@@ -197,9 +197,9 @@ pub fn parse_request(
     limits: &Limits,
 ) -> Result<Request, Rejected> {
     let (readable, writable) =
-        collect_pieces(descriptors, mem, limits).map_err(|error| Rejected {
+        collect_pieces(descriptors, mem, limits).map_err(|(error, status)| Rejected {
             head,
-            status: None,
+            status,
             error,
         })?;
 
@@ -291,48 +291,65 @@ pub fn parse_request(
 
 /// Walk the chain once: bound its length, check every descriptor lies in guest memory, and
 /// split it into the device-readable part followed by the device-writable part.
+/// Why a chain could not be walked, and where its status byte is if it has a usable one.
+type ChainError = (RequestError, Option<GuestAddress>);
+
+/// Walk the chain: readable descriptors, then writable ones, each inside guest memory. On an
+/// error, also returns where the status byte is if the chain still has a usable one (its last
+/// descriptor is writable and in memory), so the guest learns of the failure instead of
+/// reading an untouched status byte.
 fn collect_pieces(
     descriptors: impl Iterator<Item = Descriptor>,
     mem: &GuestMemoryMmap,
     limits: &Limits,
-) -> Result<(Vec<Piece>, Vec<Piece>), RequestError> {
+) -> Result<(Vec<Piece>, Vec<Piece>), ChainError> {
     // Header + status may share descriptors with data or sit in their own: allow two extra.
     let max = limits.max_segments.saturating_add(2);
     let mut readable = Vec::new();
     let mut writable: Vec<Piece> = Vec::new();
     let mut count: u32 = 0;
     let mut last_had_next = false;
+    let mut first_error = None;
+    // The last descriptor seen, if it is writable and inside guest memory.
+    let mut status_candidate = None;
     for desc in descriptors {
         count += 1;
         if count > max {
-            return Err(RequestError::TooManyDescriptors { max });
+            return Err((RequestError::TooManyDescriptors { max }, None));
         }
         last_had_next = desc.has_next();
         let piece = Piece {
             addr: desc.addr(),
             len: desc.len(),
         };
+        status_candidate = None;
         if !mem.check_range(piece.addr, piece.len as usize) {
-            return Err(RequestError::OutsideGuestMemory {
+            first_error.get_or_insert(RequestError::OutsideGuestMemory {
                 addr: piece.addr.0,
                 len: piece.len,
             });
+            continue;
         }
         if desc.is_write_only() {
             writable.push(piece);
+            status_candidate = last_byte(&[piece]);
         } else if !writable.is_empty() {
-            return Err(RequestError::ReadableAfterWritable);
+            first_error.get_or_insert(RequestError::ReadableAfterWritable);
         } else {
             readable.push(piece);
         }
     }
     if count == 0 {
-        return Err(RequestError::EmptyChain);
+        return Err((RequestError::EmptyChain, None));
     }
     // The iterator stops silently on a loop (ttl exhausted), an out-of-table `next` or a
     // bad indirect table; in each case the last descriptor it gave us still says "next".
+    // Then where the chain ends, and so where its status byte is, is unknown.
     if last_had_next {
-        return Err(RequestError::MalformedChain);
+        return Err((RequestError::MalformedChain, None));
+    }
+    if let Some(error) = first_error {
+        return Err((error, status_candidate));
     }
     Ok((readable, writable))
 }

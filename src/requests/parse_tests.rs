@@ -295,9 +295,14 @@ fn rejects_buffers_outside_guest_memory() {
         }
     );
     assert_eq!(
-        status, None,
-        "never write a status into a chain that points outside memory"
+        status,
+        Some(GuestAddress(STATUS)),
+        "the chain's own status byte is valid: the guest must learn of the failure"
     );
+    // With the status descriptor itself outside memory there is nowhere to report.
+    let chain = [d(HDR, 16, 0), d(DATA, 512, W), d(MEM_SIZE - 1, 2, W)];
+    let (_, status) = rejected(parse(&m, &chain, &limits()));
+    assert_eq!(status, None, "never write outside guest memory");
     // Address arithmetic that would wrap around is outside memory too.
     let chain = [d(HDR, 16, 0), d(u64::MAX - 10, 512, W), d(STATUS, 1, W)];
     assert!(matches!(
