@@ -176,15 +176,22 @@ impl BlkBackend {
             let _ = vring.disable_notification();
         }
         loop {
-            // Reload each round: the frontend may change the memory table meanwhile.
-            let mem = self.device.mem.memory().into_inner();
             let mut started = 0usize;
             let mut unreported_bytes = 0u64;
             loop {
+                // The memory table may change at any time (the frontend adds a region, waits
+                // for our acknowledgement, then posts requests that use it). Load it afresh
+                // for every chain, and again once the chain is seen: a table loaded before the
+                // chain appeared may predate the region the chain's buffers live in.
+                let table = self.device.mem.memory().into_inner();
                 // Its own statement: the vring lock must be released before the body, which
                 // may take it again (push_used).
-                let popped = vring.get_mut().get_queue_mut().pop_descriptor_chain(&*mem);
+                let popped = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(&*table);
                 let Some(chain) = popped else { break };
+                let mem = self.device.mem.memory().into_inner();
                 let head = chain.head_index();
                 unreported_bytes +=
                     worker
