@@ -306,3 +306,24 @@ fn misaligned_guest_buffers_go_through_a_bounce_buffer_and_stay_correct() {
         check_pattern(&on_disk[MIB as usize..MIB as usize + len], MIB, 8).unwrap();
     }
 }
+
+/// A request whose data buffer is not in any memory region the daemon was given must fail,
+/// never complete "successfully" with an untouched buffer: its status byte is valid, so the
+/// daemon writes IOERR there.
+#[test]
+fn a_buffer_outside_shared_memory_fails_the_request() {
+    let d = Daemon::start(4 * MIB, &["--queues", "1"]);
+    let mut c = Client::connect(&d.socket, 1, 4096).unwrap();
+    // Plain heap memory of the test process: never mapped into the daemon.
+    let mut private = vec![0u8; 3 * 4096];
+    let ptr = ((private.as_mut_ptr() as usize + 4095) & !4095) as *mut u8;
+    c.queues[0].read(0, ptr, 4096, 0, ReqFlags::empty());
+    let (_, ret) = wait_all(&mut c.queues[0], 1)[0];
+    assert!(ret < 0, "read into unshared memory returned {ret}");
+    c.queues[0].write(0, ptr, 4096, 1, ReqFlags::empty());
+    let (_, ret) = wait_all(&mut c.queues[0], 1)[0];
+    assert!(ret < 0, "write from unshared memory returned {ret}");
+    // The daemon says why, and still serves proper requests.
+    d.wait_for_log("lies outside guest memory");
+    assert_eq!(read(&mut c, 0, 0, 0, 4096), 0);
+}
