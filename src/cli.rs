@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::daemon::ServeConfig;
 use crate::protocol::DeviceSettings;
 use crate::requests::parse::VIRTIO_BLK_ID_BYTES;
+use crate::requests::WritePolicy;
 use crate::storage::EngineKind;
 
 /// Size of the image `guardblk serve` creates when given no IMAGE.
@@ -286,6 +287,31 @@ pub struct ServeArgs {
     /// tags and every read is verified; without it the image is served without PI.
     #[arg(long, value_name = "PATH")]
     pub pi_meta: Option<PathBuf>,
+    /// When a PI write's data goes through a bounce buffer (copied, with its guard tags
+    /// computed over the copy) instead of straight from guest memory. Every mode detects a
+    /// guest changing a buffer while its write is in flight and repairs it before the write
+    /// completes, so none of them can store a wrong guard.
+    #[arg(long, value_enum, default_value_t = BounceMode::Auto)]
+    pub bounce: BounceMode,
+    /// UNSAFE, only to demonstrate the problem guardblk solves: compute guard tags over guest
+    /// memory, write it zero-copy, and never check whether the guest changed it in flight. A
+    /// guest that does (Windows page-file writes, Linux swap) gets blocks whose guard tags do
+    /// not match their data: false guard errors later. Never use it for real data.
+    #[arg(long)]
+    pub no_mutation_check: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BounceMode {
+    /// Zero-copy, except for guest pages and disk regions where the guest was recently seen
+    /// changing a buffer in flight: those are bounced up front for a while (learned).
+    Auto,
+    /// Bounce every write (costs a copy; immune even to a buffer changed and changed back
+    /// during the write, which the after-the-fact check cannot see).
+    Always,
+    /// Never bounce up front; every change in flight is detected after the write and the
+    /// changed blocks are rewritten from a snapshot.
+    Never,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -298,6 +324,8 @@ pub enum CliError {
     PollUs(u32),
     #[error("--serial must be at most {VIRTIO_BLK_ID_BYTES} printable ASCII characters")]
     Serial,
+    #[error("--no-mutation-check contradicts --bounce always (bounced writes need no check)")]
+    UncheckedBounce,
 }
 
 /// "8G" → 8 GiB. Suffixes K, M, G, T (optionally followed by "iB" or "B") are powers of 1024.
@@ -365,6 +393,13 @@ impl ServeArgs {
                 serial,
                 writeback: matches!(self.cache, CacheMode::Writeback),
                 poll_window: std::time::Duration::from_micros(u64::from(self.poll_us)),
+                write_policy: match (self.no_mutation_check, self.bounce) {
+                    (true, BounceMode::Always) => return Err(CliError::UncheckedBounce),
+                    (true, _) => WritePolicy::Unchecked,
+                    (false, BounceMode::Auto) => WritePolicy::Auto,
+                    (false, BounceMode::Always) => WritePolicy::Always,
+                    (false, BounceMode::Never) => WritePolicy::Never,
+                },
                 engine: match self.io_engine {
                     IoEngine::Auto => auto_engine,
                     IoEngine::IoUring => EngineKind::IoUring,

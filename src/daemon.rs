@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::integrity::PiStore;
 use crate::protocol::{features, BlkBackend, DeviceSettings};
+use crate::requests::mutation::MutationTracker;
 use crate::requests::QueueStats;
 use crate::storage::Image;
 
@@ -190,6 +191,18 @@ fn poll_readable_timeout(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>
     }
 }
 
+/// How long a guest page or disk region where a guest changed a buffer in flight keeps its
+/// writes bounced up front.
+const MUTATION_DECAY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// What every session of one daemon shares.
+struct Shared {
+    image: Arc<Image>,
+    pi: Option<Arc<PiStore>>,
+    stats: Vec<Arc<QueueStats>>,
+    tracker: Arc<MutationTracker>,
+}
+
 /// Serve `image` on the configured socket until SIGINT/SIGTERM.
 pub fn serve(
     image: Image,
@@ -204,6 +217,13 @@ pub fn serve(
     let stats: Vec<Arc<QueueStats>> = (0..config.device.num_queues)
         .map(|_| Arc::new(QueueStats::default()))
         .collect();
+    let shared = Shared {
+        image: Arc::clone(&image),
+        pi: pi.clone(),
+        stats,
+        // Outlives sessions: a guest that reconnects keeps its learned mutation hot spots.
+        tracker: Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY)),
+    };
     tracing::info!(
         socket = %config.socket.display(),
         image = %image.path().display(),
@@ -213,6 +233,7 @@ pub fn serve(
         read_only = image.read_only(),
         direct_io = image.direct_io().is_some(),
         io_engine = %config.device.engine,
+        write_policy = ?config.device.write_policy,
         pi = pi.as_ref().map_or("none".to_string(), |p| describe_pi(p)),
         "guardblk ready"
     );
@@ -224,15 +245,7 @@ pub fn serve(
             break;
         }
         session_number += 1;
-        if run_session(
-            session_number,
-            &image,
-            &pi,
-            config,
-            &stats,
-            &mut listener,
-            &shutdown,
-        )? {
+        if run_session(session_number, &shared, config, &mut listener, &shutdown)? {
             break;
         }
     }
@@ -263,14 +276,24 @@ const RECONNECT_GRACE_MS: i32 = 2000;
 /// Accept one frontend and serve it until it leaves. Returns true if shutdown was requested.
 fn run_session(
     number: u64,
-    image: &Arc<Image>,
-    pi: &Option<Arc<PiStore>>,
+    shared: &Shared,
     config: &ServeConfig,
-    stats: &[Arc<QueueStats>],
     listener: &mut Listener,
     shutdown: &EventFd,
 ) -> Result<bool, DaemonError> {
-    let backend = BlkBackend::new(Arc::clone(image), pi.clone(), &config.device, stats)?;
+    let Shared {
+        image,
+        pi,
+        stats,
+        tracker,
+    } = shared;
+    let backend = BlkBackend::new(
+        Arc::clone(image),
+        pi.clone(),
+        tracker,
+        &config.device,
+        stats,
+    )?;
     let mut daemon = VhostUserDaemon::new("guardblk".into(), backend.clone(), backend.memory())
         .map_err(|e| DaemonError::Session(e.to_string()))?;
     backend.register_completion_events(&daemon.get_epoll_handlers())?;
@@ -351,13 +374,18 @@ fn run_session(
         bounced = after[5] - before[5],
         guard_errors = after[6] - before[6],
         read_retries_healed = after[7] - before[7],
+        writes_zero_copy = after[8] - before[8],
+        writes_bounced = after[9] - before[9],
+        writes_rewritten = after[10] - before[10],
+        intervals_rewritten = after[11] - before[11],
+        bytes_bounced = after[12] - before[12],
         "frontend disconnected"
     );
     Ok(shutdown_requested)
 }
 
-fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 8] {
-    let mut totals = [0u64; 8];
+fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 13] {
+    let mut totals = [0u64; 13];
     for s in stats {
         let values = [
             &s.reads,
@@ -368,6 +396,11 @@ fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 8] {
             &s.bounced,
             &s.guard_errors,
             &s.read_retries_healed,
+            &s.writes_zero_copy,
+            &s.writes_bounced,
+            &s.writes_rewritten,
+            &s.intervals_rewritten,
+            &s.bytes_bounced,
         ];
         for (t, v) in totals.iter_mut().zip(values) {
             *t += v.load(Ordering::Relaxed);

@@ -25,14 +25,18 @@ use vmm_sys_util::event::{
 use super::config_space::{parse_wce_write, BlkConfig};
 use super::features;
 use crate::integrity::PiStore;
-use crate::requests::{Executor, Limits, QueueStats, UsedEntry};
+use crate::requests::bounce::CHUNK;
+use crate::requests::mutation::MutationTracker;
+use crate::requests::{Executor, Limits, Protection, QueueStats, UsedEntry, WritePolicy};
 use crate::storage::{EngineKind, Image, SECTOR_SIZE};
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 pub type Vring = VringRwLock<GuestMemory>;
 
-/// Largest single data segment the guest may send (virtio size_max).
-pub const SEGMENT_SIZE_MAX: u32 = 1 << 20;
+/// Largest single data segment the guest may send (virtio size_max): a bounce-pool chunk, so
+/// that any request the device accepts (at most queue size − 2 segments) fits the queue's
+/// pool, which has a chunk per queue slot.
+pub const SEGMENT_SIZE_MAX: u32 = CHUNK as u32;
 const MAX_RANGE_SEGMENTS: u32 = 32;
 /// Data a queue moves before returning completions mid-batch (about 25 µs of copying).
 const COMPLETION_BATCH_BYTES: u64 = 256 << 10;
@@ -49,6 +53,8 @@ pub struct DeviceSettings {
     pub engine: EngineKind,
     /// How long a queue thread keeps polling for work before sleeping.
     pub poll_window: Duration,
+    /// How PI writes treat guest buffers (`--bounce`, `--no-mutation-check`).
+    pub write_policy: WritePolicy,
 }
 
 struct QueueWorker {
@@ -82,6 +88,7 @@ impl BlkBackend {
     pub fn new(
         image: Arc<Image>,
         pi: Option<Arc<PiStore>>,
+        tracker: &Arc<MutationTracker>,
         settings: &DeviceSettings,
         stats: &[Arc<QueueStats>],
     ) -> io::Result<BlkBackend> {
@@ -96,7 +103,11 @@ impl BlkBackend {
                     settings.queue_size,
                     Arc::clone(&stats[q]),
                     settings.engine,
-                    pi.clone(),
+                    Protection {
+                        pi: pi.clone(),
+                        policy: settings.write_policy,
+                        tracker: Arc::clone(tracker),
+                    },
                 )?;
                 Ok(Mutex::new(QueueWorker {
                     executor,

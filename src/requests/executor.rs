@@ -8,6 +8,7 @@
 //! the kernel. Knows nothing of vrings: the caller turns [`UsedEntry`]s into used-ring
 //! entries.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::bounce::{Bounce, BouncePool, CHUNK};
+use super::mutation::MutationTracker;
 use super::parse::{
     parse_request, GuestRange, Limits, Rejected, Request, RequestKind, Segment,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
@@ -52,8 +55,43 @@ pub struct QueueStats {
     pub io_errors: AtomicU64,
     /// Reads completed with IOERR because data and tuple disagree.
     pub guard_errors: AtomicU64,
-    /// Reads whose first verification failed and whose locked re-read verified.
+    /// Reads whose first verification failed and whose locked re-read verified (the guest
+    /// changed its buffer, or the read raced a write).
     pub read_retries_healed: AtomicU64,
+    /// PI writes sent to disk straight from guest memory.
+    pub writes_zero_copy: AtomicU64,
+    /// PI writes copied into a bounce buffer up front (policy, or known mutation).
+    pub writes_bounced: AtomicU64,
+    /// Zero-copy writes the guest changed in flight, rewritten from a snapshot.
+    pub writes_rewritten: AtomicU64,
+    /// Intervals those rewrites covered.
+    pub intervals_rewritten: AtomicU64,
+    /// Bytes copied through bounce buffers, for any reason.
+    pub bytes_bounced: AtomicU64,
+}
+
+/// What a queue needs for PI: the store (none for a raw image), the write policy and the
+/// daemon-wide record of where guests mutate buffers in flight.
+pub struct Protection {
+    pub pi: Option<Arc<PiStore>>,
+    pub policy: WritePolicy,
+    pub tracker: Arc<MutationTracker>,
+}
+
+/// How PI writes treat guest buffers (`--bounce`, `--no-mutation-check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WritePolicy {
+    /// Zero-copy, except where mutation was recently seen (learned per guest page and disk
+    /// region); always detect and repair.
+    Auto,
+    /// Copy every write into a bounce buffer, guards computed over the copy.
+    Always,
+    /// Zero-copy every write; detect mutation after completion and repair it.
+    Never,
+    /// UNSAFE, for demonstrations: zero-copy with guards computed over guest memory before
+    /// submission and never re-checked. A guest that changes a buffer in flight leaves a
+    /// block whose guard does not match its data.
+    Unchecked,
 }
 
 impl QueueStats {
@@ -68,13 +106,23 @@ enum DataPath {
     None,
     /// iovecs point straight into guest memory.
     ZeroCopy,
-    /// A bounce buffer stands in for guest memory; reads scatter it back on completion.
-    /// The request's data is `buffer[..len]` (pooled buffers may be larger).
+    /// A bounce buffer from the queue's pool stands in for guest memory; reads scatter it
+    /// back on completion.
     Bounce {
-        buffer: AlignedBuf,
-        len: usize,
+        bounce: Bounce,
         guest: Vec<GuestRange>,
     },
+}
+
+/// How a PI write's data reached the disk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum WriteMode {
+    /// From a bounce buffer; guards computed over the copy.
+    Bounced,
+    /// From guest memory; guards re-checked after completion.
+    ZeroCopyChecked,
+    /// From guest memory, never re-checked (`--no-mutation-check`).
+    ZeroCopyUnchecked,
 }
 
 /// The protection-information work a request carries (only when the disk has PI).
@@ -87,10 +135,14 @@ enum PiWork {
         count: u64,
         guest: Vec<GuestRange>,
     },
-    /// Store these guards' tuples once the data is on disk.
+    /// Store these guards' tuples once the data is on disk. Zero-copy writes keep their
+    /// guest ranges to re-check, and the indices of intervals being rewritten.
     Write {
         lba: u64,
         guards: Vec<u64>,
+        mode: WriteMode,
+        guest: Vec<GuestRange>,
+        rewriting: Vec<usize>,
     },
     /// Discard / write-zeroes: segments that completed now read as zeros (unwritten).
     Ranges {
@@ -106,8 +158,20 @@ enum PiWork {
 enum Stage {
     /// Data (or range) operations outstanding.
     Transfer,
+    /// Zero-copy write done, but the guest changed some intervals in flight: rewriting them
+    /// from a snapshot.
+    Rewrite,
     /// Write done; waiting for the fdatasync a write-through cache demands.
     SyncAfterWrite,
+}
+
+/// Work the completion loop sets aside, because it may have to wait (for a range lock or
+/// for bounce buffers), which the loop itself must not.
+enum Deferred {
+    /// A read that failed verification: re-read under the range lock.
+    Retry(Box<InFlight>),
+    /// A zero-copy write (by slot) with intervals to rewrite from a snapshot.
+    Rewrite(u32),
 }
 
 struct InFlight {
@@ -127,6 +191,8 @@ struct InFlight {
     pi: PiWork,
     /// LBA range [start, end) this request holds in the PI range locks (writes, zeroing).
     locked: Option<(u64, u64)>,
+    /// Snapshot of the intervals a rewrite after detected mutation writes from.
+    rewrite: Option<Bounce>,
 }
 
 /// What kind of request an in-flight entry is; decides error handling and fallbacks.
@@ -150,16 +216,11 @@ pub struct Executor {
     zeroes: Option<AlignedBuf>,
     stats: Arc<QueueStats>,
     pi: Option<Arc<PiStore>>,
-    /// Reads whose verification failed, waiting for a locked re-read (done after the
-    /// completion loop, which must not wait for locks itself).
-    retries: Vec<InFlight>,
-    /// Recycled bounce buffers, by size class (4 KiB << i).
-    pool: Vec<Vec<AlignedBuf>>,
-    scratch: Vec<u8>,
+    policy: WritePolicy,
+    tracker: Arc<MutationTracker>,
+    deferred: VecDeque<Deferred>,
+    pool: BouncePool,
 }
-
-/// Bounce buffers up to 4 KiB << (POOL_CLASSES - 1) = 1 MiB are recycled.
-const POOL_CLASSES: usize = 9;
 
 fn tag(slot: u32, aux: u32) -> u64 {
     (u64::from(slot) << 32) | u64::from(aux)
@@ -177,8 +238,13 @@ impl Executor {
         queue_size: u16,
         stats: Arc<QueueStats>,
         engine: EngineKind,
-        pi: Option<Arc<PiStore>>,
+        protection: Protection,
     ) -> io::Result<Executor> {
+        let Protection {
+            pi,
+            policy,
+            tracker,
+        } = protection;
         // Two ops per request covers write + sync; range requests with more segments wait for
         // submission-queue room inside the engine.
         let engine = Engine::new(engine, image.fd(), u32::from(queue_size) * 2)?;
@@ -196,27 +262,26 @@ impl Executor {
             zeroes: None,
             stats,
             pi,
-            retries: Vec::new(),
-            pool: (0..POOL_CLASSES).map(|_| Vec::new()).collect(),
-            scratch: Vec::new(),
+            policy,
+            tracker,
+            deferred: VecDeque::new(),
+            // A chunk per queue slot: any request the device accepts fits (see bounce.rs).
+            pool: BouncePool::new(u32::from(queue_size).max(16)),
         })
     }
 
-    /// A bounce buffer of at least `len` bytes (contents unspecified), from the pool if
-    /// one is free.
-    fn take_buffer(&mut self, len: usize) -> AlignedBuf {
-        let class = pool_class(len);
-        if let Some(buffer) = class.and_then(|c| self.pool[c].pop()) {
-            return buffer;
-        }
-        AlignedBuf::zeroed(class.map_or(len, |c| 4096 << c))
-    }
-
-    fn return_buffer(&mut self, buffer: AlignedBuf) {
-        if let Some(c) = pool_class(buffer.len()).filter(|&c| 4096 << c == buffer.len()) {
-            if self.pool[c].len() < 64 {
-                self.pool[c].push(buffer);
+    /// A bounce buffer of `len` bytes from the queue's pool. When the pool is dry, complete
+    /// this queue's own requests until enough comes back (back-pressure): chunks are held only
+    /// by requests with operations in flight (deferred work gives its chunks back first), so
+    /// this always ends, and a request never fails for want of a buffer.
+    fn take_bounce(&mut self, len: usize, done: &mut Vec<UsedEntry>) -> Bounce {
+        QueueStats::bump(&self.stats.bytes_bounced, len as u64);
+        loop {
+            if let Some(bounce) = self.pool.try_take(len) {
+                return bounce;
             }
+            self.reap_completions(done);
+            std::thread::yield_now();
         }
     }
 
@@ -310,12 +375,13 @@ impl Executor {
             class: Class::Flush,
             pi: PiWork::None,
             locked: None,
+            rewrite: None,
         };
         let pi = self.pi.clone();
         // Each op's `tag` holds its index within the request until queue_op adds the slot.
         let ops: Vec<Op> = match kind {
             RequestKind::GetId { buffer, len } => {
-                let wrote = write_guest(mem, &buffer, &self.serial).is_ok();
+                let wrote = write_guest(mem, &buffer, &[&self.serial[..]]).is_ok();
                 let status_byte = if wrote {
                     VIRTIO_BLK_S_OK
                 } else {
@@ -343,7 +409,7 @@ impl Executor {
                         guest: data.clone(),
                     };
                 }
-                let iovecs = self.data_path(&mut inflight, data, len, offset, false);
+                let iovecs = self.data_path(&mut inflight, data, len, offset, false, done);
                 if let (DataPath::Bounce { .. }, PiWork::Read { guest, .. }) =
                     (&inflight.data, &mut inflight.pi)
                 {
@@ -365,7 +431,7 @@ impl Executor {
                         }
                     }
                     None => {
-                        let iovecs = self.data_path(&mut inflight, data, len, offset, true);
+                        let iovecs = self.data_path(&mut inflight, data, len, offset, true, done);
                         vec![Op::transfer(OpKind::Write, offset, iovecs, 0)]
                     }
                 }
@@ -444,47 +510,50 @@ impl Executor {
         len: u64,
         offset: u64,
         is_write: bool,
+        done: &mut Vec<UsedEntry>,
     ) -> Vec<libc::iovec> {
-        let mem = &inflight.mem;
-        let mut iovecs = Vec::with_capacity(data.len());
-        for range in &data {
-            for slice in mem.get_slices(range.addr, range.len as usize) {
-                // The parser checked the range against this same memory snapshot.
-                let slice = slice.expect("range validated against this memory snapshot");
-                iovecs.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                    iov_len: slice.len(),
-                });
-            }
-        }
-        if iovecs.len() <= MAX_IOVECS && self.image.accepts_direct(offset, &iovecs) {
+        let iovecs = guest_iovecs(&inflight.mem, &data);
+        if self.direct_ok(offset, &iovecs) {
             inflight.data = DataPath::ZeroCopy;
             return iovecs;
         }
         // Misaligned for O_DIRECT (or too fragmented): go through an aligned buffer.
         QueueStats::bump(&self.stats.bounced, 1);
-        let mut buffer = self.take_buffer(len as usize);
-        let mem = &inflight.mem;
+        let bounce = self.take_bounce(len as usize, done);
         if is_write {
-            read_guest(mem, &data, &mut buffer.as_mut_slice()[..len as usize])
+            let mut dst = self.pool.slices_mut(&bounce);
+            read_guest(&inflight.mem, &data, &mut dst)
                 .expect("range validated against this memory snapshot");
         }
-        let iov = vec![libc::iovec {
-            iov_base: buffer.as_mut_ptr() as *mut libc::c_void,
-            iov_len: len as usize,
-        }];
+        let iov = self.pool.iovecs(&bounce);
         inflight.data = DataPath::Bounce {
-            buffer,
-            len: len as usize,
+            bounce,
             guest: data,
         };
         iov
     }
 
-    /// A write to a PI disk: lock its LBA range, record the write intent, then copy the data
-    /// into a bounce buffer computing each interval's guard in the same pass. The tuples are
-    /// stored when the write completes, from these guards: they describe exactly the bytes
-    /// that reach the disk, whatever the guest does to its buffer meanwhile.
+    fn direct_ok(&self, offset: u64, iovecs: &[libc::iovec]) -> bool {
+        iovecs.len() <= MAX_IOVECS && self.image.accepts_direct(offset, iovecs)
+    }
+
+    /// Whether this write touches guest pages or a disk region where a guest recently changed
+    /// a buffer in flight (the `auto` policy bounces those up front).
+    fn mutation_expected(&self, data: &[GuestRange], offset: u64, len: u64) -> bool {
+        self.tracker.region_hot(offset, len)
+            || data
+                .iter()
+                .any(|r| self.tracker.pages_hot(r.addr.0, u64::from(r.len)))
+    }
+
+    /// A write to a PI disk. Zero-copy (the default for well-behaved guests): guards are
+    /// computed over guest memory, the data goes to disk straight from it, and after it
+    /// completes the guards are computed again — intervals the guest changed meanwhile are
+    /// rewritten from a snapshot before the guest is told (see `rewrite`). Bounced (policy,
+    /// recent mutation there, or misalignment): the data is copied into a pool buffer with each
+    /// interval's guard computed in the same pass. Either way the range is locked and the write
+    /// intent recorded first, and the tuples are stored when the data is on disk: they describe
+    /// exactly the bytes that reached it.
     fn protected_write(
         &mut self,
         pi: &Arc<PiStore>,
@@ -496,32 +565,71 @@ impl Executor {
     ) -> io::Result<Vec<libc::iovec>> {
         let interval = u64::from(pi.interval());
         let (lba, count) = (offset / interval, len / interval);
+        let iovecs = guest_iovecs(&inflight.mem, &data);
+        let direct = self.direct_ok(offset, &iovecs);
+        let mode = match self.policy {
+            _ if !direct => WriteMode::Bounced,
+            WritePolicy::Always => WriteMode::Bounced,
+            WritePolicy::Never => WriteMode::ZeroCopyChecked,
+            WritePolicy::Unchecked => WriteMode::ZeroCopyUnchecked,
+            WritePolicy::Auto if self.mutation_expected(&data, offset, len) => WriteMode::Bounced,
+            WritePolicy::Auto => WriteMode::ZeroCopyChecked,
+        };
+        // Buffer before lock: waiting for the pool must not hold a range others wait for.
+        let bounce = (mode == WriteMode::Bounced).then(|| self.take_bounce(len as usize, done));
         self.lock_range(pi, lba, lba + count, done);
         inflight.locked = Some((lba, lba + count));
         if let Err(e) = pi.meta.begin_write(lba, count) {
             pi.meta.end_write(lba, count);
+            if let Some(bounce) = bounce {
+                self.pool.give_back(bounce);
+            }
             return Err(e);
         }
-        let mut buffer = self.take_buffer(len as usize);
         let mut guards = Vec::with_capacity(count as usize);
-        protected::gather_with_guards(
-            &inflight.mem,
-            &data,
-            &mut buffer.as_mut_slice()[..len as usize],
-            pi.format(),
-            interval as usize,
-            &mut guards,
-        );
-        let iov = vec![libc::iovec {
-            iov_base: buffer.as_mut_ptr() as *mut libc::c_void,
-            iov_len: len as usize,
-        }];
-        inflight.data = DataPath::Bounce {
-            buffer,
-            len: len as usize,
-            guest: data,
+        let (iov, guest) = match bounce {
+            Some(bounce) => {
+                if direct {
+                    QueueStats::bump(&self.stats.writes_bounced, 1);
+                } else {
+                    QueueStats::bump(&self.stats.bounced, 1);
+                }
+                let mut dst = self.pool.slices_mut(&bounce);
+                protected::gather_with_guards(
+                    &inflight.mem,
+                    &data,
+                    &mut dst,
+                    pi.format(),
+                    interval as usize,
+                    &mut guards,
+                );
+                let iov = self.pool.iovecs(&bounce);
+                inflight.data = DataPath::Bounce {
+                    bounce,
+                    guest: Vec::new(),
+                };
+                (iov, Vec::new())
+            }
+            None => {
+                QueueStats::bump(&self.stats.writes_zero_copy, 1);
+                protected::guest_guards(
+                    &inflight.mem,
+                    &data,
+                    pi.format(),
+                    interval as usize,
+                    &mut guards,
+                );
+                inflight.data = DataPath::ZeroCopy;
+                (iovecs, data)
+            }
         };
-        inflight.pi = PiWork::Write { lba, guards };
+        inflight.pi = PiWork::Write {
+            lba,
+            guards,
+            mode,
+            guest,
+            rewriting: Vec::new(),
+        };
         Ok(iov)
     }
 
@@ -601,8 +709,11 @@ impl Executor {
     /// complete, then submit any follow-up operations (continuations, syncs, fallbacks).
     pub fn reap(&mut self, done: &mut Vec<UsedEntry>) {
         self.reap_completions(done);
-        while let Some(inflight) = self.retries.pop() {
-            self.retry_read(inflight, done);
+        while let Some(work) = self.deferred.pop_front() {
+            match work {
+                Deferred::Retry(inflight) => self.retry_read(*inflight, done),
+                Deferred::Rewrite(slot) => self.rewrite(slot, done),
+            }
         }
     }
 
@@ -672,6 +783,14 @@ impl Executor {
             return;
         }
         if inflight.stage == Stage::Transfer
+            && inflight.errno.is_none()
+            && self.detect_mutation(slot)
+        {
+            self.deferred.push_back(Deferred::Rewrite(slot));
+            return;
+        }
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if matches!(inflight.stage, Stage::Transfer | Stage::Rewrite)
             && inflight.sync_after_write
             && inflight.errno.is_none()
         {
@@ -730,17 +849,34 @@ impl Executor {
         if let Some(pi) = self.pi.clone() {
             if inflight.errno.is_none() && inflight.class == Class::Read {
                 let verified = match (&inflight.pi, &inflight.data) {
-                    (PiWork::Read { lba, .. }, DataPath::Bounce { buffer, len, .. }) => {
-                        protected::verify_buffer(&pi, &buffer.as_slice()[..*len], *lba).is_empty()
+                    (PiWork::Read { lba, .. }, DataPath::Bounce { bounce, .. }) => {
+                        let per_chunk = (CHUNK / pi.interval() as usize) as u64;
+                        self.pool
+                            .pieces(bounce)
+                            .iter()
+                            .enumerate()
+                            .all(|(i, piece)| {
+                                protected::verify_buffer(&pi, piece, lba + i as u64 * per_chunk)
+                                    .is_empty()
+                            })
                     }
                     (PiWork::Read { lba, guest, .. }, _) => {
-                        protected::verify_guest(&pi, &inflight.mem, guest, *lba, &mut self.scratch)
-                            .is_ok()
+                        protected::verify_guest(&pi, &inflight.mem, guest, *lba).is_ok()
                     }
                     _ => true,
                 };
                 if !verified {
-                    self.retries.push(inflight);
+                    // The re-read brings its own buffer: give the pool chunks back now, so
+                    // deferred work never holds any (see take_bounce).
+                    if let DataPath::Bounce { bounce, guest } =
+                        std::mem::replace(&mut inflight.data, DataPath::None)
+                    {
+                        self.pool.give_back(bounce);
+                        if let PiWork::Read { guest: g, .. } = &mut inflight.pi {
+                            *g = guest;
+                        }
+                    }
+                    self.deferred.push_back(Deferred::Retry(Box::new(inflight)));
                     return;
                 }
             }
@@ -758,11 +894,11 @@ impl Executor {
                 "I/O failed; completing the request with IOERR"
             );
             status = VIRTIO_BLK_S_IOERR;
-        } else if let DataPath::Bounce { buffer, len, guest } = &inflight.data {
+        } else if let DataPath::Bounce { bounce, guest } = &inflight.data {
             // Reads through a bounce buffer land in guest memory only now. (For writes the
             // guest ranges were gathered before submission and this copies nothing back.)
             if inflight.class == Class::Read
-                && write_guest(&inflight.mem, guest, &buffer.as_slice()[..*len]).is_err()
+                && write_guest(&inflight.mem, guest, &self.pool.pieces(bounce)).is_err()
             {
                 status = VIRTIO_BLK_S_IOERR;
             }
@@ -773,10 +909,13 @@ impl Executor {
     /// Write the status byte and recycle the request's buffer.
     fn write_status(&mut self, inflight: &mut InFlight, status: u8) -> UsedEntry {
         let written = inflight.mem.write_obj(status, inflight.status).is_ok();
-        if let DataPath::Bounce { buffer, .. } =
+        if let DataPath::Bounce { bounce, .. } =
             std::mem::replace(&mut inflight.data, DataPath::None)
         {
-            self.return_buffer(buffer);
+            self.pool.give_back(bounce);
+        }
+        if let Some(bounce) = inflight.rewrite.take() {
+            self.pool.give_back(bounce);
         }
         UsedEntry {
             head: inflight.head,
@@ -793,7 +932,7 @@ impl Executor {
         let mut result = Ok(());
         match std::mem::replace(&mut inflight.pi, PiWork::None) {
             PiWork::None | PiWork::Read { .. } => {}
-            PiWork::Write { lba, guards } => {
+            PiWork::Write { lba, guards, .. } => {
                 let count = guards.len() as u64;
                 if inflight.errno.is_none() {
                     for (i, &guard) in guards.iter().enumerate() {
@@ -843,6 +982,111 @@ impl Executor {
         result
     }
 
+    /// After a zero-copy write's data is on disk: compute its guards over guest memory again.
+    /// Intervals whose guard changed were modified by the guest while the disk was reading
+    /// them, so the disk may hold any mix: mark them for a rewrite from a snapshot (returns
+    /// true), and remember the guest pages and disk region so later writes there bounce up
+    /// front. A buffer changed and changed back during the write (A→B→A) passes this check;
+    /// see docs/MUTATION.md and `--bounce always`.
+    fn detect_mutation(&mut self, slot: u32) -> bool {
+        let Some(pi) = self.pi.clone() else {
+            return false;
+        };
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        let PiWork::Write {
+            lba,
+            guards,
+            mode: WriteMode::ZeroCopyChecked,
+            guest,
+            rewriting,
+        } = &mut inflight.pi
+        else {
+            return false;
+        };
+        let interval = pi.interval() as usize;
+        let mut now = Vec::with_capacity(guards.len());
+        protected::guest_guards(&inflight.mem, guest, pi.format(), interval, &mut now);
+        rewriting.extend((0..guards.len()).filter(|&i| now.get(i) != Some(&guards[i])));
+        if rewriting.is_empty() {
+            return false;
+        }
+        inflight.stage = Stage::Rewrite;
+        QueueStats::bump(&self.stats.writes_rewritten, 1);
+        QueueStats::bump(&self.stats.intervals_rewritten, rewriting.len() as u64);
+        for &i in rewriting.iter() {
+            let start = (i * interval) as u64;
+            for byte in [start, start + interval as u64 - 1] {
+                if let Some(gpa) = protected::guest_address(guest, byte) {
+                    self.tracker.mark_page(gpa);
+                }
+            }
+            self.tracker
+                .mark_region((*lba + i as u64) * interval as u64);
+        }
+        tracing::debug!(
+            lba = *lba,
+            intervals = rewriting.len(),
+            "guest changed a zero-copy write in flight; rewriting from a snapshot"
+        );
+        true
+    }
+
+    /// Rewrite the intervals `detect_mutation` found from a snapshot: copy them out of guest
+    /// memory into a pool buffer with their guards computed in the same pass, write them, and
+    /// only then (with the other intervals' original guards) store the tuples and complete.
+    /// Whatever the guest does next, disk and tuples agree.
+    fn rewrite(&mut self, slot: u32, done: &mut Vec<UsedEntry>) {
+        let pi = self.pi.clone().expect("only PI writes are rewritten");
+        let interval = pi.interval() as usize;
+        let count = match self.requests[slot as usize].as_ref().map(|r| &r.pi) {
+            Some(PiWork::Write { rewriting, .. }) => rewriting.len(),
+            _ => return,
+        };
+        let bounce = self.take_bounce(count * interval, done);
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        let PiWork::Write {
+            lba,
+            guards,
+            guest,
+            rewriting,
+            ..
+        } = &mut inflight.pi
+        else {
+            unreachable!("checked above")
+        };
+        let mut dst = self.pool.slices_mut(&bounce);
+        let fresh = protected::snapshot_intervals(
+            &inflight.mem,
+            guest,
+            rewriting,
+            &mut dst,
+            pi.format(),
+            interval,
+        );
+        let mut ops = Vec::with_capacity(count);
+        for (j, (&i, guard)) in rewriting.iter().zip(fresh).enumerate() {
+            guards[i] = guard;
+            let offset = (*lba + i as u64) * interval as u64;
+            let iov = self.pool.iovec_at(&bounce, j * interval, interval);
+            ops.push(Op::transfer(OpKind::Write, offset, vec![iov], 0));
+        }
+        inflight.rewrite = Some(bounce);
+        for op in ops {
+            if self.queue_op(slot, op).is_err() {
+                break;
+            }
+        }
+        let inflight = self.requests[slot as usize].as_ref().expect("live request");
+        if inflight.pending_ops == 0 {
+            // Nothing could be queued (queue_op recorded the error): finish now with IOERR.
+            let inflight = self.requests[slot as usize].take().expect("live request");
+            self.free_requests.push(slot);
+            self.complete(inflight, done);
+        } else {
+            self.submit();
+        }
+    }
+
     /// A read whose data did not verify: re-read it with the range locked (no write can be
     /// in flight there) into a buffer and verify again. If that verifies, the first read
     /// raced a write or the guest changed its buffer: hand over the verified data. If not,
@@ -866,14 +1110,10 @@ impl Executor {
                     pi.counters
                         .read_retries_healed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let guest = match &inflight.data {
-                        DataPath::Bounce { guest, .. } => guest,
-                        _ => match &inflight.pi {
-                            PiWork::Read { guest, .. } => guest,
-                            _ => unreachable!("checked above"),
-                        },
+                    let PiWork::Read { guest, .. } = &inflight.pi else {
+                        unreachable!("checked above")
                     };
-                    if write_guest(&inflight.mem, guest, buffer.as_slice()).is_ok() {
+                    if write_guest(&inflight.mem, guest, &[buffer.as_slice()]).is_ok() {
                         VIRTIO_BLK_S_OK
                     } else {
                         VIRTIO_BLK_S_IOERR
@@ -903,12 +1143,6 @@ fn metadata_failed(inflight: &mut InFlight, error: io::Error) -> Vec<Op> {
 /// Range-op tags: the segment index, with this bit set once punch-hole was already tried.
 const TRIED_PUNCH: u32 = 1 << 31;
 
-/// Pool size class for a bounce buffer of `len` bytes (None: too big to recycle).
-fn pool_class(len: usize) -> Option<usize> {
-    let class = len.max(4096).next_power_of_two().trailing_zeros() as usize - 12;
-    (class < POOL_CLASSES).then_some(class)
-}
-
 /// One fallocate-style op per segment, tagged with the segment's index.
 fn range_ops(segments: &[Segment], kind_of: impl Fn(&Segment) -> OpKind) -> Vec<Op> {
     segments
@@ -921,35 +1155,73 @@ fn range_ops(segments: &[Segment], kind_of: impl Fn(&Segment) -> OpKind) -> Vec<
         .collect()
 }
 
-/// Fill `out` from the guest ranges, in order.
+/// Fill `out` (a buffer's pieces, in order) from the guest ranges, in order.
 fn read_guest(
     mem: &GuestMemoryMmap,
     ranges: &[GuestRange],
-    out: &mut [u8],
+    out: &mut [&mut [u8]],
 ) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut off = 0usize;
+    let mut pieces = out.iter_mut();
+    let mut piece: &mut [u8] = pieces.next().map_or(&mut [], |p| &mut **p);
     for r in ranges {
-        let n = (r.len as usize).min(out.len() - off);
-        mem.read_slice(&mut out[off..off + n], r.addr)?;
-        off += n;
+        let (mut addr, mut left) = (r.addr, r.len as usize);
+        while left > 0 {
+            while piece.is_empty() {
+                match pieces.next() {
+                    Some(p) => piece = &mut **p,
+                    None => return Ok(()),
+                }
+            }
+            let n = left.min(piece.len());
+            let (head, tail) = std::mem::take(&mut piece).split_at_mut(n);
+            mem.read_slice(head, addr)?;
+            piece = tail;
+            addr = GuestAddress(addr.0 + n as u64);
+            left -= n;
+        }
     }
     Ok(())
 }
 
-/// Copy `bytes` into the guest ranges, in order, stopping when either runs out.
+/// Host iovecs for the guest ranges (validated against this memory by the parser).
+fn guest_iovecs(mem: &GuestMemoryMmap, data: &[GuestRange]) -> Vec<libc::iovec> {
+    let mut iovecs = Vec::with_capacity(data.len());
+    for range in data {
+        for slice in mem.get_slices(range.addr, range.len as usize) {
+            let slice = slice.expect("range validated against this memory snapshot");
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
+                iov_len: slice.len(),
+            });
+        }
+    }
+    iovecs
+}
+
+/// Copy `pieces` (a buffer's bytes, in order) into the guest ranges, in order, stopping
+/// when either runs out.
 fn write_guest(
     mem: &GuestMemoryMmap,
     ranges: &[GuestRange],
-    bytes: &[u8],
+    pieces: &[&[u8]],
 ) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut off = 0usize;
+    let mut pieces = pieces.iter();
+    let mut piece: &[u8] = pieces.next().copied().unwrap_or(&[]);
     for r in ranges {
-        if off >= bytes.len() {
-            break;
+        let (mut addr, mut left) = (r.addr, r.len as usize);
+        while left > 0 {
+            while piece.is_empty() {
+                match pieces.next() {
+                    Some(p) => piece = p,
+                    None => return Ok(()),
+                }
+            }
+            let n = left.min(piece.len());
+            mem.write_slice(&piece[..n], addr)?;
+            piece = &piece[n..];
+            addr = GuestAddress(addr.0 + n as u64);
+            left -= n;
         }
-        let n = (r.len as usize).min(bytes.len() - off);
-        mem.write_slice(&bytes[off..off + n], r.addr)?;
-        off += n;
     }
     Ok(())
 }

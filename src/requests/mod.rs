@@ -5,9 +5,11 @@
 //! (guards on write, verification on read) against the integrity layer. This layer sits between the
 //! vhost-user device (which owns vrings) and storage (which owns the image and io_uring).
 
+pub mod bounce;
 pub mod executor;
+pub mod mutation;
 pub mod parse;
 pub mod protected;
 
-pub use executor::{Executor, QueueStats, UsedEntry};
+pub use executor::{Executor, Protection, QueueStats, UsedEntry, WritePolicy};
 pub use parse::{Limits, RequestError};

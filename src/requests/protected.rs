@@ -35,110 +35,196 @@ fn copy_guard(format: PiFormat, dst: &mut [u8], src: &[u8]) -> u64 {
     }
 }
 
-/// Gather the guest's write data into `buffer` (exactly the request's length) and return the
-/// guard of every interval, computed over the bytes in `buffer` — the bytes that will reach
-/// the disk — in the same pass as the copy when an interval is contiguous in guest memory.
-pub fn gather_with_guards(
-    mem: &GuestMemoryMmap,
-    ranges: &[GuestRange],
-    buffer: &mut [u8],
-    format: PiFormat,
+/// Walks a request's guest memory one protection interval at a time. An interval that is
+/// contiguous in host memory is handed out in place; one that straddles descriptors or
+/// memory regions is assembled in a scratch copy first.
+struct GuestIntervals {
+    pieces: Vec<(*mut u8, usize)>,
+    piece: usize,
+    within: usize,
     interval: usize,
-    guards: &mut Vec<u64>,
-) {
-    let pieces = host_pieces(mem, ranges);
-    let mut piece = 0usize;
-    let mut within = 0usize;
-    for dst in buffer.chunks_exact_mut(interval) {
-        let (ptr, len) = pieces[piece];
-        if len - within >= interval {
-            // SAFETY: ptr+within..+interval lies inside a host mapping of guest memory that
-            // the request's memory snapshot keeps mapped. The guest (another process) may
-            // change these bytes meanwhile; that only changes what is copied, because the
-            // guard is computed over the copy in `dst`, never over guest memory.
-            let src = unsafe { std::slice::from_raw_parts(ptr.add(within), interval) };
-            guards.push(copy_guard(format, dst, src));
-            within += interval;
+}
+
+impl GuestIntervals {
+    fn new(mem: &GuestMemoryMmap, ranges: &[GuestRange], interval: usize) -> GuestIntervals {
+        GuestIntervals {
+            pieces: host_pieces(mem, ranges),
+            piece: 0,
+            within: 0,
+            interval,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.pieces.iter().map(|p| p.1).sum::<usize>() / self.interval
+    }
+
+    /// The next interval: in place if contiguous, else copied into `scratch` (the variant
+    /// tells a copying caller whether it can copy straight from the source).
+    fn next<'a>(&mut self, scratch: &'a mut [u8]) -> Option<Interval<'a>> {
+        let (ptr, len) = *self.pieces.get(self.piece)?;
+        let interval = self.interval;
+        let result = if len - self.within >= interval {
+            // SAFETY: ptr+within..+interval lies inside a host mapping of guest memory that the
+            // request's memory snapshot keeps mapped. The guest (another process) may change
+            // these bytes meanwhile: callers compute guards over a copy they own (writes), or
+            // treat a mismatch as "re-read under the lock" (reads), or compare guards computed
+            // before and after (mutation detection) — never trust them as stable.
+            let data = unsafe { std::slice::from_raw_parts(ptr.add(self.within), interval) };
+            self.within += interval;
+            Interval::InPlace(data)
         } else {
-            // The interval straddles descriptors or memory regions: copy piece by piece,
-            // then compute the guard over the assembled copy.
             let mut filled = 0;
             while filled < interval {
-                let (ptr, len) = pieces[piece];
-                let n = (len - within).min(interval - filled);
+                let (ptr, len) = self.pieces[self.piece];
+                let n = (len - self.within).min(interval - filled);
                 // SAFETY: as above; n bytes from ptr+within stay inside this piece.
-                let src = unsafe { std::slice::from_raw_parts(ptr.add(within), n) };
-                dst[filled..filled + n].copy_from_slice(src);
+                let src = unsafe { std::slice::from_raw_parts(ptr.add(self.within), n) };
+                scratch[filled..filled + n].copy_from_slice(src);
                 filled += n;
-                within += n;
-                if within == len {
-                    piece += 1;
-                    within = 0;
+                self.within += n;
+                if self.within == len {
+                    self.piece += 1;
+                    self.within = 0;
                 }
             }
-            guards.push(format.guard(dst));
-            continue;
+            Interval::Assembled(&scratch[..interval])
+        };
+        if self.within > 0 && self.within == self.pieces[self.piece].1 {
+            self.piece += 1;
+            self.within = 0;
         }
-        if within == len {
-            piece += 1;
-            within = 0;
+        Some(result)
+    }
+}
+
+enum Interval<'a> {
+    /// Straight in guest memory.
+    InPlace(&'a [u8]),
+    /// Copied from several pieces into the scratch buffer.
+    Assembled(&'a [u8]),
+}
+
+impl Interval<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Interval::InPlace(b) | Interval::Assembled(b) => b,
         }
     }
 }
 
+/// Gather the guest's write data into `dst` (the bounce buffer's chunks, in order, together
+/// exactly the request's length) and return the guard of every interval, computed over the
+/// copy — the bytes that will reach the disk — in the same pass as the copy when an interval
+/// is contiguous in guest memory.
+pub fn gather_with_guards(
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    dst: &mut [&mut [u8]],
+    format: PiFormat,
+    interval: usize,
+    guards: &mut Vec<u64>,
+) {
+    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut scratch = [0u8; 4096];
+    for chunk in dst.iter_mut() {
+        for out in chunk.chunks_exact_mut(interval) {
+            match walker.next(&mut scratch[..interval]) {
+                Some(Interval::InPlace(src)) => guards.push(copy_guard(format, out, src)),
+                Some(Interval::Assembled(src)) => {
+                    out.copy_from_slice(src);
+                    guards.push(format.guard(out));
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+/// The guard of every interval of the request's data as it is in guest memory now (for
+/// zero-copy writes, before submission and again after completion).
+pub fn guest_guards(
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    format: PiFormat,
+    interval: usize,
+    guards: &mut Vec<u64>,
+) {
+    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut scratch = [0u8; 4096];
+    guards.reserve(walker.count());
+    while let Some(data) = walker.next(&mut scratch[..interval]) {
+        guards.push(format.guard(data.bytes()));
+    }
+}
+
+/// Copy the intervals `which` (indices into the request) out of guest memory into `dst`
+/// (one interval each, in order), returning their guards computed over the copies.
+pub fn snapshot_intervals(
+    mem: &GuestMemoryMmap,
+    ranges: &[GuestRange],
+    which: &[usize],
+    dst: &mut [&mut [u8]],
+    format: PiFormat,
+    interval: usize,
+) -> Vec<u64> {
+    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut scratch = [0u8; 4096];
+    let mut out = Vec::with_capacity(which.len());
+    let mut next = 0usize;
+    let mut slots = dst.iter_mut().flat_map(|c| c.chunks_exact_mut(interval));
+    while let Some(data) = walker.next(&mut scratch[..interval]) {
+        let index = next;
+        next += 1;
+        if !which.contains(&index) {
+            continue;
+        }
+        let Some(slot) = slots.next() else { break };
+        out.push(match data {
+            Interval::InPlace(src) => copy_guard(format, slot, src),
+            Interval::Assembled(src) => {
+                slot.copy_from_slice(src);
+                format.guard(slot)
+            }
+        });
+    }
+    out
+}
+
+/// Guest-physical address of byte `offset` of the request's data.
+pub fn guest_address(ranges: &[GuestRange], mut offset: u64) -> Option<u64> {
+    for r in ranges {
+        if offset < u64::from(r.len) {
+            return Some(r.addr.0 + offset);
+        }
+        offset -= u64::from(r.len);
+    }
+    None
+}
+
 /// Verify data that a read placed straight into guest memory. Returns the first failing
-/// interval's LBA and error, if any. `scratch` (one interval) assembles intervals that
-/// straddle descriptors.
+/// interval's LBA and error, if any.
 pub fn verify_guest(
     store: &PiStore,
     mem: &GuestMemoryMmap,
     ranges: &[GuestRange],
     first_lba: u64,
-    scratch: &mut Vec<u8>,
 ) -> Result<(), (u64, PiError)> {
     let interval = store.interval() as usize;
-    let pieces = host_pieces(mem, ranges);
-    let total: usize = pieces.iter().map(|p| p.1).sum();
-    scratch.resize(interval, 0);
-    let mut piece = 0usize;
-    let mut within = 0usize;
-    for i in 0..total / interval {
-        let lba = first_lba + i as u64;
-        let (ptr, len) = pieces[piece];
-        let result = if len - within >= interval {
-            // SAFETY: in bounds of a host mapping the request's snapshot keeps mapped (see
-            // gather_with_guards). A guest changing its own read buffer meanwhile can only
-            // make this check fail, which sends the request to the locked re-read.
-            let data = unsafe { std::slice::from_raw_parts(ptr.add(within), interval) };
-            within += interval;
-            store.check(lba, data)
-        } else {
-            let mut filled = 0;
-            while filled < interval {
-                let (ptr, len) = pieces[piece];
-                let n = (len - within).min(interval - filled);
-                // SAFETY: as above; n bytes from ptr+within stay inside this piece.
-                let src = unsafe { std::slice::from_raw_parts(ptr.add(within), n) };
-                scratch[filled..filled + n].copy_from_slice(src);
-                filled += n;
-                within += n;
-                if within == len {
-                    piece += 1;
-                    within = 0;
-                }
-            }
-            store.check(lba, scratch)
-        };
-        if within > 0 && within == pieces[piece].1 {
-            piece += 1;
-            within = 0;
-        }
-        result.map_err(|e| (lba, e))?;
+    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let count = walker.count();
+    let mut scratch = [0u8; 4096];
+    let mut lba = first_lba;
+    while let Some(data) = walker.next(&mut scratch[..interval]) {
+        // A guest changing its own read buffer meanwhile can only make this check fail,
+        // which sends the request to the locked re-read.
+        store.check(lba, data.bytes()).map_err(|e| (lba, e))?;
+        lba += 1;
     }
     store
         .counters
         .intervals_verified
-        .fetch_add((total / interval) as u64, Ordering::Relaxed);
+        .fetch_add(count as u64, Ordering::Relaxed);
     Ok(())
 }
 
@@ -276,7 +362,9 @@ mod tests {
                 let expected = fill(&mem, &ranges());
                 let mut buffer = vec![0u8; expected.len()];
                 let mut guards = Vec::new();
-                gather_with_guards(&mem, &ranges(), &mut buffer, format, interval, &mut guards);
+                // Two destination chunks, as the bounce pool hands them out.
+                let (a, b) = buffer.split_at_mut(8192);
+                gather_with_guards(&mem, &ranges(), &mut [a, b], format, interval, &mut guards);
                 assert_eq!(buffer, expected);
                 let want: Vec<u64> = expected.chunks(interval).map(|c| format.guard(c)).collect();
                 assert_eq!(guards, want, "{format} {interval}");
@@ -293,20 +381,16 @@ mod tests {
         for (i, chunk) in data.chunks(4096).enumerate() {
             store.store_generated(10 + i as u64, chunk);
         }
-        let mut scratch = Vec::new();
-        assert_eq!(
-            verify_guest(&store, &mem, &ranges(), 10, &mut scratch),
-            Ok(())
-        );
+        assert_eq!(verify_guest(&store, &mem, &ranges(), 10), Ok(()));
         // Interval 1 (bytes 4096..8192 of the request) spans the first two descriptors'
         // pieces and the region boundary at 64 KiB; change a byte after the boundary.
         mem.write_obj(0xAAu8, GuestAddress(64 * KIB + 100)).unwrap();
-        let (lba, error) = verify_guest(&store, &mem, &ranges(), 10, &mut scratch).unwrap_err();
+        let (lba, error) = verify_guest(&store, &mem, &ranges(), 10).unwrap_err();
         assert_eq!(lba, 11);
         assert_eq!(error.kind, crate::integrity::PiErrorKind::Guard);
         // The same data verifies when it is unwritten only if it is all zeros.
         store.meta.set_unwritten(11, 1);
-        assert!(verify_guest(&store, &mem, &ranges(), 10, &mut scratch).is_err());
+        assert!(verify_guest(&store, &mem, &ranges(), 10).is_err());
     }
 
     #[test]

@@ -41,6 +41,12 @@ impl AlignedBuf {
         self.ptr.as_ptr()
     }
 
+    /// The raw start of the allocation, for owners that hand out disjoint parts of it (the
+    /// bounce pool) and keep track of who may write where themselves.
+    pub fn raw_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for layout.size() initialised bytes (allocated zeroed).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }

@@ -1,0 +1,170 @@
+//! Where guests mutate buffers that are still being written: learned, not configured.
+//!
+//! When a zero-copy write turns out to have been changed by the guest while the disk was
+//! reading it, the guest pages of the changed intervals and the LBA region they were written to
+//! are marked. For a decay period afterwards, writes that touch a marked guest page or region
+//! are bounced up front (copied with their guards computed in the same pass) instead of going
+//! zero-copy and being rewritten after the fact. Windows reuses page-file and hibernation
+//! buffers, Linux swap rewrites pages under writeback: both show up as the same guest pages
+//! (and the same disk extents) again and again, so the marks catch them from behaviour alone.
+//!
+//! Memory is bounded and small: one byte per 4 KiB guest page, allocated per GiB of guest
+//! physical address space only once a mutation is seen there, and one byte per 1 MiB of disk.
+//! A byte holds a coarse timestamp (2 s units, wrapping); 0 means never marked.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const PAGE_SHIFT: u64 = 12;
+/// Guest physical address space covered by one lazily allocated block of page marks.
+const BLOCK_SHIFT: u64 = 30;
+const PAGES_PER_BLOCK: usize = 1 << (BLOCK_SHIFT - PAGE_SHIFT);
+/// Guest physical addresses up to 2^46 (64 TiB) are tracked; above that nothing is marked
+/// (those writes simply stay on the detect-and-repair path).
+const MAX_BLOCKS: usize = 1 << (46 - BLOCK_SHIFT);
+const REGION_SHIFT: u64 = 20;
+/// Timestamp unit.
+const TICK: Duration = Duration::from_secs(2);
+
+pub struct MutationTracker {
+    start: Instant,
+    /// Marks stay "hot" for this many ticks.
+    decay_ticks: u8,
+    pages: Vec<OnceLock<Box<[AtomicU8]>>>,
+    regions: Box<[AtomicU8]>,
+}
+
+impl MutationTracker {
+    /// Track a disk of `disk_bytes`; marks decay after `decay` (at most about 8 minutes).
+    pub fn new(disk_bytes: u64, decay: Duration) -> MutationTracker {
+        let regions = disk_bytes.div_ceil(1 << REGION_SHIFT) as usize;
+        MutationTracker {
+            start: Instant::now(),
+            decay_ticks: (decay.as_secs() / TICK.as_secs()).clamp(1, 250) as u8,
+            pages: (0..MAX_BLOCKS).map(|_| OnceLock::new()).collect(),
+            regions: (0..regions).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    /// Current timestamp, never 0.
+    fn now(&self) -> u8 {
+        ((self.start.elapsed().as_secs() / TICK.as_secs()) % 255) as u8 + 1
+    }
+
+    fn hot(&self, stamp: u8, now: u8) -> bool {
+        if stamp == 0 {
+            return false;
+        }
+        // Ages wrap every 255 ticks; a very old mark may look fresh again, which only costs
+        // one decay period of bouncing.
+        let age = (u16::from(now) + 255 - u16::from(stamp)) % 255;
+        age < u16::from(self.decay_ticks)
+    }
+
+    fn page_slot(&self, gpa: u64) -> Option<(&OnceLock<Box<[AtomicU8]>>, usize)> {
+        let block = (gpa >> BLOCK_SHIFT) as usize;
+        let index = ((gpa >> PAGE_SHIFT) as usize) & (PAGES_PER_BLOCK - 1);
+        self.pages.get(block).map(|b| (b, index))
+    }
+
+    /// The guest page holding `gpa` was changed during a write.
+    pub fn mark_page(&self, gpa: u64) {
+        if let Some((block, index)) = self.page_slot(gpa) {
+            let marks =
+                block.get_or_init(|| (0..PAGES_PER_BLOCK).map(|_| AtomicU8::new(0)).collect());
+            marks[index].store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// A write to `byte_offset` on the disk was changed in flight.
+    pub fn mark_region(&self, byte_offset: u64) {
+        if let Some(r) = self.regions.get((byte_offset >> REGION_SHIFT) as usize) {
+            r.store(self.now(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether any page of guest memory [gpa, gpa + len) was marked recently.
+    pub fn pages_hot(&self, gpa: u64, len: u64) -> bool {
+        if len == 0 {
+            return false;
+        }
+        let now = self.now();
+        let mut page = gpa >> PAGE_SHIFT;
+        let last = (gpa + len - 1) >> PAGE_SHIFT;
+        while page <= last {
+            let Some((block, _)) = self.page_slot(page << PAGE_SHIFT) else {
+                return false;
+            };
+            match block.get() {
+                // Nothing ever marked in this GiB: skip to the next one.
+                None => {
+                    page = ((page >> (BLOCK_SHIFT - PAGE_SHIFT)) + 1) << (BLOCK_SHIFT - PAGE_SHIFT)
+                }
+                Some(marks) => {
+                    let index = (page as usize) & (PAGES_PER_BLOCK - 1);
+                    if self.hot(marks[index].load(Ordering::Relaxed), now) {
+                        return true;
+                    }
+                    page += 1;
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the disk range [offset, offset + len) lies in a recently marked region.
+    pub fn region_hot(&self, offset: u64, len: u64) -> bool {
+        let now = self.now();
+        let first = offset >> REGION_SHIFT;
+        let last = (offset + len.max(1) - 1) >> REGION_SHIFT;
+        (first..=last).any(|r| {
+            self.regions
+                .get(r as usize)
+                .is_some_and(|s| self.hot(s.load(Ordering::Relaxed), now))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_per_page_and_per_region_and_decay() {
+        let t = MutationTracker::new(64 << 20, Duration::from_secs(10));
+        assert!(!t.pages_hot(0x1234_5000, 4096));
+        t.mark_page(0x1234_5678);
+        assert!(t.pages_hot(0x1234_5000, 4096));
+        assert!(
+            t.pages_hot(0x1234_0000, 0x10000),
+            "a range covering the page"
+        );
+        assert!(
+            !t.pages_hot(0x1234_6000, 4096),
+            "the next page is not marked"
+        );
+        assert!(
+            !t.pages_hot(0x5_0000_0000, 1 << 20),
+            "another GiB, never allocated"
+        );
+        t.mark_region(5 << 20);
+        assert!(t.region_hot((5 << 20) + 4096, 4096));
+        assert!(!t.region_hot(6 << 20, 4096));
+        // Decay: a mark older than the period is cold.
+        let stamp = t.now();
+        assert!(t.hot(stamp, stamp));
+        assert!(t.hot(stamp, stamp.wrapping_add(4)));
+        assert!(!t.hot(stamp, stamp.wrapping_add(5)));
+        assert!(!t.hot(0, stamp), "0 means never marked");
+    }
+
+    #[test]
+    fn addresses_beyond_the_tracked_space_are_ignored() {
+        let t = MutationTracker::new(1 << 20, Duration::from_secs(30));
+        t.mark_page(u64::MAX - 4095);
+        assert!(!t.pages_hot(u64::MAX - 4095, 4096));
+        t.mark_region(1 << 40);
+        assert!(!t.region_hot(1 << 40, 4096));
+    }
+}
