@@ -201,6 +201,53 @@ struct Shared {
     pi: Option<Arc<PiStore>>,
     stats: Vec<Arc<QueueStats>>,
     tracker: Arc<MutationTracker>,
+    started: std::time::SystemTime,
+}
+
+/// Counter names, in `snapshot` order.
+const COUNTERS: [&str; 13] = [
+    "reads",
+    "writes",
+    "flushes",
+    "rejected",
+    "io_errors",
+    "bounced",
+    "guard_errors",
+    "read_retries_healed",
+    "writes_zero_copy",
+    "writes_bounced",
+    "writes_rewritten",
+    "intervals_rewritten",
+    "bytes_bounced",
+];
+
+/// Leave the counters since this daemon started beside the image (`IMAGE.pi-stats.json`), for
+/// `guardblk info`. Best effort: a failure is logged, never fatal.
+fn publish_counters(shared: &Shared, sessions: u64) {
+    if shared.pi.is_none() {
+        return;
+    }
+    let totals = snapshot(&shared.stats);
+    let counters: serde_json::Map<String, serde_json::Value> = COUNTERS
+        .iter()
+        .zip(totals)
+        .map(|(name, value)| ((*name).to_string(), value.into()))
+        .collect();
+    let stamp = |t| humantime::format_rfc3339_seconds(t).to_string();
+    let doc = serde_json::json!({
+        "updated": stamp(std::time::SystemTime::now()),
+        "daemon_started": stamp(shared.started),
+        "pid": std::process::id(),
+        "sessions": sessions,
+        "counters": counters,
+    });
+    let path = crate::integrity::journal::stats_path(shared.image.path());
+    let tmp = path.with_extension("json.tmp");
+    let written =
+        std::fs::write(&tmp, format!("{doc:#}\n")).and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot publish counters for guardblk info");
+    }
 }
 
 /// Serve `image` on the configured socket until SIGINT/SIGTERM.
@@ -223,7 +270,9 @@ pub fn serve(
         stats,
         // Outlives sessions: a guest that reconnects keeps its learned mutation hot spots.
         tracker: Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY)),
+        started: std::time::SystemTime::now(),
     };
+    publish_counters(&shared, 0);
     tracing::info!(
         socket = %config.socket.display(),
         image = %image.path().display(),
@@ -245,7 +294,9 @@ pub fn serve(
             break;
         }
         session_number += 1;
-        if run_session(session_number, &shared, config, &mut listener, &shutdown)? {
+        let stop = run_session(session_number, &shared, config, &mut listener, &shutdown)?;
+        publish_counters(&shared, session_number);
+        if stop {
             break;
         }
     }
@@ -286,6 +337,7 @@ fn run_session(
         pi,
         stats,
         tracker,
+        ..
     } = shared;
     let backend = BlkBackend::new(
         Arc::clone(image),

@@ -540,6 +540,8 @@ pub struct InfoReport {
     /// `None`: the image has no PI metadata.
     pub meta: Option<MetaInfo>,
     pub journal: JournalSummary,
+    /// What the serving daemon last published (`IMAGE.pi-stats.json`), if any.
+    pub daemon: Option<Value>,
 }
 
 fn record_line(r: &Record) -> String {
@@ -672,6 +674,35 @@ impl InfoReport {
                 let _ = writeln!(out, "  ... and {} more", lbas.len() - INFO_LBAS);
             }
         }
+        if let Some(d) = &self.daemon {
+            let c = &d["counters"];
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "daemon:    counters as of {} (pid {}, running since {}, {} sessions)",
+                d["updated"].as_str().unwrap_or("?"),
+                d["pid"],
+                d["daemon_started"].as_str().unwrap_or("?"),
+                d["sessions"]
+            );
+            let _ = writeln!(
+                out,
+                "  writes {}: {} zero-copy, {} bounced up front, {} rewritten after the guest changed them in flight ({} blocks)",
+                n("writes"),
+                n("writes_zero_copy"),
+                n("writes_bounced"),
+                n("writes_rewritten"),
+                n("intervals_rewritten")
+            );
+            let _ = writeln!(
+                out,
+                "  reads {}: {} re-read after a failed check and healed, {} guard errors; {} bytes bounced",
+                n("reads"),
+                n("read_retries_healed"),
+                n("guard_errors"),
+                n("bytes_bounced")
+            );
+        }
         if !j.records.is_empty() {
             let _ = writeln!(out, "last {} records:", j.recent().len());
             for r in j.recent() {
@@ -739,6 +770,7 @@ impl InfoReport {
                 "guard_error_lbas": error_lbas,
                 "last": j.recent(),
             },
+            "daemon": self.daemon,
         })
     }
 }
@@ -790,11 +822,16 @@ pub fn info(image_path: &Path, pi_meta: Option<&Path>) -> Result<InfoReport, Too
     let journal_path = journal::default_path(image_path);
     let (records, skipped) = Journal::read(&journal_path)
         .map_err(io_error(format!("cannot read {}", journal_path.display())))?;
+    // Published by a serving daemon after each session; absent if none ever served it.
+    let daemon = std::fs::read_to_string(journal::stats_path(image_path))
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok());
     Ok(InfoReport {
         image: image_path.into(),
         image_size,
         meta_path,
         meta,
+        daemon,
         journal: JournalSummary {
             path: journal_path,
             records,

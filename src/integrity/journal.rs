@@ -74,6 +74,13 @@ pub fn default_path(image: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where a serving daemon leaves its counters for `guardblk info`: `IMAGE.pi-stats.json`.
+pub fn stats_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".pi-stats.json");
+    PathBuf::from(name)
+}
+
 /// An open journal, shared by every queue.
 #[derive(Debug)]
 pub struct Journal {
