@@ -989,10 +989,20 @@ impl Executor {
     /// front. A buffer changed and changed back during the write (A→B→A) passes this check;
     /// see docs/MUTATION.md and `--bounce always`.
     fn detect_mutation(&mut self, slot: u32) -> bool {
-        let Some(pi) = self.pi.clone() else {
-            return false;
-        };
         let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if !matches!(
+            inflight.pi,
+            PiWork::Write {
+                mode: WriteMode::ZeroCopyChecked,
+                ..
+            }
+        ) {
+            return false;
+        }
+        let (format, interval) = match &self.pi {
+            Some(pi) => (pi.format(), pi.interval() as usize),
+            None => return false,
+        };
         let PiWork::Write {
             lba,
             guards,
@@ -1003,9 +1013,8 @@ impl Executor {
         else {
             return false;
         };
-        let interval = pi.interval() as usize;
         let mut now = Vec::with_capacity(guards.len());
-        protected::guest_guards(&inflight.mem, guest, pi.format(), interval, &mut now);
+        protected::guest_guards(&inflight.mem, guest, format, interval, &mut now);
         rewriting.extend((0..guards.len()).filter(|&i| now.get(i) != Some(&guards[i])));
         if rewriting.is_empty() {
             return false;
