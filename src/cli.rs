@@ -104,9 +104,16 @@ pub struct CreateArgs {
     /// Capacity, a multiple of 512 bytes: plain bytes or with a K, M, G or T suffix (powers of 1024), e.g. 8G.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
+    #[command(flatten)]
+    pub layout: PiLayoutArgs,
+}
+
+/// How a new or imported image is protected.
+#[derive(Debug, Args)]
+pub struct PiLayoutArgs {
     /// Protection-information format: type1 (CRC-16 guard + reference tag = LBA), type3
-    /// (CRC-16 guard only), nvme64 (CRC-64 guard + 48-bit reference tag) or none (plain raw
-    /// image). The tuples go in IMAGE.pi beside the image.
+    /// (CRC-16 guard only), nvme64 (CRC-64 guard + 48-bit reference tag), or none (a plain
+    /// raw image; `create` only). The tuples go in IMAGE.pi beside the image.
     #[arg(long, value_enum, default_value_t = PiChoice::Type1)]
     pub pi: PiChoice,
     /// Protection interval in bytes (512 or 4096): the guest-visible logical block size.
@@ -121,16 +128,8 @@ pub struct CreateArgs {
 pub struct ImportArgs {
     /// Existing raw image (file or block device) to protect; its size must be a multiple of --interval.
     pub image: PathBuf,
-    /// Protection-information format: type1 (CRC-16 guard + reference tag = LBA), type3
-    /// (CRC-16 guard only) or nvme64 (CRC-64 guard + 48-bit reference tag).
-    #[arg(long, value_enum, default_value_t = PiChoice::Type1)]
-    pub pi: PiChoice,
-    /// Protection interval in bytes (512 or 4096): the guest-visible logical block size.
-    #[arg(long, default_value_t = 4096, value_parser = parse_interval, value_name = "BYTES")]
-    pub interval: u32,
-    /// Where to put the PI metadata (a file, or a block device), instead of IMAGE.pi.
-    #[arg(long, value_name = "PATH")]
-    pub pi_meta: Option<PathBuf>,
+    #[command(flatten)]
+    pub layout: PiLayoutArgs,
 }
 
 #[derive(Debug, Args)]

@@ -51,18 +51,18 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             let created = tools::create(
                 &args.image,
                 args.size,
-                args.pi.format(),
-                args.interval,
-                args.pi_meta.as_deref(),
+                args.layout.pi.format(),
+                args.layout.interval,
+                args.layout.pi_meta.as_deref(),
             )?;
             out(&created.to_string());
         }
         Command::Import(args) => {
             let imported = tools::import(
                 &args.image,
-                args.pi.format(),
-                args.interval,
-                args.pi_meta.as_deref(),
+                args.layout.pi.format(),
+                args.layout.interval,
+                args.layout.pi_meta.as_deref(),
             )?;
             out(&imported.to_string());
         }

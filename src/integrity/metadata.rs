@@ -465,18 +465,7 @@ impl PiMetadata {
         data: &DataIdentity,
         writable: bool,
     ) -> Result<PiMetadata, MetadataError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => MetadataError::Missing { path: path.into() },
-                _ => MetadataError::Open {
-                    path: path.into(),
-                    source,
-                },
-            })?;
+        let file = open_metadata_file(path, writable)?;
         // SAFETY: flock on a valid, owned descriptor; no memory is involved.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(MetadataError::Locked { path: path.into() });
@@ -485,28 +474,7 @@ impl PiMetadata {
             path: path.into(),
             source,
         };
-        let len = target_len(&file).map_err(io_err)?;
-        if len < HEADER_SIZE {
-            return Err(if len < 8 {
-                MetadataError::NotMetadata { path: path.into() }
-            } else {
-                MetadataError::Truncated {
-                    path: path.into(),
-                    len,
-                    needed: HEADER_SIZE,
-                }
-            });
-        }
-        let mut page = vec![0u8; HEADER_SIZE as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, 0).map_err(io_err)?;
-        let header = Header::decode(&page, path)?;
-        if len < header.file_len() {
-            return Err(MetadataError::Truncated {
-                path: path.into(),
-                len,
-                needed: header.file_len(),
-            });
-        }
+        let header = read_valid_header(&file, path)?;
         if header.capacity_bytes() != data.size {
             return Err(MetadataError::SizeMismatch {
                 meta: path.into(),
@@ -570,44 +538,7 @@ impl PiMetadata {
     /// serves the image). Applies the same magic, version, checksum, geometry and truncation
     /// checks as [`PiMetadata::open`], but does not check the pairing with a data target.
     pub fn read_header(path: &Path) -> Result<Header, MetadataError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => MetadataError::Missing { path: path.into() },
-                _ => MetadataError::Open {
-                    path: path.into(),
-                    source,
-                },
-            })?;
-        let io_err = |source| MetadataError::Io {
-            path: path.into(),
-            source,
-        };
-        let len = target_len(&file).map_err(io_err)?;
-        if len < HEADER_SIZE {
-            return Err(if len < 8 {
-                MetadataError::NotMetadata { path: path.into() }
-            } else {
-                MetadataError::Truncated {
-                    path: path.into(),
-                    len,
-                    needed: HEADER_SIZE,
-                }
-            });
-        }
-        let mut page = vec![0u8; HEADER_SIZE as usize];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut page, 0).map_err(io_err)?;
-        let header = Header::decode(&page, path)?;
-        if len < header.file_len() {
-            return Err(MetadataError::Truncated {
-                path: path.into(),
-                len,
-                needed: header.file_len(),
-            });
-        }
-        Ok(header)
+        read_valid_header(&open_metadata_file(path, false)?, path)
     }
 
     pub fn path(&self) -> &Path {
@@ -818,6 +749,54 @@ impl PiMetadata {
         // SAFETY: flock on a valid descriptor we own.
         unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
     }
+}
+
+/// Open a metadata file (or device), with "missing" told apart from other failures.
+fn open_metadata_file(path: &Path, writable: bool) -> Result<File, MetadataError> {
+    OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => MetadataError::Missing { path: path.into() },
+            _ => MetadataError::Open {
+                path: path.into(),
+                source,
+            },
+        })
+}
+
+/// The header of an open metadata file: magic, version, checksum and geometry checked, and
+/// the file long enough for what the header describes.
+fn read_valid_header(file: &File, path: &Path) -> Result<Header, MetadataError> {
+    let io_err = |source| MetadataError::Io {
+        path: path.into(),
+        source,
+    };
+    let len = target_len(file).map_err(io_err)?;
+    if len < HEADER_SIZE {
+        return Err(if len < 8 {
+            MetadataError::NotMetadata { path: path.into() }
+        } else {
+            MetadataError::Truncated {
+                path: path.into(),
+                len,
+                needed: HEADER_SIZE,
+            }
+        });
+    }
+    let mut page = vec![0u8; HEADER_SIZE as usize];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut page, 0).map_err(io_err)?;
+    let header = Header::decode(&page, path)?;
+    if len < header.file_len() {
+        return Err(MetadataError::Truncated {
+            path: path.into(),
+            len,
+            needed: header.file_len(),
+        });
+    }
+    Ok(header)
 }
 
 /// Zero a byte range of a block device, by fallocate when it can, else by writing zeroes.
