@@ -289,6 +289,87 @@ test_write_cache() {
     done
 }
 
+# Kernel messages about failed I/O, after line $1 of dmesg (the scenario's start).
+io_errors_since() {
+    dmesg | tail -n +$(($1 + 1)) |
+        grep -iE "I/O error|blk_update_request|critical (medium|target)|(Read|Write)-error on swap|Buffer I/O|out of memory|oom-kill|Killed process" |
+        head -n 3
+}
+
+# Mirror gbtool's own report lines from the scenario log to the console (run.sh's log).
+show_tool_output() {
+    grep '^gbtool:' "$TEST_LOG" | sed 's/^/guest: /'
+}
+
+# fstests generic/761 in spirit: O_DIRECT writes (the kernel hands the user pages to
+# virtio as they are) from a buffer another thread keeps overwriting while they are in
+# flight, to [MUT_OFFSET_MIB, +MUT_MIB) of the scratch region. Every write, and every read
+# of the region afterwards (into a buffer being overwritten too, then plainly), must
+# succeed; a final known pattern must read back exactly (gbtool mutate-write). run.sh
+# checks that the daemon saw the mutation and that the image scrubs clean; pi_corruption's
+# whole-disk read verifies the region's guard tags once more.
+test_mutating_writer() {
+    d0=$(dmesg | wc -l)
+    if ! gbtool mutate-write $DISK "$MUT_OFFSET_MIB" "$MUT_MIB" "$MUT_SECONDS" >>"$TEST_LOG" 2>&1; then
+        DETAIL="gbtool mutate-write: $(grep 'gbtool: FAIL' "$TEST_LOG" | tail -n 1)"
+        return 1
+    fi
+    show_tool_output
+    errs=$(io_errors_since "$d0")
+    [ -z "$errs" ] || { DETAIL="kernel reported: $(echo "$errs" | tr '\n' ' ')"; return 1; }
+}
+
+# Swap on the second guardblk disk (vdb, its own daemon and image), then a program that
+# uses SWAP_EXTRA_MIB more memory than the guest has available, sweeping over it from two
+# threads (every page verified, then rewritten) for SWAP_SECONDS, then verifying every page
+# (gbtool swap-churn).
+# The kernel must really have swapped, both ways, without an I/O error or an OOM kill.
+test_swap() {
+    d2=/dev/vdb
+    i=0
+    while [ ! -b $d2 ] && [ $i -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -b $d2 ] || { DETAIL="$d2 did not appear"; return 1; }
+    bytes=$(($(cat /sys/block/vdb/size) * 512))
+    [ $bytes -eq $((DISK2_MIB << 20)) ] || { DETAIL="$d2 is $bytes bytes, expected $((DISK2_MIB << 20)) (not the swap disk?)"; return 1; }
+    need "mkswap $d2" mkswap $d2 || return 1
+    need "swapon $d2" swapon $d2 || return 1
+    d0=$(dmesg | wc -l)
+    total_kb=$(awk '/^MemTotal:/ { print $2 }' /proc/meminfo)
+    avail_kb=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
+    swap_kb=$(awk '/^SwapFree:/ { print $2 }' /proc/meminfo)
+    mib=$((avail_kb / 1024 + SWAP_EXTRA_MIB))
+    log "swap: MemTotal ${total_kb} kB, MemAvailable ${avail_kb} kB, SwapFree ${swap_kb} kB; churning $mib MiB"
+    if [ $((mib * 1024)) -ge $((avail_kb + swap_kb * 3 / 4)) ]; then
+        DETAIL="$mib MiB would not fit in RAM + swap"
+        swapoff $d2
+        return 1
+    fi
+    gbtool swap-churn "$mib" "$SWAP_SECONDS" 2 >>"$TEST_LOG" 2>&1
+    rc=$?
+    show_tool_output
+    log "swap: $(grep -E '^(SwapTotal|SwapFree)' /proc/meminfo | tr -s ' ' | tr '\n' ' ')"
+    if ! swapoff $d2 >>"$TEST_LOG" 2>&1; then
+        DETAIL="swapoff $d2 failed"
+        return 1
+    fi
+    if [ $rc -ne 0 ]; then
+        DETAIL="gbtool swap-churn exited $rc: $(grep 'gbtool: FAIL' "$TEST_LOG" | tail -n 1)"
+        errs=$(io_errors_since "$d0")
+        [ -n "$errs" ] && DETAIL="$DETAIL; kernel: $(echo "$errs" | tr '\n' ' ')"
+        return 1
+    fi
+    errs=$(io_errors_since "$d0")
+    [ -z "$errs" ] || { DETAIL="kernel reported: $(echo "$errs" | tr '\n' ' ')"; return 1; }
+    out=$(grep -o 'pswpout +[0-9]*' "$TEST_LOG" | tail -n 1)
+    in=$(grep -o 'pswpin +[0-9]*' "$TEST_LOG" | tail -n 1)
+    # Pages: at least 16 MiB each way, or the test did not exercise swap.
+    [ "${out#pswpout +}" -ge 4096 ] 2>/dev/null && [ "${in#pswpin +}" -ge 4096 ] 2>/dev/null ||
+        { DETAIL="the kernel hardly swapped ($out, $in pages)"; return 1; }
+}
+
 # --- main -------------------------------------------------------------------------------
 
 if ! load_modules; then

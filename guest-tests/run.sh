@@ -8,10 +8,25 @@
 #   GUARDBLK_TESTS=a,b        guest scenarios to run (default: all below)
 #   GUARDBLK_QEMU_TIMEOUT=s   wall-clock limit for the guest (default 240)
 #   GUARDBLK_LOG=filter       daemon log filter (default info)
+#   GUARDBLK_TOOLS_BIN=path   use this static gbtool instead of building guest-tests/tools
+#   GUARDBLK_SERVE_ARGS="..." extra `guardblk serve` options for every daemon, e.g.
+#                             "--bounce never" (every mutation detected after the write) or
+#                             "--no-mutation-check" (mutating_writer and swap must then fail);
+#                             with "--bounce always" every write counts as bounced, so
+#                             host:mutation_detected passes without proving detection
+#   GUARDBLK_SWAP_SECONDS=s, GUARDBLK_SWAP_EXTRA_MIB=n   tune the swap scenario (see below)
 #
 # Needs (Debian): qemu-system-x86 busybox-static cpio e2fsprogs, plus apt/dpkg, perl and
 # GNU coreutils/diffutils, which every Debian has. xz-utils/zstd only if the kernel's
 # modules are compressed (bookworm's cloud kernel ships plain .ko). No /dev/kvm needed.
+# The guest's workloads (guest-tests/tools, a Cargo project of its own) are built offline
+# with the same toolchain as guardblk, as a static x86_64-unknown-linux-gnu binary
+# (glibc's libc.a, from libc6-dev).
+#
+# mutating_writer and swap are guests that change buffers while the device writes them
+# (docs/MUTATION.md): the daemon must notice (its disconnect line's counters), no guest I/O
+# may fail and `guardblk scrub` must find every block intact. swap runs on a second disk
+# (vdb) with a daemon and image of its own.
 #
 # Adding a scenario: a test_<name> function in init.sh, <name> in the default
 # GUARDBLK_TESTS below, and optionally host_prepare_<name> (runs after the image is
@@ -34,7 +49,7 @@ WORK=$HERE/work
 RUN=$WORK/run
 QEMU_TIMEOUT=${GUARDBLK_QEMU_TIMEOUT:-240}
 # pi_corruption last: it reads back the whole disk, verifying what the others wrote.
-GUARDBLK_TESTS=${GUARDBLK_TESTS:-block_size,o_direct_pattern,filesystem,write_cache,pi_corruption}
+GUARDBLK_TESTS=${GUARDBLK_TESTS:-block_size,o_direct_pattern,filesystem,write_cache,mutating_writer,swap,pi_corruption}
 
 # Disk layout (MiB), shared with the guest through /etc/guardblk-test.env. The gaps
 # between regions must stay zero: a misdirected write lands there and is caught.
@@ -43,6 +58,17 @@ FS_MIB=128             # ext2 on [0, 128)
 PATTERN_OFFSET_MIB=192 # pattern on [192, 200)
 PATTERN_MIB=8
 SCRATCH_OFFSET_MIB=224 # scenarios' throwaway writes on [224, 256)
+# mutating_writer's region, inside the scratch region: after write_cache's writes at its
+# start, before pi_corruption's block at 240 MiB.
+MUT_OFFSET_MIB=228
+MUT_MIB=8
+MUT_SECONDS=5
+# swap's disk: a second guardblk daemon serving an image of its own (the guest's vdb),
+# only when swap is selected. Bigger than the guest's RAM, so swap space never runs out.
+DISK2_MIB=512
+# swap's program uses this much more memory than the guest has available, for this long.
+SWAP_EXTRA_MIB=${GUARDBLK_SWAP_EXTRA_MIB:-64}
+SWAP_SECONDS=${GUARDBLK_SWAP_SECONDS:-10}
 
 # The image has type 1 PI with one guard tag per PI_INTERVAL bytes, which the guest sees
 # as its logical block size; "LBA" below and in the daemon's guard errors counts those.
@@ -56,10 +82,13 @@ CORRUPT_LBA=$(((SCRATCH_OFFSET_MIB + 16) * (1 << 20) / PI_INTERVAL + 13))
 EXPECTED_GUARD_LBAS=()
 GUARD_SUMMARY=""
 
-GUEST_MEM=512M
+# swap makes the guest use more memory than it has: the less it has, the sooner it swaps.
+GUEST_MEM=256M
 # Extra daemon options a host_prepare_<name> hook may append to.
 QUEUES=2
 SERVE_ARGS=(--queues "$QUEUES")
+# shellcheck disable=SC2206 # options, split on spaces
+[[ -n ${GUARDBLK_SERVE_ARGS:-} ]] && SERVE_ARGS+=($GUARDBLK_SERVE_ARGS)
 
 # Listed in dependency order is not required: deps are resolved from each module's
 # modinfo and put first, and the guest retries anyway.
@@ -70,8 +99,13 @@ PASSED=0
 FAILED=0
 RESULTS=()
 DAEMON_PID=""
+DAEMON2_PID=""
 QEMU_PID=""
 SOCK_DIR=""
+# Second disk (vdb), set up by a host_prepare hook that needs one (host_prepare_swap).
+DISK2_IMG=""
+# Counter lines for the summary (informational, not pass/fail).
+NOTES=()
 
 # Carriage returns and the firmware's terminal escapes, out of serial and daemon logs.
 STRIP_TERM='s/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
@@ -91,6 +125,7 @@ summary() {
     local r
     for r in "${RESULTS[@]}"; do echo "  $r"; done
     [[ -n $GUARD_SUMMARY ]] && echo "$GUARD_SUMMARY"
+    for r in "${NOTES[@]}"; do echo "$r"; done
     echo "$PASSED passed, $FAILED failed"
 }
 # Setup errors end the run but still produce the summary line CI reads.
@@ -104,9 +139,10 @@ die() {
 cleanup() {
     # TERM, not KILL: timeout passes it on to QEMU; KILL would orphan QEMU.
     [[ -n $QEMU_PID ]] && kill -TERM "$QEMU_PID" 2>/dev/null
-    if [[ -n $DAEMON_PID ]] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-        kill -KILL "$DAEMON_PID" 2>/dev/null
-    fi
+    local pid
+    for pid in "$DAEMON_PID" "$DAEMON2_PID"; do
+        [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    done
     [[ -n $SOCK_DIR ]] && rm -rf "$SOCK_DIR"
 }
 trap cleanup EXIT
@@ -273,6 +309,7 @@ build_initramfs() {
     printf '%s\n' "${MOD_ORDER[@]}" >"$INITRD_ROOT/lib/modules/order"
 
     cp "$RUN/pattern.bin" "$INITRD_ROOT/pattern.bin"
+    install -m 0755 "$GBTOOL" "$INITRD_ROOT/bin/gbtool"
     cat >"$INITRD_ROOT/etc/guardblk-test.env" <<EOF
 GUARDBLK_TESTS=$GUARDBLK_TESTS
 FS_MIB=$FS_MIB
@@ -283,11 +320,40 @@ IMAGE_MIB=$IMAGE_MIB
 PI_INTERVAL=$PI_INTERVAL
 CORRUPT_LBA=$CORRUPT_LBA
 QUEUES=$QUEUES
+MUT_OFFSET_MIB=$MUT_OFFSET_MIB
+MUT_MIB=$MUT_MIB
+MUT_SECONDS=$MUT_SECONDS
+DISK2_MIB=$DISK2_MIB
+SWAP_SECONDS=$SWAP_SECONDS
+SWAP_EXTRA_MIB=$SWAP_EXTRA_MIB
 EOF
     install -m 0755 "$HERE/init.sh" "$INITRD_ROOT/init"
     (cd "$INITRD_ROOT" && find . -print0 | LC_ALL=C sort -z |
         cpio --null --create --format=newc --owner=0:0 --quiet) | gzip -1 >"$RUN/initrd.gz" ||
         die "cpio/gzip of the initramfs failed"
+}
+
+# --- guest tools ------------------------------------------------------------------------
+
+# gbtool (guest-tests/tools): the workloads busybox has no applet for, as a static binary
+# (the initramfs has no libc). Its own Cargo project, built offline: its only dependency,
+# libc, is one guardblk already has.
+build_tools() {
+    if [[ -n ${GUARDBLK_TOOLS_BIN:-} ]]; then
+        [[ -x $GUARDBLK_TOOLS_BIN ]] || die "GUARDBLK_TOOLS_BIN=$GUARDBLK_TOOLS_BIN is not executable"
+        GBTOOL=$GUARDBLK_TOOLS_BIN
+    else
+        say "building gbtool (guest-tests/tools, static)"
+        (cd "$HERE/tools" && CARGO_TARGET_DIR=$HERE/tools/target RUSTFLAGS="-C target-feature=+crt-static" \
+            cargo build --release --offline --target x86_64-unknown-linux-gnu) >"$RUN/tools-build.log" 2>&1 ||
+            die "building guest-tests/tools failed: $(tail -n 20 "$RUN/tools-build.log")"
+        GBTOOL=$HERE/tools/target/x86_64-unknown-linux-gnu/release/gbtool
+    fi
+    # A dynamically linked gbtool would not run in the initramfs (static-pie: ldd says
+    # "statically linked", plain static: "not a dynamic executable").
+    if ! LC_ALL=C ldd "$GBTOOL" 2>&1 | grep -qE "statically linked|not a dynamic executable"; then
+        die "$GBTOOL is dynamically linked: $(ldd "$GBTOOL" 2>&1 | head -n 2 | tr '\n' ' ')"
+    fi
 }
 
 # --- daemon ----------------------------------------------------------------------------
@@ -321,50 +387,69 @@ run_hooks() {
     done
 }
 
-start_daemon() {
-    # Unix socket paths are limited to 108 bytes; the checkout path may be long.
-    SOCK_DIR=$(mktemp -d /tmp/guardblk-guest.XXXXXX)
-    SOCK=$SOCK_DIR/guardblk.sock
-    DAEMON_LOG=$RUN/daemon.log
+# launch_daemon IMAGE SOCKET LOG OUT: start a daemon serving IMAGE, wait until it is ready;
+# sets LAUNCHED_PID.
+launch_daemon() {
+    local img=$1 sock=$2 log=$3 out=$4 i
     # NO_COLOR: tracing would otherwise put ANSI colour codes in the log file.
-    NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$IMG" --socket "$SOCK" "${SERVE_ARGS[@]}" \
-        >"$RUN/daemon.out" 2>"$DAEMON_LOG" </dev/null &
-    DAEMON_PID=$!
-    local i
+    NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$img" --socket "$sock" "${SERVE_ARGS[@]}" \
+        >"$out" 2>"$log" </dev/null &
+    LAUNCHED_PID=$!
     for i in $(seq 1 300); do
-        grep -q "guardblk ready" "$DAEMON_LOG" && [[ -S $SOCK ]] && return 0
-        kill -0 "$DAEMON_PID" 2>/dev/null || die "daemon exited during startup: $(tail -n 5 "$DAEMON_LOG")"
+        grep -q "guardblk ready" "$log" && [[ -S $sock ]] && return 0
+        kill -0 "$LAUNCHED_PID" 2>/dev/null || die "daemon for $img exited during startup: $(tail -n 5 "$log")"
         sleep 0.1
     done
-    die "daemon not ready after 30 s: $(tail -n 5 "$DAEMON_LOG")"
+    die "daemon for $img not ready after 30 s: $(tail -n 5 "$log")"
 }
 
-# SIGTERM must end the daemon promptly, with status 0, removing its socket.
-stop_daemon() {
-    local i rc
-    kill -TERM "$DAEMON_PID" 2>/dev/null
+start_daemon() {
+    DAEMON_LOG=$RUN/daemon.log
+    SOCK=$SOCK_DIR/guardblk.sock
+    launch_daemon "$IMG" "$SOCK" "$DAEMON_LOG" "$RUN/daemon.out"
+    DAEMON_PID=$LAUNCHED_PID
+    if [[ -n $DISK2_IMG ]]; then
+        DAEMON2_LOG=$RUN/daemon2.log
+        SOCK2=$SOCK_DIR/guardblk2.sock
+        launch_daemon "$DISK2_IMG" "$SOCK2" "$DAEMON2_LOG" "$RUN/daemon2.out"
+        DAEMON2_PID=$LAUNCHED_PID
+    fi
+}
+
+# stop_one PID SOCKET LOG NAME: SIGTERM must end the daemon promptly, with status 0,
+# removing its socket (result NAME).
+stop_one() {
+    local pid=$1 sock=$2 log=$3 name=$4 i rc
+    kill -TERM "$pid" 2>/dev/null
     for i in $(seq 1 150); do
-        kill -0 "$DAEMON_PID" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    if kill -0 "$DAEMON_PID" 2>/dev/null; then
-        kill -KILL "$DAEMON_PID" 2>/dev/null
-        wait "$DAEMON_PID" 2>/dev/null
-        DAEMON_PID=""
-        fail daemon_clean_stop "still running 15 s after SIGTERM (killed)"
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        fail "$name" "still running 15 s after SIGTERM (killed)"
         return
     fi
-    wait "$DAEMON_PID"
+    wait "$pid"
     rc=$?
-    DAEMON_PID=""
     # In case a colour-forcing environment beat NO_COLOR: the checks grep plain text.
-    sed -i "$STRIP_TERM" "$DAEMON_LOG"
+    sed -i "$STRIP_TERM" "$log"
     if ((rc != 0)); then
-        fail daemon_clean_stop "exit status $rc after SIGTERM"
-    elif [[ -e $SOCK ]]; then
-        fail daemon_clean_stop "socket $SOCK left behind"
+        fail "$name" "exit status $rc after SIGTERM"
+    elif [[ -e $sock ]]; then
+        fail "$name" "socket $sock left behind"
     else
-        pass daemon_clean_stop
+        pass "$name"
+    fi
+}
+
+stop_daemon() {
+    stop_one "$DAEMON_PID" "$SOCK" "$DAEMON_LOG" daemon_clean_stop
+    DAEMON_PID=""
+    if [[ -n $DAEMON2_PID ]]; then
+        stop_one "$DAEMON2_PID" "$SOCK2" "$DAEMON2_LOG" daemon2_clean_stop
+        DAEMON2_PID=""
     fi
 }
 
@@ -372,8 +457,12 @@ stop_daemon() {
 
 run_guest() {
     say "booting guest (TCG, timeout ${QEMU_TIMEOUT}s); serial output follows"
-    local start=$SECONDS rc daemon_died=""
+    local start=$SECONDS rc daemon_died="" disk2=()
     : >"$RUN/serial.raw"
+    # The second disk's PCI slot comes after the first's: the guest names it vdb.
+    # shellcheck disable=SC2054 # commas inside QEMU option values
+    [[ -n $DAEMON2_PID ]] && disk2=(-chardev socket,id=disk1,path="$SOCK2",reconnect=1
+        -device vhost-user-blk-pci,chardev=disk1,num-queues="$QUEUES")
     timeout --kill-after=10 "$QEMU_TIMEOUT" \
         qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m "$GUEST_MEM" \
         -nographic -no-reboot -nic none \
@@ -381,7 +470,7 @@ run_guest() {
         -kernel "$VMLINUZ" -initrd "$RUN/initrd.gz" \
         -append "console=ttyS0 panic=-1 quiet" \
         -chardev socket,id=disk0,path="$SOCK",reconnect=1 \
-        -device vhost-user-blk-pci,chardev=disk0,num-queues="$QUEUES" \
+        -device vhost-user-blk-pci,chardev=disk0,num-queues="$QUEUES" "${disk2[@]}" \
         </dev/null >"$RUN/serial.raw" 2>"$RUN/qemu.err" &
     QEMU_PID=$!
     # Live copy of the serial console for CI logs; ends by itself when QEMU does.
@@ -390,7 +479,8 @@ run_guest() {
     # With reconnect=1 QEMU stalls the guest's I/O instead of failing it when the daemon
     # dies, so a dead daemon would only show up as a timeout: stop early instead.
     while kill -0 "$QEMU_PID" 2>/dev/null; do
-        if ! kill -0 "$DAEMON_PID" 2>/dev/null; then
+        if ! kill -0 "$DAEMON_PID" 2>/dev/null ||
+            { [[ -n $DAEMON2_PID ]] && ! kill -0 "$DAEMON2_PID" 2>/dev/null; }; then
             daemon_died=1
             kill -TERM "$QEMU_PID" 2>/dev/null
             break
@@ -404,7 +494,7 @@ run_guest() {
     sed "$STRIP_TERM" "$RUN/serial.raw" >"$RUN/serial.log"
     GUEST_SECONDS=$((SECONDS - start))
     if [[ -n $daemon_died ]]; then
-        fail qemu_exit "daemon exited while the guest was running: $(tail -n 3 "$DAEMON_LOG")"
+        fail qemu_exit "a daemon exited while the guest was running: $(tail -n 3 "$DAEMON_LOG" ${DAEMON2_LOG:+"$DAEMON2_LOG"})"
     elif ((rc == 124 || rc == 137)); then
         fail qemu_exit "guest still running after ${QEMU_TIMEOUT}s (timeout)"
     elif ((rc != 0)); then
@@ -555,6 +645,98 @@ host_check_pi_corruption() {
     fi
 }
 
+# counter NAME LINE: the value of NAME=... in a daemon's "frontend disconnected" LINE (0 if absent).
+counter() {
+    local v
+    v=$(grep -oE "(^|[[:space:]])$1=[0-9]+" <<<"$2" | tail -n 1 | sed 's/.*=//')
+    echo "${v:-0}"
+}
+
+# The last session's counters of a daemon's log, as a line; the detection counters first.
+session_counters() {
+    local stats=$1 c out=""
+    for c in writes_rewritten intervals_rewritten writes_bounced read_retries_healed bytes_bounced \
+        writes_zero_copy writes reads io_errors guard_errors; do
+        out+=" $c=$(counter "$c" "$stats")"
+    done
+    echo "${out# }"
+}
+
+# scrub_clean IMAGE NAME: `guardblk scrub` (the daemon has stopped) must verify every block.
+scrub_clean() {
+    local img=$1 name=$2 out rc summary
+    out=$("$GUARDBLK_BIN" scrub "$img" --json 2>"$RUN/scrub-$name.err")
+    rc=$?
+    printf '%s\n' "$out" >"$RUN/scrub-$name.jsonl"
+    summary=$(grep '"summary"' <<<"$out" | tail -n 1)
+    if ((rc == 0)) && [[ -n $summary ]] && grep -q '"errors":0[,}]' <<<"$summary"; then
+        pass "host:$name"
+    elif ((rc == 1)); then
+        fail "host:$name" "guardblk scrub found corrupt blocks at LBA(s) $(grep -oE '"lba":[0-9]+' <<<"$out" |
+            sed 's/.*://' | head -n 10 | tr '\n' ' ')$summary"
+    else
+        fail "host:$name" "guardblk scrub exit status $rc: $summary $(tail -n 3 "$RUN/scrub-$name.err" | tr '\n' ' ')"
+    fi
+}
+
+# mutating_writer: the daemon must have seen the guest change buffers in flight (detected
+# after a write and rewritten, or bounced up front where it had seen it before), without a
+# guard error (host_guard_errors) or an I/O error (host_daemon_log), and the image must
+# scrub clean: every block's guard matches the data that ended up on disk.
+host_check_mutating_writer() {
+    local stats rewritten bounced
+    stats=$(grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1)
+    rewritten=$(counter writes_rewritten "$stats")
+    bounced=$(counter writes_bounced "$stats")
+    NOTES+=("vda daemon: $(session_counters "$stats")")
+    if [[ -z $stats ]]; then
+        fail host:mutation_detected "no 'frontend disconnected' line in the daemon log"
+    elif ((rewritten > 0 || bounced > 0)); then
+        pass host:mutation_detected
+    else
+        fail host:mutation_detected "writes_rewritten=0 writes_bounced=0: the daemon saw no buffer change in flight: $stats"
+    fi
+    scrub_clean "$IMG" scrub_clean
+}
+
+# swap: vdb is the guest's swap device, served by a second daemon. Prepared here: its image.
+host_prepare_swap() {
+    DISK2_IMG=$RUN/swap.img
+    "$GUARDBLK_BIN" create "$DISK2_IMG" --size "${DISK2_MIB}M" --pi type1 --interval "$PI_INTERVAL" \
+        >"$RUN/create2.log" 2>&1 ||
+        die "guardblk create (swap disk) failed: $(cat "$RUN/create2.log")"
+}
+
+# The swap disk's daemon: no error of any kind (nothing corrupted it), a clean scrub. Whether
+# it saw swap pages change under writeback is reported, not judged: that depends on the
+# guest kernel, and the guest checks that it did swap.
+host_check_swap() {
+    local stats problems journal=$DISK2_IMG.pi-journal.jsonl
+    stats=$(grep "frontend disconnected" "$DAEMON2_LOG" | tail -n 1)
+    problems=$(grep -E "panicked|ERROR" "$DAEMON2_LOG" | head -n 3)
+    if [[ -n $problems ]]; then
+        fail host:swap_daemon_log "$problems"
+    elif [[ -z $stats ]]; then
+        fail host:swap_daemon_log "no 'frontend disconnected' line (session never ended cleanly)"
+    elif ! grep -Eq 'rejected=0( |$)' <<<"$stats" || (($(counter io_errors "$stats") != 0)) ||
+        (($(counter guard_errors "$stats") != 0)); then
+        fail host:swap_daemon_log "$stats"
+    elif (($(counter writes "$stats") == 0)); then
+        fail host:swap_daemon_log "the swap disk was never written: $stats"
+    else
+        pass host:swap_daemon_log
+    fi
+    if [[ -s $journal ]] && grep -q '"event":"guard_error"' "$journal"; then
+        fail host:swap_no_guard_errors "guard errors journalled for the swap disk: $(grep '"event":"guard_error"' "$journal" | head -n 2 | tr '\n' ' ')"
+    else
+        pass host:swap_no_guard_errors
+    fi
+    scrub_clean "$DISK2_IMG" swap_scrub_clean
+    local detected
+    detected=$(($(counter writes_rewritten "$stats") + $(counter writes_bounced "$stats") + $(counter read_retries_healed "$stats")))
+    NOTES+=("vdb (swap) daemon: $(session_counters "$stats")$( ((detected > 0)) || echo " -- no in-flight mutation seen on swap")")
+}
+
 # Every guard error the daemon reported, in its log and its journal, must name a block the
 # run corrupted on purpose: anything else is a false guard error. Runs for every selection.
 host_guard_errors() {
@@ -613,10 +795,13 @@ rm -rf "$RUN"
 mkdir -p "$RUN"
 fetch_kernel
 build_daemon
+build_tools
 make_pattern "$RUN/pattern.bin"
 build_initramfs
 say "kernel $KVER, modules: ${MOD_ORDER[*]}, initramfs $(($(stat -c %s "$RUN/initrd.gz") >> 10)) KiB, setup took $((SECONDS - T0))s"
 create_image
+# Unix socket paths are limited to 108 bytes; the checkout path may be long.
+SOCK_DIR=$(mktemp -d /tmp/guardblk-guest.XXXXXX)
 run_hooks host_prepare
 start_daemon
 run_guest
