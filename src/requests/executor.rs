@@ -142,6 +142,8 @@ enum PiWork {
         guards: Vec<u64>,
         mode: WriteMode,
         guest: Vec<GuestRange>,
+        /// Zero-copy: 64-bit digests of the intervals as submitted (see `guest_digests`).
+        digests: Vec<u64>,
         rewriting: Vec<usize>,
     },
     /// Discard / write-zeroes: segments that completed now read as zeros (unwritten).
@@ -272,8 +274,9 @@ impl Executor {
 
     /// A bounce buffer of `len` bytes from the queue's pool. When the pool is dry, complete
     /// this queue's own requests until enough comes back (back-pressure): chunks are held only
-    /// by requests with operations in flight (deferred work gives its chunks back first), so
-    /// this always ends, and a request never fails for want of a buffer.
+    /// by requests with operations in flight (deferred work gives its chunks back first, and
+    /// nobody holding chunks waits for a lock), so this always ends, and a request never fails
+    /// for want of a buffer.
     fn take_bounce(&mut self, len: usize, done: &mut Vec<UsedEntry>) -> Bounce {
         QueueStats::bump(&self.stats.bytes_bounced, len as u64);
         loop {
@@ -287,15 +290,34 @@ impl Executor {
 
     /// Take [start, end) in the PI range locks, completing this queue's own requests while
     /// another write holds part of it (the holder may be one of them).
+    ///
+    /// Waiting order, which keeps this free of deadlock: a range lock is always taken before
+    /// bounce chunks, never after. A lock holder is an operation in flight (reaping completes
+    /// it), a deferred rewrite (run here: it only waits for chunks, and chunks are held only by
+    /// operations in flight) or a locked re-read (a bounded synchronous read).
     fn lock_range(&mut self, pi: &PiStore, start: u64, end: u64, done: &mut Vec<UsedEntry>) {
         let mut spins = 0u32;
         while !pi.ranges.try_lock(start, end) {
             self.reap_completions(done);
+            self.run_deferred_rewrites(done);
             spins += 1;
             if spins > 64 {
                 std::thread::sleep(std::time::Duration::from_micros(20));
             } else {
                 std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Run the rewrites waiting in `deferred` (re-reads stay queued: they wait for locks).
+    fn run_deferred_rewrites(&mut self, done: &mut Vec<UsedEntry>) {
+        let mut i = 0;
+        while i < self.deferred.len() {
+            if let Deferred::Rewrite(slot) = self.deferred[i] {
+                self.deferred.remove(i);
+                self.rewrite(slot, done);
+            } else {
+                i += 1;
             }
         }
     }
@@ -575,10 +597,10 @@ impl Executor {
             WritePolicy::Auto if self.mutation_expected(&data, offset, len) => WriteMode::Bounced,
             WritePolicy::Auto => WriteMode::ZeroCopyChecked,
         };
-        // Buffer before lock: waiting for the pool must not hold a range others wait for.
-        let bounce = (mode == WriteMode::Bounced).then(|| self.take_bounce(len as usize, done));
+        // Lock before buffer (see lock_range): whoever holds chunks never waits for a lock.
         self.lock_range(pi, lba, lba + count, done);
         inflight.locked = Some((lba, lba + count));
+        let bounce = (mode == WriteMode::Bounced).then(|| self.take_bounce(len as usize, done));
         if let Err(e) = pi.meta.begin_write(lba, count) {
             pi.meta.end_write(lba, count);
             if let Some(bounce) = bounce {
@@ -587,6 +609,7 @@ impl Executor {
             return Err(e);
         }
         let mut guards = Vec::with_capacity(count as usize);
+        let mut digests = Vec::new();
         let (iov, guest) = match bounce {
             Some(bounce) => {
                 if direct {
@@ -612,12 +635,13 @@ impl Executor {
             }
             None => {
                 QueueStats::bump(&self.stats.writes_zero_copy, 1);
-                protected::guest_guards(
+                protected::guest_digests(
                     &inflight.mem,
                     &data,
                     pi.format(),
                     interval as usize,
-                    &mut guards,
+                    Some(&mut guards),
+                    &mut digests,
                 );
                 inflight.data = DataPath::ZeroCopy;
                 (iovecs, data)
@@ -628,6 +652,7 @@ impl Executor {
             guards,
             mode,
             guest,
+            digests,
             rewriting: Vec::new(),
         };
         Ok(iov)
@@ -1005,17 +1030,18 @@ impl Executor {
         };
         let PiWork::Write {
             lba,
-            guards,
             mode: WriteMode::ZeroCopyChecked,
             guest,
+            digests,
             rewriting,
+            ..
         } = &mut inflight.pi
         else {
             return false;
         };
-        let mut now = Vec::with_capacity(guards.len());
-        protected::guest_guards(&inflight.mem, guest, format, interval, &mut now);
-        rewriting.extend((0..guards.len()).filter(|&i| now.get(i) != Some(&guards[i])));
+        let mut now = Vec::with_capacity(digests.len());
+        protected::guest_digests(&inflight.mem, guest, format, interval, None, &mut now);
+        rewriting.extend((0..digests.len()).filter(|&i| now.get(i) != Some(&digests[i])));
         if rewriting.is_empty() {
             return false;
         }
