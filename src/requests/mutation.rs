@@ -20,9 +20,16 @@ const PAGE_SHIFT: u64 = 12;
 /// Guest physical address space covered by one lazily allocated block of page marks.
 const BLOCK_SHIFT: u64 = 30;
 const PAGES_PER_BLOCK: usize = 1 << (BLOCK_SHIFT - PAGE_SHIFT);
-/// Guest physical addresses up to 2^46 (64 TiB) are tracked; above that nothing is marked
-/// (those writes simply stay on the detect-and-repair path).
-const MAX_BLOCKS: usize = 1 << (46 - BLOCK_SHIFT);
+/// Blocks are found through a two-level table covering guest addresses below 2^48: VM
+/// guest-physical addresses, and also the process virtual addresses that libblkio-style
+/// frontends use as "guest" addresses (0x7f…). Above that nothing is marked (those writes
+/// simply stay on the detect-and-repair path).
+const TOP_SHIFT: u64 = 39;
+const TOP_ENTRIES: usize = 1 << (48 - TOP_SHIFT);
+const BLOCKS_PER_TOP: usize = 1 << (TOP_SHIFT - BLOCK_SHIFT);
+
+type Marks = Box<[AtomicU8]>;
+type Blocks = Box<[OnceLock<Marks>]>;
 const REGION_SHIFT: u64 = 20;
 /// Timestamp unit.
 const TICK: Duration = Duration::from_secs(2);
@@ -31,7 +38,7 @@ pub struct MutationTracker {
     start: Instant,
     /// Marks stay "hot" for this many ticks.
     decay_ticks: u8,
-    pages: Vec<OnceLock<Box<[AtomicU8]>>>,
+    pages: Box<[OnceLock<Blocks>]>,
     regions: Box<[AtomicU8]>,
 }
 
@@ -42,7 +49,7 @@ impl MutationTracker {
         MutationTracker {
             start: Instant::now(),
             decay_ticks: (decay.as_secs() / TICK.as_secs()).clamp(1, 250) as u8,
-            pages: (0..MAX_BLOCKS).map(|_| OnceLock::new()).collect(),
+            pages: (0..TOP_ENTRIES).map(|_| OnceLock::new()).collect(),
             regions: (0..regions).map(|_| AtomicU8::new(0)).collect(),
         }
     }
@@ -62,15 +69,23 @@ impl MutationTracker {
         age < u16::from(self.decay_ticks)
     }
 
-    fn page_slot(&self, gpa: u64) -> Option<(&OnceLock<Box<[AtomicU8]>>, usize)> {
+    /// The block of marks holding `gpa` (None above the tracked space, or when `create` is
+    /// false and nothing was ever marked in that part of it), and the page's index in it.
+    fn page_slot(&self, gpa: u64, create: bool) -> Option<(&OnceLock<Marks>, usize)> {
         let block = (gpa >> BLOCK_SHIFT) as usize;
         let index = ((gpa >> PAGE_SHIFT) as usize) & (PAGES_PER_BLOCK - 1);
-        self.pages.get(block).map(|b| (b, index))
+        let top = self.pages.get(block / BLOCKS_PER_TOP)?;
+        let blocks = if create {
+            top.get_or_init(|| (0..BLOCKS_PER_TOP).map(|_| OnceLock::new()).collect())
+        } else {
+            top.get()?
+        };
+        Some((&blocks[block % BLOCKS_PER_TOP], index))
     }
 
     /// The guest page holding `gpa` was changed during a write.
     pub fn mark_page(&self, gpa: u64) {
-        if let Some((block, index)) = self.page_slot(gpa) {
+        if let Some((block, index)) = self.page_slot(gpa, true) {
             let marks =
                 block.get_or_init(|| (0..PAGES_PER_BLOCK).map(|_| AtomicU8::new(0)).collect());
             marks[index].store(self.now(), Ordering::Relaxed);
@@ -93,10 +108,13 @@ impl MutationTracker {
         let mut page = gpa >> PAGE_SHIFT;
         let last = (gpa + len - 1) >> PAGE_SHIFT;
         while page <= last {
-            let Some((block, _)) = self.page_slot(page << PAGE_SHIFT) else {
+            if (page << PAGE_SHIFT) >> 48 != 0 {
                 return false;
-            };
-            match block.get() {
+            }
+            match self
+                .page_slot(page << PAGE_SHIFT, false)
+                .and_then(|(b, _)| b.get())
+            {
                 // Nothing ever marked in this GiB: skip to the next one.
                 None => {
                     page = ((page >> (BLOCK_SHIFT - PAGE_SHIFT)) + 1) << (BLOCK_SHIFT - PAGE_SHIFT)
@@ -148,6 +166,10 @@ mod tests {
             !t.pages_hot(0x5_0000_0000, 1 << 20),
             "another GiB, never allocated"
         );
+        // Where libblkio-style frontends put their "guest" memory: process addresses.
+        t.mark_page(0x7f12_3456_7000);
+        assert!(t.pages_hot(0x7f12_3456_7000, 4096));
+        assert!(!t.pages_hot(0x7f12_3456_8000, 4096));
         t.mark_region(5 << 20);
         assert!(t.region_hot((5 << 20) + 4096, 4096));
         assert!(!t.region_hot(6 << 20, 4096));
