@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use super::parse::GuestRange;
-use crate::integrity::guard::{copy_crc16_t10dif, copy_crc64_nvme};
+use crate::integrity::guard::{copy_crc16_t10dif, copy_crc64_nvme, crc64_nvme};
 use crate::integrity::{PiError, PiFormat, PiStore};
 use crate::storage::{AlignedBuf, Image};
 
@@ -141,20 +141,33 @@ pub fn gather_with_guards(
     }
 }
 
-/// The guard of every interval of the request's data as it is in guest memory now (for
-/// zero-copy writes, before submission and again after completion).
-pub fn guest_guards(
+/// For a zero-copy write, per interval of the request's data as it is in guest memory now:
+/// its guard (into `guards`, when asked) and a 64-bit digest that tells whether the interval
+/// changed (into `digests`). The digest is the CRC-64/NVME — the guard itself for the nvme64
+/// format; for the 16-bit T10 formats a separate 64-bit CRC, so a change slips through with
+/// probability 2^-64, not 2^-16. Called before submission (guards and digests) and after
+/// completion (digests only).
+pub fn guest_digests(
     mem: &GuestMemoryMmap,
     ranges: &[GuestRange],
     format: PiFormat,
     interval: usize,
-    guards: &mut Vec<u64>,
+    mut guards: Option<&mut Vec<u64>>,
+    digests: &mut Vec<u64>,
 ) {
     let mut walker = GuestIntervals::new(mem, ranges, interval);
     let mut scratch = [0u8; 4096];
-    guards.reserve(walker.count());
+    digests.reserve(walker.count());
     while let Some(data) = walker.next(&mut scratch[..interval]) {
-        guards.push(format.guard(data.bytes()));
+        let bytes = data.bytes();
+        let digest = crc64_nvme(bytes);
+        if let Some(guards) = guards.as_deref_mut() {
+            guards.push(match format {
+                PiFormat::Nvme64 => digest,
+                PiFormat::Type1 | PiFormat::Type3 => format.guard(bytes),
+            });
+        }
+        digests.push(digest);
     }
 }
 
