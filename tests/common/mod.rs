@@ -696,3 +696,181 @@ pub fn reap_some(q: &mut Blkioq, max: usize, timeout: Duration) -> Vec<(usize, i
         Err(e) => panic!("do_io: {}", e.message()),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Clients with options, memory the test owns across sessions, and per-session counters.
+// ---------------------------------------------------------------------------------------------
+
+/// Shared memory the test owns (a memfd mapped MAP_SHARED), handed to successive clients so
+/// the daemon sees the same guest-physical addresses in every session, as with a VM's RAM.
+/// (libblkio's vhost-user driver uses the client's virtual addresses as guest-physical
+/// addresses.) Must outlive every client it is mapped into.
+pub struct SharedMem {
+    pub addr: usize,
+    pub len: usize,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl SharedMem {
+    pub fn new(len: usize) -> SharedMem {
+        Self::map(len, None)
+    }
+
+    /// As [`SharedMem::new`], mapped at exactly `addr` (page-aligned; fails if anything is
+    /// mapped there): to choose the guest-physical addresses the daemon sees.
+    pub fn new_at(addr: usize, len: usize) -> SharedMem {
+        Self::map(len, Some(addr))
+    }
+
+    fn map(len: usize, at: Option<usize>) -> SharedMem {
+        use std::os::fd::FromRawFd;
+        let page = 4096;
+        let len = len.div_ceil(page) * page;
+        // SAFETY: plain syscalls; every result is checked before use.
+        unsafe {
+            let fd = libc::memfd_create(c"guardblk-test-mem".as_ptr(), libc::MFD_CLOEXEC);
+            assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+            let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+            use std::os::fd::AsRawFd;
+            assert_eq!(libc::ftruncate(fd.as_raw_fd(), len as libc::off_t), 0);
+            let (hint, fixed) = match at {
+                Some(a) => (a as *mut libc::c_void, libc::MAP_FIXED_NOREPLACE),
+                None => (std::ptr::null_mut(), 0),
+            };
+            let addr = libc::mmap(
+                hint,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | fixed,
+                fd.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                addr,
+                libc::MAP_FAILED,
+                "mmap at {at:x?}: {}",
+                std::io::Error::last_os_error()
+            );
+            if let Some(a) = at {
+                assert_eq!(addr as usize, a, "mapped elsewhere than asked");
+            }
+            SharedMem {
+                addr: addr as usize,
+                len,
+                fd,
+            }
+        }
+    }
+
+    /// The libblkio description of this memory.
+    pub fn region(&self) -> MemoryRegion {
+        use std::os::fd::AsRawFd;
+        MemoryRegion {
+            addr: self.addr,
+            iova: 0,
+            len: self.len,
+            fd: self.fd.as_raw_fd(),
+            fd_offset: 0,
+            flags: 0,
+        }
+    }
+}
+
+impl Drop for SharedMem {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; no client uses it any more (documented contract).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Connection options beyond [`Client::connect`].
+#[derive(Clone, Copy)]
+pub struct ClientOptions<'a> {
+    pub num_queues: i32,
+    /// libblkio's virtqueue size (default 256); must not exceed the daemon's `--queue-size`.
+    pub queue_size: Option<i32>,
+    /// Size of a freshly allocated buffer region (ignored with `memory`).
+    pub buffer_len: usize,
+    /// Map this memory instead of allocating a region.
+    pub memory: Option<&'a SharedMem>,
+}
+
+impl Client {
+    pub fn connect_opts(socket: &Path, opts: ClientOptions<'_>) -> blkio::Result<Client> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", socket.to_str().unwrap())?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", opts.num_queues)?;
+        if let Some(size) = opts.queue_size {
+            blkio.set_i32("queue-size", size)?;
+        }
+        let outcome = blkio.start()?;
+        let region = match opts.memory {
+            Some(mem) => mem.region(),
+            None => {
+                let align = blkio.get_u64("mem-region-alignment")? as usize;
+                blkio.alloc_mem_region(opts.buffer_len.div_ceil(align) * align)?
+            }
+        };
+        blkio.map_mem_region(&region)?;
+        Ok(Client {
+            blkio,
+            queues: outcome.queues,
+            region,
+        })
+    }
+}
+
+/// The counters of one `frontend disconnected` line (every numeric `name=value` field).
+#[derive(Debug, Clone)]
+pub struct SessionCounters {
+    pub line: String,
+    pub values: std::collections::BTreeMap<String, u64>,
+}
+
+impl SessionCounters {
+    pub fn parse(line: &str) -> SessionCounters {
+        let values = line
+            .split_whitespace()
+            .filter_map(|field| {
+                let (name, value) = field.split_once('=')?;
+                Some((name.to_string(), value.trim_matches('"').parse().ok()?))
+            })
+            .collect();
+        SessionCounters {
+            line: line.to_string(),
+            values,
+        }
+    }
+
+    /// A counter; panics (naming the line) if the line does not have it.
+    pub fn get(&self, name: &str) -> u64 {
+        *self
+            .values
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name}= in {:?}", self.line))
+    }
+}
+
+impl Daemon {
+    /// Wait (up to 20 s) until the daemon has logged `n` `frontend disconnected` lines and
+    /// return the counters of the `n`th (1-based): session `n`'s totals.
+    pub fn session_counters(&self, n: usize) -> SessionCounters {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log_text();
+            if let Some(line) = log
+                .lines()
+                .filter(|l| l.contains("frontend disconnected"))
+                .nth(n - 1)
+            {
+                return SessionCounters::parse(line);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon never logged session {n}'s end; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
