@@ -562,10 +562,8 @@ impl Executor {
     /// Whether this write touches guest pages or a disk region where a guest recently changed
     /// a buffer in flight (the `auto` policy bounces those up front).
     fn mutation_expected(&self, data: &[GuestRange], offset: u64, len: u64) -> bool {
-        self.tracker.region_hot(offset, len)
-            || data
-                .iter()
-                .any(|r| self.tracker.pages_hot(r.addr.0, u64::from(r.len)))
+        let pages = data.iter().map(|r| (r.addr.0, u64::from(r.len)));
+        self.tracker.write_expects_mutation(pages, offset, len)
     }
 
     /// A write to a PI disk. Zero-copy (the default for well-behaved guests): guards are

@@ -12,7 +12,7 @@
 //! physical address space only once a mutation is seen there, and one byte per 1 MiB of disk.
 //! A byte holds a coarse timestamp (2 s units, wrapping); 0 means never marked.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,9 @@ pub struct MutationTracker {
     decay_ticks: u8,
     pages: Box<[OnceLock<Blocks>]>,
     regions: Box<[AtomicU8]>,
+    /// Set by the first mark: until then every query answers "no" without reading a clock,
+    /// so guests that never mutate pay nothing for the tracking.
+    any_marks: AtomicBool,
 }
 
 impl MutationTracker {
@@ -51,12 +54,33 @@ impl MutationTracker {
             decay_ticks: (decay.as_secs() / TICK.as_secs()).clamp(1, 250) as u8,
             pages: (0..TOP_ENTRIES).map(|_| OnceLock::new()).collect(),
             regions: (0..regions).map(|_| AtomicU8::new(0)).collect(),
+            any_marks: AtomicBool::new(false),
         }
     }
 
-    /// Current timestamp, never 0.
+    /// Current timestamp, never 0. `Instant` reads the precise clock; one read per write
+    /// (see `write_expects_mutation`) is all the hot path does.
     fn now(&self) -> u8 {
         ((self.start.elapsed().as_secs() / TICK.as_secs()) % 255) as u8 + 1
+    }
+
+    /// Whether a write of guest memory `pages` (address, length) to the disk range
+    /// [offset, offset + len) touches anything marked recently: one clock read, none at all
+    /// while nothing was ever marked.
+    pub fn write_expects_mutation(
+        &self,
+        pages: impl Iterator<Item = (u64, u64)>,
+        offset: u64,
+        len: u64,
+    ) -> bool {
+        if !self.any_marks.load(Ordering::Relaxed) {
+            return false;
+        }
+        let now = self.now();
+        self.region_hot_at(offset, len, now)
+            || pages
+                .into_iter()
+                .any(|(gpa, n)| self.pages_hot_at(gpa, n, now))
     }
 
     fn hot(&self, stamp: u8, now: u8) -> bool {
@@ -89,6 +113,7 @@ impl MutationTracker {
             let marks =
                 block.get_or_init(|| (0..PAGES_PER_BLOCK).map(|_| AtomicU8::new(0)).collect());
             marks[index].store(self.now(), Ordering::Relaxed);
+            self.any_marks.store(true, Ordering::Relaxed);
         }
     }
 
@@ -96,15 +121,19 @@ impl MutationTracker {
     pub fn mark_region(&self, byte_offset: u64) {
         if let Some(r) = self.regions.get((byte_offset >> REGION_SHIFT) as usize) {
             r.store(self.now(), Ordering::Relaxed);
+            self.any_marks.store(true, Ordering::Relaxed);
         }
     }
 
     /// Whether any page of guest memory [gpa, gpa + len) was marked recently.
     pub fn pages_hot(&self, gpa: u64, len: u64) -> bool {
+        self.pages_hot_at(gpa, len, self.now())
+    }
+
+    fn pages_hot_at(&self, gpa: u64, len: u64, now: u8) -> bool {
         if len == 0 {
             return false;
         }
-        let now = self.now();
         let mut page = gpa >> PAGE_SHIFT;
         let last = (gpa + len - 1) >> PAGE_SHIFT;
         while page <= last {
@@ -133,7 +162,10 @@ impl MutationTracker {
 
     /// Whether the disk range [offset, offset + len) lies in a recently marked region.
     pub fn region_hot(&self, offset: u64, len: u64) -> bool {
-        let now = self.now();
+        self.region_hot_at(offset, len, self.now())
+    }
+
+    fn region_hot_at(&self, offset: u64, len: u64, now: u8) -> bool {
         let first = offset >> REGION_SHIFT;
         let last = (offset + len.max(1) - 1) >> REGION_SHIFT;
         (first..=last).any(|r| {
@@ -152,7 +184,10 @@ mod tests {
     fn marks_are_per_page_and_per_region_and_decay() {
         let t = MutationTracker::new(64 << 20, Duration::from_secs(10));
         assert!(!t.pages_hot(0x1234_5000, 4096));
+        assert!(!t.write_expects_mutation([(0x1234_5000, 4096)].into_iter(), 0, 4096));
         t.mark_page(0x1234_5678);
+        assert!(t.write_expects_mutation([(0x1234_5000, 4096)].into_iter(), 0, 4096));
+        assert!(!t.write_expects_mutation([(0x1234_6000, 4096)].into_iter(), 0, 4096));
         assert!(t.pages_hot(0x1234_5000, 4096));
         assert!(
             t.pages_hot(0x1234_0000, 0x10000),
