@@ -135,7 +135,7 @@ impl MutationTracker {
             return false;
         }
         let mut page = gpa >> PAGE_SHIFT;
-        let last = (gpa + len - 1) >> PAGE_SHIFT;
+        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
         while page <= last {
             if (page << PAGE_SHIFT) >> 48 != 0 {
                 return false;
@@ -167,7 +167,7 @@ impl MutationTracker {
 
     fn region_hot_at(&self, offset: u64, len: u64, now: u8) -> bool {
         let first = offset >> REGION_SHIFT;
-        let last = (offset + len.max(1) - 1) >> REGION_SHIFT;
+        let last = offset.saturating_add(len.max(1) - 1) >> REGION_SHIFT;
         (first..=last).any(|r| {
             self.regions
                 .get(r as usize)
