@@ -197,22 +197,6 @@ impl PiStore {
         }
     }
 
-    /// As [`PiStore::check`], when the interval's guard is already known.
-    pub fn check_guard(&self, lba: u64, guard: u64, data: &[u8]) -> Result<(), PiError> {
-        match self.meta.tuple(lba) {
-            None if is_zero(data) => Ok(()),
-            None => Err(PiError {
-                kind: PiErrorKind::Guard,
-                expected: self.zero_guard,
-                actual: guard,
-            }),
-            Some(tuple) => self
-                .format()
-                .verify_guard(guard, &tuple, lba, Some(APP_TAG))
-                .map(|_| ()),
-        }
-    }
-
     /// Report a real guard error: one structured log line, a counter and a journal record.
     pub fn report(&self, lba: u64, error: &PiError, source: &str) {
         self.counters.guard_errors.fetch_add(1, Ordering::Relaxed);

@@ -121,20 +121,6 @@ impl BouncePool {
         }
     }
 
-    /// `len` bytes at `offset` within the buffer; must not cross a chunk boundary (whole
-    /// protection intervals never do).
-    pub fn slice_mut(&mut self, bounce: &Bounce, offset: usize, len: usize) -> &mut [u8] {
-        let (chunk, within) = (offset / CHUNK, offset % CHUNK);
-        assert!(
-            within + len <= CHUNK && offset + len <= bounce.len,
-            "bounce slice out of range"
-        );
-        let ptr = self.chunk_ptr(bounce.chunks[chunk]);
-        // SAFETY: [within, within+len) lies inside one chunk of the area, which this buffer
-        // owns exclusively until it is given back; &mut self prevents aliasing through the pool.
-        unsafe { std::slice::from_raw_parts_mut(ptr.add(within), len) }
-    }
-
     /// The buffer's bytes, chunk by chunk, in order.
     pub fn pieces(&self, bounce: &Bounce) -> Vec<&[u8]> {
         self.iovecs(bounce)
@@ -166,7 +152,7 @@ mod tests {
         assert_eq!(iov.len(), 2);
         assert_eq!((iov[0].iov_len, iov[1].iov_len), (CHUNK, 1));
         assert_eq!(iov[0].iov_base as usize % 4096, 0);
-        pool.slice_mut(&a, CHUNK - 4096, 4096).fill(7);
+        pool.slices_mut(&a)[0][CHUNK - 4096..].fill(7);
         assert!(pool.pieces(&a)[0][CHUNK - 4096..].iter().all(|&x| x == 7));
         pool.give_back(a);
         pool.give_back(b);
