@@ -4,17 +4,9 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
-
-fn guardblk(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap()
-}
 
 /// `guardblk serve IMAGE --socket SOCKET EXTRA...`, run to completion (these all fail fast).
 fn serve(image: &Path, socket: &Path, extra: &[&str]) -> Output {

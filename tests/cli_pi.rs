@@ -14,14 +14,6 @@ use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
-fn guardblk(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "error")
-        .output()
-        .unwrap()
-}
-
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }

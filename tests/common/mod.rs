@@ -4,12 +4,21 @@
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_guardblk");
+
+/// Run the binary with `args` to completion (errors-only logging), as an operator would.
+pub fn guardblk(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .unwrap()
+}
 
 /// A running daemon; killed (SIGKILL) on drop if the test did not stop it.
 pub struct Daemon {
