@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::daemon::ServeConfig;
 use crate::protocol::DeviceSettings;
 use crate::requests::parse::VIRTIO_BLK_ID_BYTES;
+use crate::requests::policy::AutoPath;
 use crate::requests::WritePolicy;
 use crate::storage::EngineKind;
 
@@ -292,6 +293,13 @@ pub struct ServeArgs {
     /// completes, so none of them can store a wrong guard.
     #[arg(long, value_enum, default_value_t = BounceMode::Auto)]
     pub bounce: BounceMode,
+    /// With `--bounce auto`: which path writes take where the guest was not seen changing
+    /// buffers. `cost` (default) picks the cheaper one per request size: bounce where the
+    /// kernel copies anyway (tmpfs, FUSE, network filesystems, no O_DIRECT), and on devices
+    /// that DMA straight from memory whichever measures cheaper on this CPU (at start-up on
+    /// scratch memory, then from sampled writes). `zero-copy` and `bounce` fix the choice.
+    #[arg(long, value_enum, default_value_t = AutoPathArg::Cost, value_name = "PATH")]
+    pub auto_path: AutoPathArg,
     /// UNSAFE, only to demonstrate the problem guardblk solves: compute guard tags over guest
     /// memory, write it zero-copy, and never check whether the guest changed it in flight. A
     /// guest that does (Windows page-file writes, Linux swap) gets blocks whose guard tags do
@@ -313,6 +321,16 @@ pub enum BounceMode {
     Never,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AutoPathArg {
+    /// The cheaper path for this target, CPU and request size (measured).
+    Cost,
+    /// Zero-copy, checked after completion (mutation hot spots still bounce).
+    ZeroCopy,
+    /// Bounce every write.
+    Bounce,
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CliError {
     #[error("--queues must be between 1 and 64, not {0}")]
@@ -325,6 +343,8 @@ pub enum CliError {
     Serial,
     #[error("--no-mutation-check contradicts --bounce always (bounced writes need no check)")]
     UncheckedBounce,
+    #[error("--auto-path only applies to --bounce auto")]
+    AutoPathWithoutAuto,
 }
 
 /// "8G" → 8 GiB. Suffixes K, M, G, T (optionally followed by "iB" or "B") are powers of 1024.
@@ -377,6 +397,11 @@ impl ServeArgs {
         if self.poll_us > 10_000 {
             return Err(CliError::PollUs(self.poll_us));
         }
+        if self.auto_path != AutoPathArg::Cost
+            && (self.bounce != BounceMode::Auto || self.no_mutation_check)
+        {
+            return Err(CliError::AutoPathWithoutAuto);
+        }
         let serial = self.serial.clone().unwrap_or_else(|| "guardblk".into());
         if serial.len() > VIRTIO_BLK_ID_BYTES as usize
             || !serial.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
@@ -398,6 +423,11 @@ impl ServeArgs {
                     (false, BounceMode::Auto) => WritePolicy::Auto,
                     (false, BounceMode::Always) => WritePolicy::Always,
                     (false, BounceMode::Never) => WritePolicy::Never,
+                },
+                auto_path: match self.auto_path {
+                    AutoPathArg::Cost => AutoPath::Cost,
+                    AutoPathArg::ZeroCopy => AutoPath::ZeroCopy,
+                    AutoPathArg::Bounce => AutoPath::Bounce,
                 },
                 engine: match self.io_engine {
                     IoEngine::Auto => auto_engine,

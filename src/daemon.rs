@@ -23,7 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::integrity::PiStore;
 use crate::protocol::{features, BlkBackend, DeviceSettings};
 use crate::requests::mutation::MutationTracker;
-use crate::requests::QueueStats;
+use crate::requests::policy::{self, Calibration, CostBasis, Target, WriteCosts};
+use crate::requests::{QueueStats, WritePolicy};
 use crate::storage::Image;
 
 #[derive(Debug, Error)]
@@ -201,11 +202,12 @@ struct Shared {
     pi: Option<Arc<PiStore>>,
     stats: Vec<Arc<QueueStats>>,
     tracker: Arc<MutationTracker>,
+    cost_basis: CostBasis,
     started: std::time::SystemTime,
 }
 
 /// Counter names, in `snapshot` order.
-const COUNTERS: [&str; 13] = [
+const COUNTERS: [&str; 14] = [
     "reads",
     "writes",
     "flushes",
@@ -219,6 +221,7 @@ const COUNTERS: [&str; 13] = [
     "writes_rewritten",
     "intervals_rewritten",
     "bytes_bounced",
+    "writes_bounced_by_cost",
 ];
 
 /// Leave the counters since this daemon started beside the image (`IMAGE.pi-stats.json`), for
@@ -240,6 +243,7 @@ fn publish_counters(shared: &Shared, sessions: u64) {
         "pid": std::process::id(),
         "sessions": sessions,
         "counters": counters,
+        "write_path": write_paths_json(&shared.stats),
     });
     let path = crate::integrity::journal::stats_path(shared.image.path());
     let tmp = path.with_extension("json.tmp");
@@ -270,8 +274,22 @@ pub fn serve(
         stats,
         // Outlives sessions: a guest that reconnects keeps its learned mutation hot spots.
         tracker: Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY)),
+        cost_basis: cost_basis(&image, pi.as_deref(), &config.device),
         started: std::time::SystemTime::now(),
     };
+    let initial = WriteCosts::new(&shared.cost_basis).snapshot();
+    for queue in &shared.stats {
+        for (slot, state) in queue.write_path.iter().zip(initial) {
+            slot.store(policy::pack(state), Ordering::Relaxed);
+        }
+    }
+    if pi.is_some() && config.device.write_policy == WritePolicy::Auto {
+        tracing::info!(
+            target = %shared.cost_basis.target,
+            paths = %shared.cost_basis.describe(),
+            "PI write path chosen per request size"
+        );
+    }
     publish_counters(&shared, 0);
     tracing::info!(
         socket = %config.socket.display(),
@@ -337,6 +355,7 @@ fn run_session(
         pi,
         stats,
         tracker,
+        cost_basis,
         ..
     } = shared;
     let backend = BlkBackend::new(
@@ -344,6 +363,7 @@ fn run_session(
         pi.clone(),
         tracker,
         &config.device,
+        cost_basis,
         stats,
     )?;
     let mut daemon = VhostUserDaemon::new("guardblk".into(), backend.clone(), backend.memory())
@@ -431,13 +451,15 @@ fn run_session(
         writes_rewritten = after[10] - before[10],
         intervals_rewritten = after[11] - before[11],
         bytes_bounced = after[12] - before[12],
+        writes_bounced_by_cost = after[13] - before[13],
+        write_path = %describe_write_paths(stats),
         "frontend disconnected"
     );
     Ok(shutdown_requested)
 }
 
-fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 13] {
-    let mut totals = [0u64; 13];
+fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 14] {
+    let mut totals = [0u64; 14];
     for s in stats {
         let values = [
             &s.reads,
@@ -453,12 +475,74 @@ fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 13] {
             &s.writes_rewritten,
             &s.intervals_rewritten,
             &s.bytes_bounced,
+            &s.writes_bounced_by_cost,
         ];
         for (t, v) in totals.iter_mut().zip(values) {
             *t += v.load(Ordering::Relaxed);
         }
     }
     totals
+}
+
+/// What `--bounce auto` decides from: the target's kind, the operator's `--auto-path`, and
+/// (for a PI image served with `auto`) each path's CPU cost measured on scratch memory now.
+fn cost_basis(image: &Image, pi: Option<&PiStore>, device: &DeviceSettings) -> CostBasis {
+    let calibration = match pi {
+        Some(pi) if device.write_policy == WritePolicy::Auto => {
+            Calibration::measure(pi.format(), pi.interval() as usize)
+        }
+        _ => Calibration::default(),
+    };
+    CostBasis {
+        target: if image.kernel_copies_data() {
+            Target::KernelCopies
+        } else {
+            Target::Dma
+        },
+        auto_path: device.auto_path,
+        calibration,
+    }
+}
+
+/// `auto`'s current path per size class (queue 0's; every queue decides alike), for the log:
+/// "4k=bounce 16k=bounce 64k=zero-copy large=zero-copy".
+fn describe_write_paths(stats: &[Arc<QueueStats>]) -> String {
+    let Some(queue) = stats.first() else {
+        return String::new();
+    };
+    policy::SIZE_CLASSES
+        .iter()
+        .zip(&queue.write_path)
+        .map(|((name, _), slot)| {
+            let (path, _, _) = policy::unpack(slot.load(Ordering::Relaxed));
+            format!("{name}={}", path.name())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The same per queue and class, with each path's estimated cost, for IMAGE.pi-stats.json.
+fn write_paths_json(stats: &[Arc<QueueStats>]) -> serde_json::Value {
+    let queues: Vec<serde_json::Value> = stats
+        .iter()
+        .map(|queue| {
+            let classes: serde_json::Map<String, serde_json::Value> = policy::SIZE_CLASSES
+                .iter()
+                .zip(&queue.write_path)
+                .map(|((name, _), slot)| {
+                    let (path, zero_copy, bounce) = policy::unpack(slot.load(Ordering::Relaxed));
+                    let value = serde_json::json!({
+                        "path": path.name(),
+                        "zero_copy_ps_per_byte": zero_copy,
+                        "bounce_ps_per_byte": bounce,
+                    });
+                    ((*name).to_string(), value)
+                })
+                .collect();
+            serde_json::Value::Object(classes)
+        })
+        .collect();
+    serde_json::Value::Array(queues)
 }
 
 /// "type1, 4096-byte intervals, metadata disk.img.pi" for the ready line.

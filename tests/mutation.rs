@@ -305,9 +305,30 @@ fn write_session(
     scribble: bool,
     seed: u64,
 ) -> Outcome {
+    write_session_in(
+        &std::env::temp_dir(),
+        create,
+        serve,
+        size,
+        secs,
+        scribble,
+        seed,
+    )
+}
+
+/// As [`write_session`], with the image on the filesystem holding `base`.
+fn write_session_in(
+    base: &std::path::Path,
+    create: &[&str],
+    serve: &[&str],
+    size: u64,
+    secs: f64,
+    scribble: bool,
+    seed: u64,
+) -> Outcome {
     let mut args = vec!["--queues", "1"];
     args.extend_from_slice(serve);
-    let d = Daemon::start_created(&std::env::temp_dir(), size, create, &args);
+    let d = Daemon::start_created(base, size, create, &args);
     let interval = PiLayout::read(&d.image).interval;
     let mut rng = Rng(seed);
     let mut c = Client::connect(&d.socket, 1, DEPTH * SLOT).unwrap();
@@ -477,9 +498,11 @@ fn scribbled_writes_never_type1_4096_are_rewritten_and_verify() {
 #[test]
 fn scribbled_writes_auto_type1_4096_are_bounced_or_rewritten_and_verify() {
     let _serial = one_at_a_time();
+    // Learning needs zero-copy writes to learn from: auto's base path fixed to zero-copy (the
+    // cost model may prefer bouncing on this target; that path has tests of its own below).
     let o = write_session(
         &["--pi", "type1", "--interval", "4096"],
-        &["--bounce", "auto"],
+        &["--bounce", "auto", "--auto-path", "zero-copy"],
         SIZE,
         SECS,
         true,
@@ -546,7 +569,7 @@ fn scribbled_writes_auto_nvme64_512_are_bounced_or_rewritten_and_verify() {
     let _serial = one_at_a_time();
     let o = write_session(
         &["--pi", "nvme64", "--interval", "512"],
-        &["--bounce", "auto"],
+        &["--bounce", "auto", "--auto-path", "zero-copy"],
         SIZE,
         1.0,
         true,
@@ -659,17 +682,17 @@ fn scribbled_writes_without_the_check_produce_guard_errors() {
 // 3. A guest that does not scribble stays zero-copy
 // ---------------------------------------------------------------------------------------------
 
-fn clean_workload_stays_zero_copy(mode: &str) {
+fn clean_workload_stays_zero_copy(mode: &[&str]) {
     let _serial = one_at_a_time();
     let o = write_session(
         &["--pi", "type1", "--interval", "4096"],
-        &["--bounce", mode],
+        mode,
         SIZE,
         0.5,
         false,
         seed(),
     );
-    let label = format!("clean {mode}");
+    let label = format!("clean {}", mode.join(" "));
     report(&label, &o);
     assert!(o.writes.writes > 100, "too few writes: {}", o.writes.writes);
     assert_eq!(o.w.get("writes"), o.writes.writes, "{}", o.w.line);
@@ -689,12 +712,133 @@ fn clean_workload_stays_zero_copy(mode: &str) {
 
 #[test]
 fn clean_workload_auto_stays_zero_copy() {
-    clean_workload_stays_zero_copy("auto");
+    clean_workload_stays_zero_copy(&["--bounce", "auto", "--auto-path", "zero-copy"]);
 }
 
 #[test]
 fn clean_workload_never_stays_zero_copy() {
-    clean_workload_stays_zero_copy("never");
+    clean_workload_stays_zero_copy(&["--bounce", "never"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. auto picks the cheaper path by cost (issue 10)
+// ---------------------------------------------------------------------------------------------
+
+/// tmpfs, if this kernel's tmpfs takes O_DIRECT (6.6+): a target where the kernel copies.
+fn tmpfs_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::PathBuf::from("/dev/shm");
+    let probe = tempfile::NamedTempFile::new_in(&dir).ok()?;
+    std::fs::write(probe.path(), vec![0u8; 4096]).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(probe.path())
+        .ok()
+        .map(|_| dir)
+}
+
+#[test]
+fn auto_bounces_every_write_where_the_kernel_copies_anyway() {
+    let _serial = one_at_a_time();
+    let Some(dir) = tmpfs_dir() else {
+        eprintln!("SKIPPED: /dev/shm is not a tmpfs that accepts O_DIRECT here");
+        return;
+    };
+    // Clean and scribbled alike: on tmpfs zero-copy cannot save the kernel's copy, so auto
+    // bounces everything (by cost) and nothing is ever rewritten or wrong.
+    for scribble in [false, true] {
+        let o = write_session_in(
+            &dir,
+            &["--pi", "type1", "--interval", "4096"],
+            &["--bounce", "auto"],
+            SIZE,
+            0.5,
+            scribble,
+            seed(),
+        );
+        let label = format!("auto on tmpfs, scribble {scribble}");
+        report(&label, &o);
+        let log = o.d.log_text();
+        assert!(
+            log.contains("PI write path chosen") && log.contains("the kernel copies"),
+            "{label}: no write-path decision logged:\n{log}"
+        );
+        assert!(o.writes.writes > 100, "{label}: too few writes");
+        assert_eq!(o.w.get("writes_zero_copy"), 0, "{label}: {}", o.w.line);
+        assert_eq!(
+            o.w.get("writes_bounced"),
+            o.w.get("writes"),
+            "{label}: {}",
+            o.w.line
+        );
+        assert_eq!(
+            o.w.get("writes_bounced_by_cost"),
+            o.w.get("writes"),
+            "{label}: {}",
+            o.w.line
+        );
+        assert_eq!(o.w.get("writes_rewritten"), 0, "{label}: {}", o.w.line);
+        assert!(
+            o.w.line.contains("write_path=4k=bounce"),
+            "{label}: {}",
+            o.w.line
+        );
+        assert_all_good(&label, o);
+    }
+}
+
+#[test]
+fn auto_by_cost_on_a_dma_target_takes_either_path_and_stays_exact() {
+    let _serial = one_at_a_time();
+    // ext4/XFS under the temp dir: io_uring, O_DIRECT; which path is cheaper depends on this
+    // CPU, so the assertions hold for either. Scribbled, so the zero-copy writes that the
+    // model takes (chosen, or exploring) are checked and repaired.
+    let o = write_session(
+        &["--pi", "type1", "--interval", "4096"],
+        &["--bounce", "auto"],
+        SIZE,
+        SECS,
+        true,
+        seed(),
+    );
+    report("auto by cost, DMA target", &o);
+    let log = o.d.log_text();
+    assert!(
+        log.contains("PI write path chosen"),
+        "no decision logged:\n{log}"
+    );
+    let by_cost = o.w.get("writes_bounced_by_cost");
+    assert!(by_cost <= o.w.get("writes_bounced"), "{}", o.w.line);
+    assert_eq!(
+        o.w.get("writes_zero_copy") + o.w.get("writes_bounced"),
+        o.w.get("writes"),
+        "every write is zero-copy or bounced: {}",
+        o.w.line
+    );
+    // IMAGE.pi-stats.json is published when each session ends, just after its log line.
+    let stats_path = o.d.image.with_extension("img.pi-stats.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stats = loop {
+        let stats: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&stats_path).unwrap_or_default())
+                .unwrap_or(serde_json::Value::Null);
+        if stats["sessions"].as_u64() >= Some(2) || std::time::Instant::now() > deadline {
+            break stats;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let line = o.w.line.clone();
+    assert_all_good("auto by cost, DMA target", o);
+    let path = &stats["write_path"][0]["4k"]["path"];
+    assert!(
+        path == "zero-copy" || path == "bounce",
+        "stats file lacks the 4k decision: {stats}"
+    );
+    assert!(
+        line.contains(&format!("write_path=4k={}", path.as_str().unwrap())),
+        "log and stats disagree: {line}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -750,7 +894,14 @@ fn auto_learns_pages(mem: &SharedMem) {
         &std::env::temp_dir(),
         size,
         &["--pi", "nvme64", "--interval", "4096"],
-        &["--queues", "1", "--bounce", "auto"],
+        &[
+            "--queues",
+            "1",
+            "--bounce",
+            "auto",
+            "--auto-path",
+            "zero-copy",
+        ],
     );
     // SAFETY: our own live mapping; no scribbler or request uses it yet.
     fill_random(
@@ -844,7 +995,14 @@ fn auto_learns_the_disk_regions_that_mutate() {
         &std::env::temp_dir(),
         size,
         &["--pi", "nvme64", "--interval", "4096"],
-        &["--queues", "1", "--bounce", "auto"],
+        &[
+            "--queues",
+            "1",
+            "--bounce",
+            "auto",
+            "--auto-path",
+            "zero-copy",
+        ],
     );
     // Both mappings alive at once: distinct addresses.
     let first = SharedMem::new(DEPTH * SLOT);

@@ -27,6 +27,7 @@ use super::features;
 use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
 use crate::requests::mutation::MutationTracker;
+use crate::requests::policy::{self, AutoPath, CostBasis, WriteCosts};
 use crate::requests::{Executor, Limits, Protection, QueueStats, UsedEntry, WritePolicy};
 use crate::storage::{EngineKind, Image, SECTOR_SIZE};
 
@@ -55,6 +56,8 @@ pub struct DeviceSettings {
     pub poll_window: Duration,
     /// How PI writes treat guest buffers (`--bounce`, `--no-mutation-check`).
     pub write_policy: WritePolicy,
+    /// With `--bounce auto`: how the path of writes without expected mutation is chosen.
+    pub auto_path: AutoPath,
 }
 
 struct QueueWorker {
@@ -90,6 +93,7 @@ impl BlkBackend {
         pi: Option<Arc<PiStore>>,
         tracker: &Arc<MutationTracker>,
         settings: &DeviceSettings,
+        cost_basis: &CostBasis,
         stats: &[Arc<QueueStats>],
     ) -> io::Result<BlkBackend> {
         let block_size = pi.as_ref().map_or(SECTOR_SIZE as u32, |p| p.interval());
@@ -107,6 +111,13 @@ impl BlkBackend {
                         pi: pi.clone(),
                         policy: settings.write_policy,
                         tracker: Arc::clone(tracker),
+                        costs: WriteCosts::resume(
+                            cost_basis,
+                            stats[q]
+                                .write_path
+                                .each_ref()
+                                .map(|slot| policy::unpack(slot.load(Ordering::Relaxed))),
+                        ),
                     },
                 )?;
                 Ok(Mutex::new(QueueWorker {

@@ -22,6 +22,7 @@ use super::parse::{
     parse_request, GuestRange, Limits, Rejected, Request, RequestKind, Segment,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
+use super::policy::{self, WriteCosts, WritePath};
 use super::protected;
 use crate::integrity::intent::FlushTicket;
 use crate::integrity::PiStore;
@@ -68,21 +69,29 @@ pub struct QueueStats {
     pub intervals_rewritten: AtomicU64,
     /// Bytes copied through bounce buffers, for any reason.
     pub bytes_bounced: AtomicU64,
+    /// Of `writes_bounced`: those `auto` bounced because bouncing is the cheaper path here
+    /// (the rest: the guest was recently seen changing buffers there, or `--bounce always`).
+    pub writes_bounced_by_cost: AtomicU64,
+    /// `auto`'s current write path and cost estimates per size class
+    /// ([`policy::SIZE_CLASSES`]), packed by [`policy::pack`]; updated when a sample lands.
+    pub write_path: [AtomicU64; 4],
 }
 
-/// What a queue needs for PI: the store (none for a raw image), the write policy and the
-/// daemon-wide record of where guests mutate buffers in flight.
+/// What a queue needs for PI: the store (none for a raw image), the write policy, the
+/// daemon-wide record of where guests mutate buffers in flight, and `auto`'s cost model.
 pub struct Protection {
     pub pi: Option<Arc<PiStore>>,
     pub policy: WritePolicy,
     pub tracker: Arc<MutationTracker>,
+    pub costs: WriteCosts,
 }
 
 /// How PI writes treat guest buffers (`--bounce`, `--no-mutation-check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WritePolicy {
-    /// Zero-copy, except where mutation was recently seen (learned per guest page and disk
-    /// region); always detect and repair.
+    /// The cheaper of zero-copy and bouncing for this target and request size (see
+    /// `policy`), and bounce where mutation was recently seen (learned per guest page and
+    /// disk region); zero-copy writes always detect and repair.
     Auto,
     /// Copy every write into a bounce buffer, guards computed over the copy.
     Always,
@@ -145,6 +154,8 @@ enum PiWork {
         /// Zero-copy: 64-bit digests of the intervals as submitted (see `guest_digests`).
         digests: Vec<u64>,
         rewriting: Vec<usize>,
+        /// A zero-copy write the cost model samples: CPU nanoseconds of its passes so far.
+        sampled_ns: Option<u64>,
     },
     /// Discard / write-zeroes: segments that completed now read as zeros (unwritten).
     Ranges {
@@ -220,6 +231,7 @@ pub struct Executor {
     pi: Option<Arc<PiStore>>,
     policy: WritePolicy,
     tracker: Arc<MutationTracker>,
+    costs: WriteCosts,
     deferred: VecDeque<Deferred>,
     pool: BouncePool,
 }
@@ -246,6 +258,7 @@ impl Executor {
             pi,
             policy,
             tracker,
+            costs,
         } = protection;
         // Two ops per request covers write + sync; range requests with more segments wait for
         // submission-queue room inside the engine.
@@ -266,6 +279,7 @@ impl Executor {
             pi,
             policy,
             tracker,
+            costs,
             deferred: VecDeque::new(),
             // A chunk per queue slot: any request the device accepts fits (see bounce.rs).
             pool: BouncePool::new(u32::from(queue_size).max(16)),
@@ -587,17 +601,30 @@ impl Executor {
         let (lba, count) = (offset / interval, len / interval);
         let iovecs = guest_iovecs(&inflight.mem, &data);
         let direct = self.direct_ok(offset, &iovecs);
+        let mut by_cost = false;
+        let mut sample = false;
         let mode = match self.policy {
             _ if !direct => WriteMode::Bounced,
             WritePolicy::Always => WriteMode::Bounced,
             WritePolicy::Never => WriteMode::ZeroCopyChecked,
             WritePolicy::Unchecked => WriteMode::ZeroCopyUnchecked,
             WritePolicy::Auto if self.mutation_expected(&data, offset, len) => WriteMode::Bounced,
-            WritePolicy::Auto => WriteMode::ZeroCopyChecked,
+            WritePolicy::Auto => {
+                let choice = self.costs.choose(len);
+                sample = choice.sample;
+                match choice.path {
+                    WritePath::ZeroCopy => WriteMode::ZeroCopyChecked,
+                    WritePath::Bounce => {
+                        by_cost = true;
+                        WriteMode::Bounced
+                    }
+                }
+            }
         };
         // Lock before buffer (see lock_range): whoever holds chunks never waits for a lock.
         self.lock_range(pi, lba, lba + count, done);
         inflight.locked = Some((lba, lba + count));
+        let started = sample.then(policy::stopwatch);
         let bounce = (mode == WriteMode::Bounced).then(|| self.take_bounce(len as usize, done));
         if let Err(e) = pi.meta.begin_write(lba, count) {
             pi.meta.end_write(lba, count);
@@ -608,10 +635,14 @@ impl Executor {
         }
         let mut guards = Vec::with_capacity(count as usize);
         let mut digests = Vec::new();
+        let mut sampled_ns = None;
         let (iov, guest) = match bounce {
             Some(bounce) => {
                 if direct {
                     QueueStats::bump(&self.stats.writes_bounced, 1);
+                    if by_cost {
+                        QueueStats::bump(&self.stats.writes_bounced_by_cost, 1);
+                    }
                 } else {
                     QueueStats::bump(&self.stats.bounced, 1);
                 }
@@ -629,6 +660,9 @@ impl Executor {
                     bounce,
                     guest: Vec::new(),
                 };
+                if let Some(started) = started {
+                    self.record_cost(len, WritePath::Bounce, policy::elapsed_ns(started));
+                }
                 (iov, Vec::new())
             }
             None => {
@@ -641,6 +675,7 @@ impl Executor {
                     Some(&mut guards),
                     &mut digests,
                 );
+                sampled_ns = started.map(policy::elapsed_ns);
                 inflight.data = DataPath::ZeroCopy;
                 (iovecs, data)
             }
@@ -652,8 +687,17 @@ impl Executor {
             guest,
             digests,
             rewriting: Vec::new(),
+            sampled_ns,
         };
         Ok(iov)
+    }
+
+    /// A sampled write's path work cost `nanos`: feed the cost model and publish its state.
+    fn record_cost(&mut self, len: u64, path: WritePath, nanos: u64) {
+        self.costs.record(len, path, nanos);
+        for (slot, state) in self.stats.write_path.iter().zip(self.costs.snapshot()) {
+            slot.store(policy::pack(state), Ordering::Relaxed);
+        }
     }
 
     /// Discard or write-zeroes on a PI disk: lock the span the segments cover (one lock, so
@@ -1027,19 +1071,41 @@ impl Executor {
             None => return false,
         };
         let PiWork::Write {
-            lba,
             mode: WriteMode::ZeroCopyChecked,
             guest,
             digests,
+            rewriting,
+            sampled_ns,
+            ..
+        } = &mut inflight.pi
+        else {
+            return false;
+        };
+        let started = sampled_ns.map(|_| policy::stopwatch());
+        let mut now = Vec::with_capacity(digests.len());
+        protected::guest_digests(&inflight.mem, guest, format, interval, None, &mut now);
+        rewriting.extend((0..digests.len()).filter(|&i| now.get(i) != Some(&digests[i])));
+        if let (Some(before), Some(started)) = (sampled_ns.take(), started) {
+            let spent = before + policy::elapsed_ns(started);
+            let len = (digests.len() * interval) as u64;
+            let mutated = !rewriting.is_empty();
+            // A write the guest changed costs a rewrite, but that is the guest's doing, not
+            // the path's: only clean samples teach the model.
+            if !mutated {
+                self.record_cost(len, WritePath::ZeroCopy, spent);
+                return false;
+            }
+        }
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        let PiWork::Write {
+            lba,
+            guest,
             rewriting,
             ..
         } = &mut inflight.pi
         else {
             return false;
         };
-        let mut now = Vec::with_capacity(digests.len());
-        protected::guest_digests(&inflight.mem, guest, format, interval, None, &mut now);
-        rewriting.extend((0..digests.len()).filter(|&i| now.get(i) != Some(&digests[i])));
         if rewriting.is_empty() {
             return false;
         }

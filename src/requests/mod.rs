@@ -9,6 +9,7 @@ pub mod bounce;
 pub mod executor;
 pub mod mutation;
 pub mod parse;
+pub mod policy;
 pub mod protected;
 
 pub use executor::{Executor, Protection, QueueStats, UsedEntry, WritePolicy};

@@ -10,7 +10,12 @@ use std::sync::atomic::Ordering;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use super::parse::GuestRange;
-use crate::integrity::guard::{copy_crc16_t10dif, copy_crc64_nvme, crc64_nvme};
+use crate::integrity::guard::{copy_crc16_t10dif, copy_crc64_nvme, crc16_t10dif, crc64_nvme};
+
+// TEMPORARY until the one-pass kernel lands in guard.rs.
+fn crc16_t10dif_and_crc64_nvme(data: &[u8]) -> (u16, u64) {
+    (crc16_t10dif(data), crc64_nvme(data))
+}
 use crate::integrity::{PiError, PiFormat, PiStore};
 use crate::storage::{AlignedBuf, Image};
 
@@ -27,22 +32,46 @@ fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, us
     pieces
 }
 
-/// Copy one interval from guest memory into `dst`, returning the guard of the copied bytes.
-fn copy_guard(format: PiFormat, dst: &mut [u8], src: &[u8]) -> u64 {
+/// Copy one interval into `dst`, returning the guard of the copied bytes (one fused pass).
+pub(crate) fn copy_guard(format: PiFormat, dst: &mut [u8], src: &[u8]) -> u64 {
     match format {
         PiFormat::Type1 | PiFormat::Type3 => u64::from(copy_crc16_t10dif(dst, src)),
         PiFormat::Nvme64 => copy_crc64_nvme(dst, src),
     }
 }
 
+/// The 64-bit digest that tells whether an interval changed between two looks at it: the
+/// CRC-64/NVME, so a change slips through with probability 2^-64 (for the 16-bit T10 formats
+/// too, whose own guard would miss one change in 65,536).
+pub(crate) fn digest(data: &[u8]) -> u64 {
+    crc64_nvme(data)
+}
+
+/// An interval's guard and its [`digest`], from one pass over the bytes: for nvme64 the guard
+/// is the digest; for the T10 formats one kernel folds both CRCs from the same loads.
+pub(crate) fn guard_and_digest(format: PiFormat, data: &[u8]) -> (u64, u64) {
+    match format {
+        PiFormat::Nvme64 => {
+            let d = crc64_nvme(data);
+            (d, d)
+        }
+        PiFormat::Type1 | PiFormat::Type3 => {
+            let (guard, digest) = crc16_t10dif_and_crc64_nvme(data);
+            (u64::from(guard), digest)
+        }
+    }
+}
+
 /// Walks a request's guest memory one protection interval at a time. An interval that is
 /// contiguous in host memory is handed out in place; one that straddles descriptors or
-/// memory regions is assembled in a scratch copy first.
+/// memory regions is assembled in a scratch copy first (allocated on first need: most
+/// requests never straddle).
 struct GuestIntervals {
     pieces: Vec<(*mut u8, usize)>,
     piece: usize,
     within: usize,
     interval: usize,
+    scratch: Vec<u8>,
 }
 
 impl GuestIntervals {
@@ -52,6 +81,7 @@ impl GuestIntervals {
             piece: 0,
             within: 0,
             interval,
+            scratch: Vec::new(),
         }
     }
 
@@ -59,42 +89,46 @@ impl GuestIntervals {
         self.pieces.iter().map(|p| p.1).sum::<usize>() / self.interval
     }
 
-    /// The next interval: in place if contiguous, else copied into `scratch` (the variant
-    /// tells a copying caller whether it can copy straight from the source).
-    fn next<'a>(&mut self, scratch: &'a mut [u8]) -> Option<Interval<'a>> {
+    /// The next interval: in place if contiguous, else assembled in the scratch buffer (the
+    /// variant tells a copying caller whether it can copy straight from the source).
+    fn next(&mut self) -> Option<Interval<'_>> {
         let (ptr, len) = *self.pieces.get(self.piece)?;
         let interval = self.interval;
-        let result = if len - self.within >= interval {
+        let in_place = len - self.within >= interval;
+        if in_place {
             // SAFETY: ptr+within..+interval lies inside a host mapping of guest memory that the
             // request's memory snapshot keeps mapped. The guest (another process) may change
             // these bytes meanwhile: callers compute guards over a copy they own (writes), or
-            // treat a mismatch as "re-read under the lock" (reads), or compare guards computed
+            // treat a mismatch as "re-read under the lock" (reads), or compare digests computed
             // before and after (mutation detection) — never trust them as stable.
             let data = unsafe { std::slice::from_raw_parts(ptr.add(self.within), interval) };
             self.within += interval;
-            Interval::InPlace(data)
-        } else {
-            let mut filled = 0;
-            while filled < interval {
-                let (ptr, len) = self.pieces[self.piece];
-                let n = (len - self.within).min(interval - filled);
-                // SAFETY: as above; n bytes from ptr+within stay inside this piece.
-                let src = unsafe { std::slice::from_raw_parts(ptr.add(self.within), n) };
-                scratch[filled..filled + n].copy_from_slice(src);
-                filled += n;
-                self.within += n;
-                if self.within == len {
-                    self.piece += 1;
-                    self.within = 0;
-                }
+            if self.within == len {
+                self.piece += 1;
+                self.within = 0;
             }
-            Interval::Assembled(&scratch[..interval])
-        };
-        if self.within > 0 && self.within == self.pieces[self.piece].1 {
-            self.piece += 1;
-            self.within = 0;
+            return Some(Interval::InPlace(data));
         }
-        Some(result)
+        if self.scratch.len() < interval {
+            self.scratch = vec![0u8; interval];
+        }
+        let mut filled = 0;
+        while filled < interval {
+            let Some(&(ptr, len)) = self.pieces.get(self.piece) else {
+                return None; // a trailing partial interval: not whole, not handed out
+            };
+            let n = (len - self.within).min(interval - filled);
+            // SAFETY: as above; n bytes from ptr+within stay inside this piece.
+            let src = unsafe { std::slice::from_raw_parts(ptr.add(self.within), n) };
+            self.scratch[filled..filled + n].copy_from_slice(src);
+            filled += n;
+            self.within += n;
+            if self.within == len {
+                self.piece += 1;
+                self.within = 0;
+            }
+        }
+        Some(Interval::Assembled(&self.scratch[..interval]))
     }
 }
 
@@ -126,10 +160,9 @@ pub fn gather_with_guards(
     guards: &mut Vec<u64>,
 ) {
     let mut walker = GuestIntervals::new(mem, ranges, interval);
-    let mut scratch = [0u8; 4096];
     for chunk in dst.iter_mut() {
         for out in chunk.chunks_exact_mut(interval) {
-            match walker.next(&mut scratch[..interval]) {
+            match walker.next() {
                 Some(Interval::InPlace(src)) => guards.push(copy_guard(format, out, src)),
                 Some(Interval::Assembled(src)) => {
                     out.copy_from_slice(src);
@@ -142,10 +175,8 @@ pub fn gather_with_guards(
 }
 
 /// For a zero-copy write, per interval of the request's data as it is in guest memory now:
-/// its guard (into `guards`, when asked) and a 64-bit digest that tells whether the interval
-/// changed (into `digests`). The digest is the CRC-64/NVME — the guard itself for the nvme64
-/// format; for the 16-bit T10 formats a separate 64-bit CRC, so a change slips through with
-/// probability 2^-64, not 2^-16. Called before submission (guards and digests) and after
+/// its guard (into `guards`, when asked) and its [`digest`] (into `digests`), both from one
+/// pass over guest memory. Called before submission (guards and digests) and after
 /// completion (digests only).
 pub fn guest_digests(
     mem: &GuestMemoryMmap,
@@ -156,18 +187,17 @@ pub fn guest_digests(
     digests: &mut Vec<u64>,
 ) {
     let mut walker = GuestIntervals::new(mem, ranges, interval);
-    let mut scratch = [0u8; 4096];
     digests.reserve(walker.count());
-    while let Some(data) = walker.next(&mut scratch[..interval]) {
+    while let Some(data) = walker.next() {
         let bytes = data.bytes();
-        let digest = crc64_nvme(bytes);
-        if let Some(guards) = guards.as_deref_mut() {
-            guards.push(match format {
-                PiFormat::Nvme64 => digest,
-                PiFormat::Type1 | PiFormat::Type3 => format.guard(bytes),
-            });
+        match guards.as_deref_mut() {
+            Some(guards) => {
+                let (guard, d) = guard_and_digest(format, bytes);
+                guards.push(guard);
+                digests.push(d);
+            }
+            None => digests.push(digest(bytes)),
         }
-        digests.push(digest);
     }
 }
 
@@ -182,11 +212,10 @@ pub fn snapshot_intervals(
     interval: usize,
 ) -> Vec<u64> {
     let mut walker = GuestIntervals::new(mem, ranges, interval);
-    let mut scratch = [0u8; 4096];
     let mut out = Vec::with_capacity(which.len());
     let mut next = 0usize;
     let mut slots = dst.iter_mut().flat_map(|c| c.chunks_exact_mut(interval));
-    while let Some(data) = walker.next(&mut scratch[..interval]) {
+    while let Some(data) = walker.next() {
         let index = next;
         next += 1;
         if !which.contains(&index) {
@@ -226,9 +255,8 @@ pub fn verify_guest(
     let interval = store.interval() as usize;
     let mut walker = GuestIntervals::new(mem, ranges, interval);
     let count = walker.count();
-    let mut scratch = [0u8; 4096];
     let mut lba = first_lba;
-    while let Some(data) = walker.next(&mut scratch[..interval]) {
+    while let Some(data) = walker.next() {
         // A guest changing its own read buffer meanwhile can only make this check fail,
         // which sends the request to the locked re-read.
         store.check(lba, data.bytes()).map_err(|e| (lba, e))?;

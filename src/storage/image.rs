@@ -263,6 +263,38 @@ impl Image {
         rc >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
     }
 
+    /// Whether writing to this image makes the kernel copy the data in the submitting thread
+    /// (tmpfs and ramfs, FUSE, network filesystems, or no O_DIRECT at all: the page cache)
+    /// rather than moving it from the caller's buffer by DMA. Decides whether a zero-copy PI
+    /// write can save a copy at all (`requests::policy`).
+    pub fn kernel_copies_data(&self) -> bool {
+        if self.is_block_device() {
+            return false; // the node sits on devtmpfs; the device itself DMAs
+        }
+        if self.direct_io.is_none() {
+            return true;
+        }
+        // Filesystem magics (linux/magic.h) whose "direct" I/O is a copy by the kernel.
+        const COPYING: [i64; 9] = [
+            0x0102_1994, // tmpfs
+            0x8584_58f6, // ramfs
+            0x6573_5546, // fuse
+            0x0000_6969, // nfs
+            0x0000_517b, // smb
+            0xff53_4d42, // cifs
+            0xfe53_4d42, // smb2
+            0x00c3_6400, // ceph
+            0x0102_1997, // 9p
+        ];
+        // SAFETY: statfs is plain data; fstatfs fills it for our open descriptor.
+        let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the struct outlives the call.
+        if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } != 0 {
+            return false;
+        }
+        COPYING.contains(&(st.f_type as i64))
+    }
+
     /// The engine `--io-engine auto` picks for this image.
     pub fn preferred_engine(&self) -> EngineKind {
         if self.supports_nonblocking_io() {
