@@ -1,50 +1,165 @@
 //! Guard checksums: CRC-16/T10-DIF and CRC-64/NVME.
 //!
-//! On x86-64 CPUs with AVX-512 and VPCLMULQDQ the guards are computed by the carry-less-multiply
-//! folding kernels in [`super::fold`] (detected once, then one relaxed atomic load per call);
-//! elsewhere by the `crc-fast` crate ([`portable`]). The fused copy functions load each block
-//! of the source into SIMD registers once, store it to the destination and fold the same
-//! registers into the CRC: one pass over the data.
+//! Three levels, chosen once per process ([`Level`]; then one relaxed atomic load per call):
+//! on x86-64 CPUs with AVX-512 and VPCLMULQDQ the carry-less-multiply folding kernels in
+//! [`super::fold`] on zmm; else, with AVX2 and VPCLMULQDQ (AMD Zen 3, Intel client cores), the
+//! same kernels on ymm; elsewhere the `crc-fast` crate ([`portable`]). The fused copy functions
+//! load each block of the source into SIMD registers once, store it to the destination and
+//! fold the same registers into the CRC: one pass over the data. [`crc16_t10dif_and_crc64_nvme`]
+//! folds both polynomials from the same loads (the T10 guard plus a 64-bit change digest for
+//! zero-copy writes).
 //!
-//! `benches/crc.rs` measures these against ISA-L and the `crc` crate; tests cross-check them
-//! against the `crc` crate's table implementation, the reference.
+//! `benches/crc.rs` measures these against ISA-L and the `crc` crate (docs/ROOFLINE.md
+//! explains the ceilings); tests cross-check every level against the `crc` crate's table
+//! implementation, the reference.
 
 #[cfg(target_arch = "x86_64")]
 use super::fold::x86;
 
-/// Whether the SIMD kernels are in use on this CPU.
+/// Which implementation computes the guards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    /// zmm kernels: `x86::available()` returned true.
+    Avx512,
+    /// ymm kernels: `x86::available_avx2()` returned true.
+    Avx2,
+    /// `crc-fast`.
+    Portable,
+}
+
+/// The best level this CPU supports (detected once, in `fold::x86`).
 #[inline]
-fn simd() -> bool {
+fn level() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
-        x86::available()
+        if x86::available() {
+            return Level::Avx512;
+        }
+        if x86::available_avx2() {
+            return Level::Avx2;
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Level::Portable
 }
+
+/// Every level this CPU supports, best first (for tests that force each one).
+#[cfg(test)]
+fn levels() -> Vec<Level> {
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x86::available() {
+            v.push(Level::Avx512);
+        }
+        if x86::available_avx2() {
+            v.push(Level::Avx2);
+        }
+    }
+    v.push(Level::Portable);
+    v
+}
+
+// The `*_at` functions run one level. Callers pass `level()` or, in tests, an entry of
+// `levels()`: a SIMD level is only ever passed after its detection function returned true,
+// which is the contract of every `x86` entry point called below.
 
 /// CRC-16/T10-DIF register update (not reflected, so the register is the CRC itself).
 #[inline]
-fn t10dif_update(state: u16, data: &[u8]) -> u16 {
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: x86::available() confirmed the kernel's target features.
-        return unsafe { x86::t10dif_update(state, data) };
+fn t10dif_update_at(l: Level, state: u16, data: &[u8]) -> u16 {
+    match l {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx512 only comes from x86::available() returning true.
+        Level::Avx512 => unsafe { x86::t10dif_update(state, data) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx2 only comes from x86::available_avx2() returning true.
+        Level::Avx2 => unsafe { x86::avx2::t10dif_update(state, data) },
+        _ => portable::t10dif_update(state, data),
     }
-    portable::t10dif_update(state, data)
 }
 
 /// CRC-64/NVME register update (reflected register; the CRC is `register ^ !0`).
 #[inline]
-fn nvme_update(state: u64, data: &[u8]) -> u64 {
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: x86::available() confirmed the kernel's target features.
-        return unsafe { x86::nvme_update(state, data) };
+fn nvme_update_at(l: Level, state: u64, data: &[u8]) -> u64 {
+    match l {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx512 only comes from x86::available() returning true.
+        Level::Avx512 => unsafe { x86::nvme_update(state, data) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx2 only comes from x86::available_avx2() returning true.
+        Level::Avx2 => unsafe { x86::avx2::nvme_update(state, data) },
+        _ => portable::nvme_update(state, data),
     }
-    portable::nvme_update(state, data)
+}
+
+/// Copy `src` to `dst` (same length, checked by the caller) and update the CRC-16 register.
+#[inline]
+fn t10dif_copy_update_at(l: Level, state: u16, dst: &mut [u8], src: &[u8]) -> u16 {
+    match l {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx512 only comes from x86::available() returning true.
+        Level::Avx512 => unsafe { x86::t10dif_copy_update(state, dst, src) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx2 only comes from x86::available_avx2() returning true.
+        Level::Avx2 => unsafe { x86::avx2::t10dif_copy_update(state, dst, src) },
+        _ => {
+            dst.copy_from_slice(src);
+            portable::t10dif_update(state, dst)
+        }
+    }
+}
+
+/// Copy `src` to `dst` (same length, checked by the caller) and update the CRC-64 register.
+#[inline]
+fn nvme_copy_update_at(l: Level, state: u64, dst: &mut [u8], src: &[u8]) -> u64 {
+    match l {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx512 only comes from x86::available() returning true.
+        Level::Avx512 => unsafe { x86::nvme_copy_update(state, dst, src) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx2 only comes from x86::available_avx2() returning true.
+        Level::Avx2 => unsafe { x86::avx2::nvme_copy_update(state, dst, src) },
+        _ => {
+            dst.copy_from_slice(src);
+            portable::nvme_update(state, dst)
+        }
+    }
+}
+
+/// Both registers over `data`: one pass (same loads) on the SIMD levels, two otherwise.
+#[inline]
+fn t10dif_nvme_update_at(l: Level, s16: u16, s64: u64, data: &[u8]) -> (u16, u64) {
+    match l {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx512 only comes from x86::available() returning true.
+        Level::Avx512 => unsafe { x86::t10dif_nvme_update(s16, s64, data) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Level::Avx2 only comes from x86::available_avx2() returning true.
+        Level::Avx2 => unsafe { x86::avx2::t10dif_nvme_update(s16, s64, data) },
+        _ => (
+            portable::t10dif_update(s16, data),
+            portable::nvme_update(s64, data),
+        ),
+    }
+}
+
+#[inline]
+fn t10dif_update(state: u16, data: &[u8]) -> u16 {
+    t10dif_update_at(level(), state, data)
+}
+
+#[inline]
+fn nvme_update(state: u64, data: &[u8]) -> u64 {
+    nvme_update_at(level(), state, data)
+}
+
+/// Which implementation this CPU uses: `"avx512"`, `"avx2"` or `"portable"` (for logs and
+/// benches).
+pub fn implementation() -> &'static str {
+    match level() {
+        Level::Avx512 => "avx512",
+        Level::Avx2 => "avx2",
+        Level::Portable => "portable",
+    }
 }
 
 /// CRC-16/T10-DIF: the guard of T10 Type 1/2/3 protection information.
@@ -59,6 +174,17 @@ pub fn crc64_nvme(data: &[u8]) -> u64 {
     nvme_update(!0, data) ^ !0
 }
 
+/// `(crc16_t10dif(data), crc64_nvme(data))` in one pass: every block is loaded once and
+/// folded into both CRCs. For zero-copy PI writes: the T10 guard, plus a 64-bit digest that
+/// later tells whether the guest changed the buffer. (Both CRCs' carry-less multiplies still
+/// run, so on a CLMUL-bound CPU this is about as fast as the two CRCs back to back on data
+/// already in cache; it saves the second pass over memory.)
+#[inline]
+pub fn crc16_t10dif_and_crc64_nvme(data: &[u8]) -> (u16, u64) {
+    let (a, b) = t10dif_nvme_update_at(level(), 0, !0, data);
+    (a, b ^ !0)
+}
+
 /// Copy one protection interval from `src` to `dst` and return its CRC-16/T10-DIF guard,
 /// computed over the bytes as written to `dst` (the bytes that will reach the disk), in one
 /// pass: every block is loaded once, stored, and folded from the same registers.
@@ -67,26 +193,14 @@ pub fn crc64_nvme(data: &[u8]) -> u64 {
 #[inline]
 pub fn copy_crc16_t10dif(dst: &mut [u8], src: &[u8]) -> u16 {
     assert_eq!(dst.len(), src.len(), "copy_crc16_t10dif: length mismatch");
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: x86::available() confirmed the kernel's target features.
-        return unsafe { x86::t10dif_copy_update(0, dst, src) };
-    }
-    dst.copy_from_slice(src);
-    portable::t10dif_update(0, dst)
+    t10dif_copy_update_at(level(), 0, dst, src)
 }
 
 /// As [`copy_crc16_t10dif`], with the CRC-64/NVME guard.
 #[inline]
 pub fn copy_crc64_nvme(dst: &mut [u8], src: &[u8]) -> u64 {
     assert_eq!(dst.len(), src.len(), "copy_crc64_nvme: length mismatch");
-    #[cfg(target_arch = "x86_64")]
-    if simd() {
-        // SAFETY: x86::available() confirmed the kernel's target features.
-        return unsafe { x86::nvme_copy_update(!0, dst, src) } ^ !0;
-    }
-    dst.copy_from_slice(src);
-    portable::nvme_update(!0, dst) ^ !0
+    nvme_copy_update_at(level(), !0, dst, src) ^ !0
 }
 
 /// Incremental CRC-16/T10-DIF, for an interval split over several buffers:
@@ -111,14 +225,7 @@ impl Crc16T10Dif {
     #[inline]
     pub fn copy_update(&mut self, dst: &mut [u8], src: &[u8]) {
         assert_eq!(dst.len(), src.len(), "copy_update: length mismatch");
-        #[cfg(target_arch = "x86_64")]
-        if simd() {
-            // SAFETY: x86::available() confirmed the kernel's target features.
-            self.state = unsafe { x86::t10dif_copy_update(self.state, dst, src) };
-            return;
-        }
-        dst.copy_from_slice(src);
-        self.state = portable::t10dif_update(self.state, dst);
+        self.state = t10dif_copy_update_at(level(), self.state, dst, src);
     }
 
     #[inline]
@@ -153,14 +260,7 @@ impl Crc64Nvme {
     #[inline]
     pub fn copy_update(&mut self, dst: &mut [u8], src: &[u8]) {
         assert_eq!(dst.len(), src.len(), "copy_update: length mismatch");
-        #[cfg(target_arch = "x86_64")]
-        if simd() {
-            // SAFETY: x86::available() confirmed the kernel's target features.
-            self.state = unsafe { x86::nvme_copy_update(self.state, dst, src) };
-            return;
-        }
-        dst.copy_from_slice(src);
-        self.state = portable::nvme_update(self.state, dst);
+        self.state = nvme_copy_update_at(level(), self.state, dst, src);
     }
 
     #[inline]
@@ -298,8 +398,156 @@ mod tests {
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("vpclmulqdq")
         {
-            assert!(simd());
+            assert_eq!(level(), Level::Avx512);
         }
+        #[cfg(target_arch = "x86_64")]
+        if !std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("vpclmulqdq")
+        {
+            assert_eq!(level(), Level::Avx2);
+        }
+        // Portable is always there; a SIMD level is listed iff its detection said so.
+        assert_eq!(levels().last(), Some(&Level::Portable));
+        assert_eq!(levels()[0], level());
+    }
+
+    /// Every computation of one level against the reference, for `data`.
+    fn check_at(l: Level, data: &[u8], what: &str) {
+        let (r16, r64) = (CRC16_REF.checksum(data), CRC64_REF.checksum(data));
+        assert_eq!(t10dif_update_at(l, 0, data), r16, "{l:?} crc16, {what}");
+        assert_eq!(nvme_update_at(l, !0, data) ^ !0, r64, "{l:?} crc64, {what}");
+        let (d16, d64) = t10dif_nvme_update_at(l, 0, !0, data);
+        assert_eq!((d16, d64 ^ !0), (r16, r64), "{l:?} dual, {what}");
+        let mut dst = vec![0x5Au8; data.len()];
+        assert_eq!(
+            t10dif_copy_update_at(l, 0, &mut dst, data),
+            r16,
+            "{l:?} copy crc16, {what}"
+        );
+        assert_eq!(dst, data, "{l:?} copy crc16 bytes, {what}");
+        let mut dst = vec![0xA5u8; data.len()];
+        assert_eq!(
+            nvme_copy_update_at(l, !0, &mut dst, data) ^ !0,
+            r64,
+            "{l:?} copy crc64, {what}"
+        );
+        assert_eq!(dst, data, "{l:?} copy crc64 bytes, {what}");
+    }
+
+    #[test]
+    fn every_level_every_length_up_to_600_and_big_ones() {
+        for l in levels() {
+            for len in 0..=600usize {
+                check_at(l, &noise(len, len as u64 + 11), &format!("len {len}"));
+            }
+            for len in [
+                1008usize,
+                1024,
+                4080,
+                4096,
+                4104,
+                4112,
+                4128,
+                8192 + 48,
+                65536,
+                65536 + 13,
+                1 << 20,
+            ] {
+                check_at(l, &noise(len, len as u64 * 5), &format!("len {len}"));
+            }
+            for len in [16usize, 32, 128, 512, 4096] {
+                check_at(l, &vec![0u8; len], &format!("zeros {len}"));
+                check_at(l, &vec![0xFFu8; len], &format!("ones {len}"));
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_misaligned_source_and_destination() {
+        let big = noise(4096 + 8 + 128, 77);
+        for l in levels() {
+            for offset in 0..64usize {
+                for len in [
+                    0usize, 5, 16, 32, 48, 100, 128, 144, 256, 512, 520, 4096, 4104,
+                ] {
+                    let s = &big[offset..offset + len];
+                    check_at(l, s, &format!("offset {offset} len {len}"));
+                    let mut out = vec![0u8; len + 64];
+                    let d = &mut out[64 - offset..64 - offset + len];
+                    assert_eq!(t10dif_copy_update_at(l, 0, d, s), CRC16_REF.checksum(s));
+                    assert_eq!(d, s, "{l:?} offset {offset} len {len}");
+                    let d = &mut out[(offset * 7) % 64..(offset * 7) % 64 + len];
+                    assert_eq!(nvme_copy_update_at(l, !0, d, s) ^ !0, CRC64_REF.checksum(s));
+                    assert_eq!(d, s, "{l:?} offset {offset} len {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_level_carries_registers() {
+        for l in levels() {
+            // Arbitrary carried-in registers, against the byte tables.
+            for len in [0usize, 3, 16, 32, 48, 112, 128, 144, 255, 256, 600, 4104] {
+                let data = noise(len, 3 + len as u64);
+                for state in [0u64, 1, 0xFFFF, 0x1234, !0, 0xDEAD_BEEF_0BAD_F00D] {
+                    let t16 = super::super::fold::t10dif::update_table(state as u16, &data);
+                    let t64 = super::super::fold::nvme::update_table(state, &data);
+                    let what = format!("{l:?} len {len} state {state:x}");
+                    assert_eq!(t10dif_update_at(l, state as u16, &data), t16, "{what}");
+                    assert_eq!(nvme_update_at(l, state, &data), t64, "{what}");
+                    let (d16, d64) = t10dif_nvme_update_at(l, state as u16, state, &data);
+                    assert_eq!((d16, d64), (t16, t64), "dual, {what}");
+                    let mut dst = vec![0u8; len];
+                    assert_eq!(
+                        t10dif_copy_update_at(l, state as u16, &mut dst, &data),
+                        t16,
+                        "{what}"
+                    );
+                    assert_eq!(
+                        nvme_copy_update_at(l, state, &mut dst, &data),
+                        t64,
+                        "{what}"
+                    );
+                    assert_eq!(dst, data);
+                }
+            }
+            // Split points: the register carried between pieces, against the reference.
+            let data = noise(4104, 1234);
+            let (r16, r64) = (CRC16_REF.checksum(&data), CRC64_REF.checksum(&data));
+            for cut in (0..=data.len()).step_by(37).chain([16, 128, 512, 4096]) {
+                let (a, b) = data.split_at(cut);
+                let s16 = t10dif_update_at(l, t10dif_update_at(l, 0, a), b);
+                let s64 = nvme_update_at(l, nvme_update_at(l, !0, a), b);
+                assert_eq!((s16, s64 ^ !0), (r16, r64), "{l:?} cut {cut}");
+                let (x, y) = t10dif_nvme_update_at(l, 0, !0, a);
+                let (x, y) = t10dif_nvme_update_at(l, x, y, b);
+                assert_eq!((x, y ^ !0), (r16, r64), "{l:?} dual cut {cut}");
+                let mut dst = vec![0u8; data.len()];
+                let (da, db) = dst.split_at_mut(cut);
+                let c16 = t10dif_copy_update_at(l, t10dif_copy_update_at(l, 0, da, a), db, b);
+                let c64 = nvme_copy_update_at(l, nvme_copy_update_at(l, !0, da, a), db, b);
+                assert_eq!((c16, c64 ^ !0), (r16, r64), "{l:?} copy cut {cut}");
+                assert_eq!(dst, data);
+            }
+        }
+    }
+
+    #[test]
+    fn guard_and_digest_in_one_pass() {
+        for len in (0..=600usize).chain([4096, 4104, 65536]) {
+            let data = noise(len, 99 + len as u64);
+            assert_eq!(
+                crc16_t10dif_and_crc64_nvme(&data),
+                (crc16_t10dif(&data), crc64_nvme(&data)),
+                "len {len}"
+            );
+        }
+        assert_eq!(
+            crc16_t10dif_and_crc64_nvme(b"123456789"),
+            (0xD0DB, 0xAE8B_1486_0A79_9888)
+        );
     }
 
     #[test]

@@ -10,12 +10,9 @@ use std::sync::atomic::Ordering;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use super::parse::GuestRange;
-use crate::integrity::guard::{copy_crc16_t10dif, copy_crc64_nvme, crc16_t10dif, crc64_nvme};
-
-// TEMPORARY until the one-pass kernel lands in guard.rs.
-fn crc16_t10dif_and_crc64_nvme(data: &[u8]) -> (u16, u64) {
-    (crc16_t10dif(data), crc64_nvme(data))
-}
+use crate::integrity::guard::{
+    copy_crc16_t10dif, copy_crc64_nvme, crc16_t10dif_and_crc64_nvme, crc64_nvme,
+};
 use crate::integrity::{PiError, PiFormat, PiStore};
 use crate::storage::{AlignedBuf, Image};
 
