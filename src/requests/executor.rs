@@ -439,9 +439,11 @@ impl Executor {
                 let offset = sector * SECTOR_SIZE;
                 if let Some(pi) = &pi {
                     let interval = u64::from(pi.interval());
+                    let (lba, count) = (offset / interval, len / interval);
+                    pi.meta.prefetch_tuples(lba, count);
                     inflight.pi = PiWork::Read {
-                        lba: offset / interval,
-                        count: len / interval,
+                        lba,
+                        count,
                         guest: data.clone(),
                     };
                 }
@@ -599,6 +601,7 @@ impl Executor {
     ) -> io::Result<Vec<libc::iovec>> {
         let interval = u64::from(pi.interval());
         let (lba, count) = (offset / interval, len / interval);
+        pi.meta.prefetch_tuples(lba, count);
         let iovecs = guest_iovecs(&inflight.mem, &data);
         let direct = self.direct_ok(offset, &iovecs);
         let mut by_cost = false;
