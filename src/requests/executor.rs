@@ -154,7 +154,7 @@ enum PiWork {
         /// Zero-copy: 64-bit digests of the intervals as submitted (see `guest_digests`).
         digests: Vec<u64>,
         rewriting: Vec<usize>,
-        /// A zero-copy write the cost model samples: CPU nanoseconds of its passes so far.
+        /// A zero-copy write the cost model samples: nanoseconds its passes took so far.
         sampled_ns: Option<u64>,
     },
     /// Discard / write-zeroes: segments that completed now read as zeros (unwritten).
@@ -627,7 +627,6 @@ impl Executor {
         // Lock before buffer (see lock_range): whoever holds chunks never waits for a lock.
         self.lock_range(pi, lba, lba + count, done);
         inflight.locked = Some((lba, lba + count));
-        let started = sample.then(policy::stopwatch);
         let bounce = (mode == WriteMode::Bounced).then(|| self.take_bounce(len as usize, done));
         if let Err(e) = pi.meta.begin_write(lba, count) {
             pi.meta.end_write(lba, count);
@@ -636,6 +635,9 @@ impl Executor {
             }
             return Err(e);
         }
+        // Timed from here: the path's own work, not waiting for the pool or for a write
+        // intent to become durable (the same for both paths, and occasionally long).
+        let started = sample.then(policy::stopwatch);
         let mut guards = Vec::with_capacity(count as usize);
         let mut digests = Vec::new();
         let mut sampled_ns = None;
