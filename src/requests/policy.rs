@@ -237,6 +237,11 @@ struct ClassState {
     path: WritePath,
     /// Estimated cost per path, picoseconds per byte (EWMA of samples, 1/8 weight).
     cost: [u32; 2],
+    /// Whether each path has had samples of its own. Until it has, its estimate moves in
+    /// proportion with the other's: real traffic costs more than scratch memory for both
+    /// (cold guest cache lines), and the frequently sampled path must not look dearer than
+    /// the rarely explored one only because its estimate was corrected first.
+    sampled: [bool; 2],
     writes: u32,
 }
 
@@ -264,6 +269,7 @@ impl WriteCosts {
             classes: std::array::from_fn(|c| ClassState {
                 path: initial[c],
                 cost: [basis.calibration.zero_copy[c], basis.calibration.bounce[c]],
+                sampled: [false; 2],
                 writes: 0,
             }),
         }
@@ -316,7 +322,14 @@ impl WriteCosts {
         let old = &mut state.cost[path.index()];
         let current = u64::from(*old).max(1);
         let sample = (nanos.saturating_mul(1000) / len).clamp(current / 4, current * 4);
-        *old = ((current * 7 + sample) / 8).clamp(1, u64::from(u32::MAX)) as u32;
+        let new = ((current * 7 + sample) / 8).clamp(1, u64::from(u32::MAX));
+        *old = new as u32;
+        state.sampled[path.index()] = true;
+        let other = path.other().index();
+        if !state.sampled[other] {
+            let scaled = u64::from(state.cost[other]) * new / current;
+            state.cost[other] = scaled.clamp(1, u64::from(u32::MAX)) as u32;
+        }
         let current = f64::from(state.cost[state.path.index()]);
         let other = f64::from(state.cost[state.path.other().index()]);
         if other * (1.0 + HYSTERESIS) < current {
@@ -434,7 +447,9 @@ mod tests {
     fn online_samples_move_the_decision_with_hysteresis() {
         let mut costs = WriteCosts::new(&basis(Target::Dma, AutoPath::Cost, 200, 210));
         assert_eq!(costs.choose(4096).path, WritePath::ZeroCopy);
-        // Zero-copy turns out dearer on real guest memory than on scratch memory.
+        // An explored bounce costs what calibration said; zero-copy turns out dearer on real
+        // guest memory than on scratch memory.
+        costs.record(4096, WritePath::Bounce, 4096 * 210 / 1000);
         for _ in 0..4 {
             costs.record(4096, WritePath::ZeroCopy, 4096 * 400 / 1000);
         }
@@ -462,6 +477,37 @@ mod tests {
         );
         // Other classes were not touched.
         assert_eq!(costs.snapshot()[3], (WritePath::ZeroCopy, 200, 210));
+    }
+
+    #[test]
+    fn the_unsampled_path_keeps_its_calibrated_ratio_to_the_sampled_one() {
+        // Bounce is calibrated 2x cheaper; real traffic costs 3x the calibration for both, but
+        // bounce (the chosen path) is sampled 8x as often as zero-copy is explored.
+        let mut costs = WriteCosts::new(&basis(Target::Dma, AutoPath::Cost, 200, 100));
+        for _ in 0..30 {
+            costs.record(4096, WritePath::Bounce, 4096 * 300 / 1000);
+            assert_eq!(
+                costs.choose(4096).path,
+                WritePath::Bounce,
+                "{:?}",
+                costs.snapshot()
+            );
+        }
+        let (_, zero_copy, bounce) = costs.snapshot()[0];
+        assert!(
+            (560..=610).contains(&zero_copy) && (280..=300).contains(&bounce),
+            "{zero_copy} {bounce}"
+        );
+        // Once zero-copy has samples of its own they count, not the ratio.
+        for _ in 0..40 {
+            costs.record(4096, WritePath::ZeroCopy, 4096 * 250 / 1000);
+        }
+        assert_eq!(
+            costs.choose(4096).path,
+            WritePath::ZeroCopy,
+            "{:?}",
+            costs.snapshot()
+        );
     }
 
     #[test]
@@ -502,6 +548,7 @@ mod tests {
     fn a_new_session_resumes_what_the_last_one_learned() {
         let b = basis(Target::Dma, AutoPath::Cost, 200, 300);
         let mut first = WriteCosts::new(&b);
+        first.record(4096, WritePath::Bounce, 4096 * 300 / 1000);
         for _ in 0..20 {
             first.record(4096, WritePath::ZeroCopy, 4096 * 800 / 1000);
         }
