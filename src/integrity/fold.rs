@@ -425,12 +425,7 @@ pub(crate) mod x86 {
             ),
             0x96,
         );
-        let kb = _mm_set_epi64x(S::BARRETT[1] as i64, S::BARRETT[0] as i64);
-        if S::REFLECTED {
-            reduce_reflected(w, kb)
-        } else {
-            reduce_t10dif(w, kb)
-        }
+        reduce::<S>(w)
     }
 
     /// w (degree <= 78) mod P for CRC-16. With T = floor(w/x^16) and mu = floor(x^78/P),
