@@ -521,6 +521,29 @@ mod tests {
     }
 
     #[test]
+    fn auto_path_only_with_bounce_auto() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Serve(s) => s.to_config(EngineKind::IoUring),
+            _ => unreachable!(),
+        };
+        let ok = parse(&["guardblk", "serve", "--auto-path", "zero-copy"]).unwrap();
+        assert_eq!(ok.device.auto_path, AutoPath::ZeroCopy);
+        assert_eq!(
+            parse(&["guardblk", "serve"]).unwrap().device.auto_path,
+            AutoPath::Cost
+        );
+        for other in [
+            &["--bounce", "never"][..],
+            &["--bounce", "always"],
+            &["--no-mutation-check"],
+        ] {
+            let mut args = vec!["guardblk", "serve", "--auto-path", "bounce"];
+            args.extend_from_slice(other);
+            assert_eq!(parse(&args).unwrap_err(), CliError::AutoPathWithoutAuto);
+        }
+    }
+
+    #[test]
     fn help_is_consistent() {
         Cli::command().debug_assert();
     }
