@@ -24,6 +24,7 @@ use vmm_sys_util::event::{
 
 use super::config_space::{parse_wce_write, BlkConfig};
 use super::features;
+use super::polling::PollGovernor;
 use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
 use crate::requests::mutation::MutationTracker;
@@ -65,6 +66,7 @@ struct QueueWorker {
     /// Captured on the first event so GET_VRING_BASE can complete requests without one.
     vring: Option<Vring>,
     done: Vec<UsedEntry>,
+    polling: PollGovernor,
 }
 
 struct Device {
@@ -77,7 +79,6 @@ struct Device {
     writeback: AtomicBool,
     acked_features: AtomicU64,
     read_only: bool,
-    poll_window: Duration,
 }
 
 /// One frontend session's device. Cheap to clone (vhost-user-backend hands clones to its
@@ -124,6 +125,7 @@ impl BlkBackend {
                     executor,
                     vring: None,
                     done: Vec::new(),
+                    polling: PollGovernor::new(settings.poll_window),
                 }))
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -138,7 +140,6 @@ impl BlkBackend {
                 writeback: AtomicBool::new(settings.writeback),
                 acked_features: AtomicU64::new(0),
                 read_only: image.read_only(),
-                poll_window: settings.poll_window,
             }),
         })
     }
@@ -186,14 +187,16 @@ impl BlkBackend {
         }
     }
 
-    /// Serve the queue until it has been idle for the polling window: start new requests,
-    /// collect completions, return used entries. Polling (with guest notifications off)
-    /// under load saves the guest a kick and us a wakeup per batch; when the window passes
-    /// without work, notifications are re-enabled and the thread sleeps in epoll.
+    /// Serve the queue until it has nothing to do: start new requests, collect completions,
+    /// return used entries. While idle with nothing in flight the thread polls the ring for
+    /// a while (with guest notifications off), which saves the guest a kick and us a wakeup;
+    /// [`PollGovernor`] decides how long. Then notifications are re-enabled and the thread
+    /// sleeps in epoll until a kick or a completion.
     fn process_queue(&self, worker: &mut QueueWorker, vring: &Vring) {
         let event_idx = self.device.event_idx.load(Ordering::Relaxed);
         let write_through = !self.device.writeback.load(Ordering::Relaxed);
         let mut last_work = Instant::now();
+        let mut last_spin = last_work;
         if event_idx {
             let _ = vring.disable_notification();
         }
@@ -233,11 +236,22 @@ impl BlkBackend {
             worker.executor.reap(&mut worker.done);
             let completed = worker.done.len();
             self.push_used(worker, vring);
+            let now = Instant::now();
             if started > 0 || completed > 0 {
-                last_work = Instant::now();
+                last_work = now;
+                last_spin = now;
                 continue;
             }
-            if last_work.elapsed() < self.device.poll_window {
+            let in_flight = worker.executor.in_flight();
+            if worker.polling.keep_spinning(now, last_work, in_flight) {
+                if worker.polling.spun(last_spin, now) && worker.polling.pauses() == 1 {
+                    tracing::info!(
+                        "a queue thread was preempted while polling: its CPU is shared with \
+                         another busy task, so it sleeps between requests for a while (polling \
+                         resumes once the CPU is free again)"
+                    );
+                }
+                last_spin = now;
                 std::hint::spin_loop();
                 continue;
             }

@@ -6,5 +6,6 @@
 pub mod backend;
 pub mod config_space;
 pub mod features;
+pub mod polling;
 
 pub use backend::{BlkBackend, DeviceSettings};
