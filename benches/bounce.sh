@@ -8,9 +8,10 @@
 #                          [--only CELL,...] [--target tmpfs|xfs|both] [--daemon-cpu N] [--client-cpu N]
 #
 # 1. Clean load (nobody touches a buffer in flight): 4 KiB random write and read at QD 32, 128 KiB
-#    sequential read and write at QD 8, auto / never / always / qsd in every cell. Targets, per
-#    target and workload: auto >= 0.97 x max(never, always); auto (PI) >= 1.0 x qsd (no PI) at
-#    4 KiB, >= 0.9 x at 128 KiB.
+#    sequential read and write at QD 8, auto / never / always / qsd / nopi (guardblk without PI) in
+#    every cell. Targets, per target and workload: auto >= 0.97 x max(never, always); auto (PI) >=
+#    1.0 x qsd (no PI) at 4 KiB, >= 0.9 x at 128 KiB; PI reads (auto) >= 0.95 x guardblk without PI;
+#    CPU per zero-copy PI 4 KiB write (never) <= 1.3 x a write without PI.
 # 2. Mutating load (loadgen --scribble: a thread keeps overwriting every in-flight write buffer;
 #    fixed buffer per slot): per mode a fresh daemon, a --warmup run, then a measured run against
 #    the same daemon (it keeps what it learned); the fraction of the measured session's writes
@@ -27,7 +28,7 @@
 # directory; needs root). Each cell runs --rounds times (default 3; the order of the daemons
 # rotates every round) and the tables report the run with the median IOPS; ratios are of those
 # medians, with each round's own ratio beside them. The daemon is pinned to --daemon-cpu (default
-# 0), the load generator to --client-cpu (default 1). --quick: 3 s runs, 2 s warm-up (about 11
+# 0), the load generator to --client-cpu (default 1). --quick: 3 s runs, 2 s warm-up (about 13
 # minutes for both targets; the full run about 27). --keep keeps the logs (kept anyway when
 # something failed). --only runs just the named cells (4k-randwrite-qd32, 4k-randread-qd32,
 # 128k-read-qd8, 128k-write-qd8, scribble-all, scribble-pagefile, overlap-scribble,
@@ -47,7 +48,7 @@ daemon_cpu=0
 client_cpu=1
 
 usage() {
-    sed -n '2,36s/^# \{0,1\}//p' "$0"
+    sed -n '2,37s/^# \{0,1\}//p' "$0"
     exit "${1:-0}"
 }
 
@@ -113,8 +114,8 @@ trap 'exit 130' INT TERM
 
 bytes=$(numfmt --from=iec "$size")
 
-# start_daemon NAME LOG: NAME is qsd or a guardblk --bounce mode (auto, never, always) or
-# unchecked (--no-mutation-check). Pinned to $daemon_cpu. Sets daemon_pid; returns once it listens.
+# start_daemon NAME LOG: NAME is qsd, nopi (guardblk on the plain image, no PI), a guardblk --bounce
+# mode (auto, never, always) or unchecked (--no-mutation-check). Pinned to $daemon_cpu. Sets daemon_pid; returns once it listens.
 start_daemon() {
     local name=$1 log=$2 sock="$work/sock"
     local pin=(taskset -c "$daemon_cpu")
@@ -125,6 +126,9 @@ start_daemon() {
                 --blockdev "driver=file,node-name=file0,filename=$image,cache.direct=on,aio=native" \
                 --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
                 >/dev/null 2>"$log" &
+            ;;
+        nopi)
+            RUST_LOG=info "${pin[@]}" "$guardblk" serve "$image" --socket "$sock" --queues 1 >/dev/null 2>"$log" &
             ;;
         unchecked)
             RUST_LOG=info "${pin[@]}" "$guardblk" serve "$pi_image" --socket "$sock" --queues 1 --bounce never \
@@ -236,7 +240,7 @@ measure() {
     [[ $status == ok ]] && lg=$(tail -n 1 "$out")
     [[ $name != qsd ]] && counters=$(session "$n" "$log")
     [[ $name != qsd && $n == 2 ]] && warm=$(session 1 "$log")
-    if [[ $name != qsd ]]; then
+    if [[ $name != qsd && $name != nopi ]]; then
         read -r lines scrub <<<"$(pi_check "$log")"
         checks=$(jq -n --arg l "$lines" --arg s "$scrub" '{guard_error_lines: ($l | tonumber), scrub_guard_errors: ($s | tonumber? // $s)}')
     fi
@@ -267,10 +271,10 @@ rotate() {
 
 # Cell name, daemons, loadgen arguments.
 clean=(
-    "4k-randwrite-qd32|auto never always qsd|--rw randwrite --bs 4k --iodepth 32"
-    "4k-randread-qd32|auto never always qsd|--rw randread --bs 4k --iodepth 32"
-    "128k-read-qd8|auto never always qsd|--rw read --bs 128k --iodepth 8"
-    "128k-write-qd8|auto never always qsd|--rw write --bs 128k --iodepth 8"
+    "4k-randwrite-qd32|auto never always qsd nopi|--rw randwrite --bs 4k --iodepth 32"
+    "4k-randread-qd32|auto never always qsd nopi|--rw randread --bs 4k --iodepth 32"
+    "128k-read-qd8|auto never always qsd nopi|--rw read --bs 128k --iodepth 8"
+    "128k-write-qd8|auto never always qsd nopi|--rw write --bs 128k --iodepth 8"
 )
 mutating=(
     "scribble-all|auto never always|--rw randwrite --bs 4k --iodepth 32 --scribble --no-overlap"
@@ -354,6 +358,18 @@ ratio() {
             select(length == ($bs | length)) | $x.iops / max] as $per |
         if $ma == null or any($mbs[]; . == null) then "n/a"
         else "\($ma / ($mbs | max) * 1000 | round / 1000) (rounds: \($per | map(. * 100 | round / 100 | tostring) | join(" ")))" end' \
+        "$results"
+}
+# cpu_ratio TARGET SECTION CELL A B: "median-ratio (round ratios)" of daemon CPU per I/O, A over B
+# (medians over all of each daemon's runs).
+cpu_ratio() {
+    jq -s -r --arg t "$1" --arg s "$2" --arg c "$3" --arg a "$4" --arg b "$5" '
+        def runs($d): map(select(.target == $t and .section == $s and .cell == $c and .daemon == $d and .status == "ok"));
+        def median: sort | if length == 0 then null else .[length / 2 | floor] end;
+        (runs($a) | map(.daemon_cpu_us_per_io) | median) as $ma | (runs($b) | map(.daemon_cpu_us_per_io) | median) as $mb |
+        [runs($a)[] as $x | runs($b)[] | select(.round == $x.round) | $x.daemon_cpu_us_per_io / .daemon_cpu_us_per_io] as $per |
+        if $ma == null or $mb == null then "n/a"
+        else "\($ma / $mb * 1000 | round / 1000) (rounds: \($per | map(. * 100 | round / 100 | tostring) | join(" ")))" end' \
         "$results"
 }
 rval() { echo "${1%% *}"; }
@@ -450,6 +466,15 @@ for tgt in "${bench_targets[@]}"; do
         r=$(ratio "$tgt" clean "$cell" auto qsd)
         row "$tgt $cell: auto / qsd              (>= $qmin)" "$r" "$(verdict "$(rval "$r")" '>=' "$qmin")"
         row "$tgt $cell: always / never (cost of a bounce; info)" "$(ratio "$tgt" clean "$cell" always never)" ""
+        case "$cell" in
+            *read*) row "$tgt $cell: auto / guardblk without PI (>= 0.95)" "$(ratio "$tgt" clean "$cell" auto nopi)" \
+                "$(verdict "$(rval "$(ratio "$tgt" clean "$cell" auto nopi)")" '>=' 0.95)" ;;
+            *) row "$tgt $cell: auto / guardblk without PI (info)" "$(ratio "$tgt" clean "$cell" auto nopi)" "" ;;
+        esac
+        if [[ $cell == 4k-randwrite-qd32 ]]; then
+            r=$(cpu_ratio "$tgt" clean "$cell" never nopi)
+            row "$tgt $cell: CPU/IO never (zero-copy) / without PI (<= 1.3)" "$r" "$(verdict "$(rval "$r")" '<=' 1.3)"
+        fi
     done
     # Rewrite fraction of auto's measured sessions, every round (the target applies to each).
     auto_rw=$(jq -s -r --arg t "$tgt" 'map(select(.target == $t and .section == "mutating" and .cell == "scribble-all" and .daemon == "auto" and .status == "ok")) |
