@@ -487,7 +487,7 @@ for tgt in "${bench_targets[@]}"; do
     row "$tgt page-file scribble: auto / never IOPS" "$(ratio "$tgt" mutating scribble-pagefile auto never)" ""
     # Guard errors after every PI run except the unchecked demonstration.
     # shellcheck disable=SC2016 # a jq program
-    sel='map(select(.target == $t and .daemon != "qsd" and .cell != "unchecked-scribble"))'
+    sel='map(select(.target == $t and .daemon != "qsd" and .daemon != "nopi" and .cell != "unchecked-scribble"))'
     pi_runs=$(jq -s --arg t "$tgt" "$sel | length" "$results")
     bad_lines=$(jq -s --arg t "$tgt" "$sel | map(.guard_error_lines) | add // 0" "$results")
     bad_scrubs=$(jq -s --arg t "$tgt" "$sel | map(select(.scrub_guard_errors != 0)) | length" "$results")

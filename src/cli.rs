@@ -277,10 +277,11 @@ pub struct ServeArgs {
     /// How queue threads submit I/O to the kernel.
     #[arg(long, value_enum, default_value_t = IoEngine::Auto)]
     pub io_engine: IoEngine,
-    /// After a queue runs dry, keep checking it for new requests and completions for this
-    /// many microseconds before sleeping. Under load this saves a guest notification and a
-    /// wakeup per batch; an idle queue costs at most this much CPU after its last request.
-    /// 0 disables polling.
+    /// After a queue runs dry with nothing in flight, keep checking it for new requests for
+    /// up to this many microseconds before sleeping. Under load this saves a guest
+    /// notification and a wakeup per batch; an idle queue costs at most this much CPU after
+    /// its last request. Polling pauses by itself while the queue thread's CPU is shared with
+    /// another busy task. 0 disables polling.
     #[arg(long, default_value_t = 50, value_name = "MICROSECONDS")]
     pub poll_us: u32,
     /// PI metadata of the image (default IMAGE.pi). When it exists, every write stores guard
