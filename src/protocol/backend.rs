@@ -43,6 +43,12 @@ const MAX_RANGE_SEGMENTS: u32 = 32;
 /// Data a queue moves before returning completions mid-batch (about 25 µs of copying).
 const COMPLETION_BATCH_BYTES: u64 = 256 << 10;
 const MAX_RANGE_SECTORS: u32 = 1 << 22;
+/// Requests a queue starts before handing them to the kernel mid-batch. Submitting only at
+/// the end of a batch kept the device idle while the rest of the batch was parsed: on XFS
+/// over a loop device, submitting every 8 took 4 KiB random reads at QD 32 from 116-131K to
+/// 155-167K IOPS and writes from 114-119K to 134-156K; every 1 or 2 cost a system call per
+/// request or two and ran slower than not at all.
+const SUBMIT_BATCH: usize = 8;
 
 /// What the operator chose for the device.
 #[derive(Debug, Clone)]
@@ -223,6 +229,9 @@ impl BlkBackend {
                         .executor
                         .start(head, chain, &mem, write_through, &mut worker.done);
                 started += 1;
+                if started.is_multiple_of(SUBMIT_BATCH) {
+                    worker.executor.submit();
+                }
                 // Hand back completions every so often within a long batch, so the guest can
                 // refill its queue while we keep working instead of after the whole batch.
                 if unreported_bytes >= COMPLETION_BATCH_BYTES {
