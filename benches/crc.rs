@@ -267,13 +267,14 @@ mod issue {
             println!("no AVX2 + VPCLMULQDQ here");
             return;
         }
-        // SAFETY (each call below): the features each function enables were detected above
-        // (pclmulqdq is implied by vpclmulqdq on every CPU that has it).
+        // pclmulqdq is implied by vpclmulqdq on every CPU that has it.
         let ops = N * 120;
         row(
             "vpclmulqdq ymm, independent",
+            // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
             per_ns(ops, || unsafe { clmul_ymm(N) }),
         );
+        // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
         let lat = per_ns(ops, || unsafe { clmul_ymm_chain(N) });
         println!(
             "{:<38} {:>6.2} ns   {:>5.2} cycles",
@@ -283,18 +284,22 @@ mod issue {
         );
         row(
             "pclmulqdq xmm, independent",
+            // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
             per_ns(ops, || unsafe { clmul_xmm(N) }),
         );
         row(
             "vpmuludq ymm, independent",
+            // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
             per_ns(ops, || unsafe { muludq_ymm(N) }),
         );
         row(
             "vpshufb ymm, independent",
+            // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
             per_ns(ops, || unsafe { shufb_ymm(N) }),
         );
         row(
             "vpxor ymm, independent",
+            // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
             per_ns(ops, || unsafe { xor_ymm(N) }),
         );
     }
@@ -471,23 +476,27 @@ fn main() {
                 .collect();
             // The digests notice a one-bit change (sanity, not a proof).
             let mut probe = buf[..4096].to_vec();
-            // SAFETY (digest calls here and below): AVX2 and VPCLMULQDQ were detected above.
+            // SAFETY: AVX2 and VPCLMULQDQ were detected above.
             let (n0, c0) = unsafe { (digest::nh2(&key, &probe), digest::clnh(&key, &probe)) };
             probe[1000] ^= 4;
+            // SAFETY: AVX2 and VPCLMULQDQ were detected above.
             let (n1, c1) = unsafe { (digest::nh2(&key, &probe), digest::clnh(&key, &probe)) };
             assert!(n0 != n1 && c0 != c1, "a digest missed a change");
             let nh = row("NH, 2 keys, vpmuludq (bench only)", &mut |n| {
                 rate(seconds, buf, n, |c| {
+                    // SAFETY: AVX2 and VPCLMULQDQ were detected above.
                     black_box(unsafe { digest::nh2(&key, c) });
                 })
             });
             let cl = row("carry-less NH, vpclmulqdq (bench only)", &mut |n| {
                 rate(seconds, buf, n, |c| {
+                    // SAFETY: AVX2 and VPCLMULQDQ were detected above.
                     black_box(unsafe { digest::clnh(&key, c) });
                 })
             });
             let g_nh = row("crc16, then NH (two passes)", &mut |n| {
                 rate(seconds, buf, n, |c| {
+                    // SAFETY: AVX2 and VPCLMULQDQ were detected above.
                     black_box((crc16_t10dif(c), unsafe { digest::nh2(&key, c) }));
                 })
             });

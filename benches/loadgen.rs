@@ -381,10 +381,11 @@ fn run_queue(mut job: QueueJob, start: Arc<Barrier>, window: Duration) -> QueueR
             // SAFETY: do_io initialised the first `got` entries.
             let c = unsafe { c.assume_init_ref() };
             if c.ret < 0 {
-                // SAFETY: libblkio sets error_msg to a NUL-terminated string or null.
                 let msg = if c.error_msg.is_null() {
                     String::new()
                 } else {
+                    // SAFETY: libblkio sets error_msg to a NUL-terminated string or null, and
+                    // it is not null here.
                     unsafe { std::ffi::CStr::from_ptr(c.error_msg) }
                         .to_string_lossy()
                         .into_owned()
