@@ -94,8 +94,8 @@ read_blocks() {
     rb_per=$((1048576 / PI_INTERVAL))
     rb_head=$(((rb_per - rb_first % rb_per) % rb_per))
     [ $rb_head -gt "$rb_count" ] && rb_head=$rb_count
-    if [ $rb_head -gt 0 ]; then
-        dd if=$DISK of=/dev/null bs="$PI_INTERVAL" skip="$rb_first" count=$rb_head iflag=direct || return 1
+    if [ "$rb_head" -gt 0 ]; then
+        dd if=$DISK of=/dev/null bs="$PI_INTERVAL" skip="$rb_first" count="$rb_head" iflag=direct || return 1
     fi
     rb_first=$((rb_first + rb_head))
     rb_count=$((rb_count - rb_head))
@@ -139,7 +139,7 @@ test_pi_corruption() {
     sector=$((n * bs / 512))
     drop_caches
 
-    if dd if=$DISK of=/tmp/blk bs="$bs" skip=$n count=1 iflag=direct >>"$TEST_LOG" 2>&1; then
+    if dd if=$DISK of=/tmp/blk bs="$bs" skip="$n" count=1 iflag=direct >>"$TEST_LOG" 2>&1; then
         DETAIL="O_DIRECT read of corrupted block $n succeeded ($(od -A d -c /tmp/blk | head -n 2 | tr '\n' ' '))"
         return 1
     fi
@@ -160,18 +160,18 @@ test_pi_corruption() {
     fi
     # Through the page cache (readahead, then the kernel's single-page retry).
     drop_caches
-    if dd if=$DISK of=/dev/null bs="$bs" skip=$n count=1 >>"$TEST_LOG" 2>&1; then
+    if dd if=$DISK of=/dev/null bs="$bs" skip="$n" count=1 >>"$TEST_LOG" 2>&1; then
         DETAIL="buffered read of corrupted block $n succeeded"
         return 1
     fi
 
-    need "O_DIRECT read of blocks [0, $n)" read_blocks 0 $n || return 1
+    need "O_DIRECT read of blocks [0, $n)" read_blocks 0 "$n" || return 1
     need "O_DIRECT read of blocks [$((n + 1)), $blocks)" read_blocks $((n + 1)) $((blocks - n - 1)) || return 1
 
     # A full-block write replaces data and guard tag: the block reads back fine.
     head -c "$bs" /pattern.bin >/tmp/blk.new
-    need "rewrite of block $n" dd if=/tmp/blk.new of=$DISK bs="$bs" seek=$n count=1 oflag=direct conv=fsync,notrunc || return 1
-    need "O_DIRECT read of rewritten block $n" dd if=$DISK of=/tmp/blk bs="$bs" skip=$n count=1 iflag=direct || return 1
+    need "rewrite of block $n" dd if=/tmp/blk.new of=$DISK bs="$bs" seek="$n" count=1 oflag=direct conv=fsync,notrunc || return 1
+    need "O_DIRECT read of rewritten block $n" dd if=$DISK of=/tmp/blk bs="$bs" skip="$n" count=1 iflag=direct || return 1
     if ! cmp /tmp/blk.new /tmp/blk >>"$TEST_LOG" 2>&1; then
         DETAIL="rewritten block $n reads back different data"
         return 1
@@ -183,7 +183,8 @@ test_pi_corruption() {
 # carry I/O, with different request sizes on the way back; read back after dropping
 # caches (O_DIRECT and buffered) and compare. run.sh re-checks the bytes in the image.
 test_o_direct_pattern() {
-    nq=$(ls /sys/block/vda/mq | wc -l)
+    nq=0
+    for q in /sys/block/vda/mq/*; do [ -e "$q" ] && nq=$((nq + 1)); done
     [ "$nq" -eq "$QUEUES" ] || { DETAIL="guest sees $nq hardware queues, expected $QUEUES"; return 1; }
     half=$((PATTERN_MIB / 2))
     off=$PATTERN_OFFSET_MIB
@@ -366,8 +367,10 @@ test_swap() {
     out=$(grep -o 'pswpout +[0-9]*' "$TEST_LOG" | tail -n 1)
     in=$(grep -o 'pswpin +[0-9]*' "$TEST_LOG" | tail -n 1)
     # Pages: at least 16 MiB each way, or the test did not exercise swap.
-    [ "${out#pswpout +}" -ge 4096 ] 2>/dev/null && [ "${in#pswpin +}" -ge 4096 ] 2>/dev/null ||
-        { DETAIL="the kernel hardly swapped ($out, $in pages)"; return 1; }
+    if ! [ "${out#pswpout +}" -ge 4096 ] 2>/dev/null || ! [ "${in#pswpin +}" -ge 4096 ] 2>/dev/null; then
+        DETAIL="the kernel hardly swapped ($out, $in pages)"
+        return 1
+    fi
 }
 
 # --- main -------------------------------------------------------------------------------

@@ -194,7 +194,7 @@ fetch_kernel() {
     pkg=$(kernel_package)
     if [[ -z $pkg ]]; then
         # No apt lists yet (fresh machine before apt-get update): prefer any cached kernel.
-        dir=$(ls -d "$WORK"/kernel/linux-image-*/ 2>/dev/null | sort -V | tail -n 1)
+        dir=$(printf '%s\n' "$WORK"/kernel/linux-image-*/ | sort -V | tail -n 1)
         if [[ -n $dir && -f $dir/.extracted ]]; then
             pkg=$(basename "$dir")
             say "apt-cache knows no linux-image-cloud-amd64; using cached $pkg"
@@ -221,8 +221,8 @@ fetch_kernel() {
         # Superseded kernels are ~130 MB each extracted.
         find "$WORK/kernel" -mindepth 1 -maxdepth 1 -type d ! -name "$pkg" -exec rm -rf {} +
     fi
-    VMLINUZ=$(ls "$dir"/root/boot/vmlinuz-* 2>/dev/null | head -n 1)
-    [[ -n $VMLINUZ ]] || die "no boot/vmlinuz-* in $pkg"
+    VMLINUZ=$(printf '%s\n' "$dir"/root/boot/vmlinuz-* | head -n 1)
+    [[ -f $VMLINUZ ]] || die "no boot/vmlinuz-* in $pkg"
     KVER=${VMLINUZ##*/vmlinuz-}
     for MODDIR in "$dir/root/lib/modules/$KVER" "$dir/root/usr/lib/modules/$KVER"; do
         [[ -d $MODDIR ]] && return 0
@@ -627,7 +627,7 @@ host_check_pi_corruption() {
         pass host:pi_guard_error_logged
     fi
 
-    records=$(grep -E "\"event\":\"guard_error\"" "$JOURNAL" 2>/dev/null | grep -E "\"lba\":$n[,}]")
+    records=$(grep -E "\"event\":\"guard_error\"" "$JOURNAL" 2>/dev/null | grep -E "\"lba\":${n}[,}]")
     if [[ ! -e $JOURNAL ]]; then
         fail host:pi_guard_error_journalled "no journal $JOURNAL"
     elif [[ -z $records ]]; then
@@ -760,6 +760,7 @@ host_guard_errors() {
     for lba in $log_lbas $journal_lbas; do
         [[ $expected == *" $lba "* || $bad == *" $lba"* ]] || bad+=" $lba"
     done
+    # shellcheck disable=SC2086 # the two lists are split into words on purpose
     lba=$(printf '%s\n' $log_lbas $journal_lbas | sed '/^$/d' | sort -nu | tr '\n' ' ')
     lba=${lba% }
     GUARD_SUMMARY="guard errors: $n_log logged by the daemon, $n_journal journalled; LBAs: ${lba:-none} (expected: ${EXPECTED_GUARD_LBAS[*]:-none})"

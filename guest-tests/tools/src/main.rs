@@ -54,7 +54,9 @@ fn usage() -> ! {
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
-    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| usage())
+    args.get(i)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| usage())
 }
 
 fn errno() -> std::io::Error {
@@ -81,11 +83,15 @@ struct Buf {
     ptr: *mut u8,
     len: usize,
 }
+// SAFETY: the buffer is plain heap memory owned for the program's life; threads share it only
+// through atomics (scribbler) and raw addresses handed to the kernel (I/O thread).
 unsafe impl Send for Buf {}
+// SAFETY: as for Send.
 unsafe impl Sync for Buf {}
 impl Buf {
     fn new(len: usize) -> Buf {
         let layout = Layout::from_size_align(len, PAGE).unwrap();
+        // SAFETY: the layout has a non-zero size (every caller asks for at least a page).
         let ptr = unsafe { alloc_zeroed(layout) };
         if ptr.is_null() {
             fail(format!("cannot allocate {len} bytes"));
@@ -93,6 +99,8 @@ impl Buf {
         Buf { ptr, len }
     }
     fn words(&self) -> &[AtomicU64] {
+        // SAFETY: ptr is page-aligned (so 8-byte aligned), valid for len bytes, and never freed;
+        // AtomicU64 has the layout of u64 and tolerates concurrent access.
         unsafe { std::slice::from_raw_parts(self.ptr as *const AtomicU64, self.len / 8) }
     }
 }
@@ -127,6 +135,7 @@ fn with_scribbler<R>(buf: &Arc<Buf>, io: impl FnOnce() -> R) -> (R, u64) {
 }
 
 fn pwrite_all(fd: i32, ptr: *const u8, len: usize, off: u64) -> Result<(), String> {
+    // SAFETY: every caller passes a pointer into a live Buf with at least len bytes after it.
     let n = unsafe { libc::pwrite(fd, ptr as *const libc::c_void, len, off as libc::off_t) };
     if n < 0 {
         Err(format!("pwrite of {len} bytes at byte {off}: {}", errno()))
@@ -138,6 +147,8 @@ fn pwrite_all(fd: i32, ptr: *const u8, len: usize, off: u64) -> Result<(), Strin
 }
 
 fn pread_all(fd: i32, ptr: *mut u8, len: usize, off: u64) -> Result<(), String> {
+    // SAFETY: every caller passes a pointer into a live Buf with at least len bytes after it,
+    // and holds no Rust reference to those bytes during the call.
     let n = unsafe { libc::pread(fd, ptr as *mut libc::c_void, len, off as libc::off_t) };
     if n < 0 {
         Err(format!("pread of {len} bytes at byte {off}: {}", errno()))
@@ -149,12 +160,25 @@ fn pread_all(fd: i32, ptr: *mut u8, len: usize, off: u64) -> Result<(), String> 
 }
 
 /// Two-segment write: the request's data comes from two separate parts of the buffer.
-fn pwritev2seg(fd: i32, a: (*const u8, usize), b: (*const u8, usize), off: u64) -> Result<(), String> {
+fn pwritev2seg(
+    fd: i32,
+    a: (*const u8, usize),
+    b: (*const u8, usize),
+    off: u64,
+) -> Result<(), String> {
     let iov = [
-        libc::iovec { iov_base: a.0 as *mut libc::c_void, iov_len: a.1 },
-        libc::iovec { iov_base: b.0 as *mut libc::c_void, iov_len: b.1 },
+        libc::iovec {
+            iov_base: a.0 as *mut libc::c_void,
+            iov_len: a.1,
+        },
+        libc::iovec {
+            iov_base: b.0 as *mut libc::c_void,
+            iov_len: b.1,
+        },
     ];
     let len = a.1 + b.1;
+    // SAFETY: both segments point into a live Buf with their lengths after them (caller), and
+    // iov outlives the call.
     let n = unsafe { libc::pwritev(fd, iov.as_ptr(), 2, off as libc::off_t) };
     if n < 0 {
         Err(format!("pwritev of {len} bytes at byte {off}: {}", errno()))
@@ -206,12 +230,15 @@ fn mutate_write(args: &[String]) {
             let nblk = (size / PAGE) as u64;
             let off = start + rng.below(blocks - nblk + 1) * PAGE as u64;
             let buf_off = rng.below(((buf.len - size) / PAGE + 1) as u64) as usize * PAGE;
+            // SAFETY: buf_off + size <= buf.len by the choice of buf_off above.
             let p = unsafe { buf.ptr.add(buf_off) } as *const u8;
             let r = if nblk >= 2 && writes % 4 == 3 {
                 // Second segment from the other half of the buffer.
                 let first = rng.below(nblk - 1) as usize * PAGE + PAGE;
                 let b_off = (buf_off + 64 * 1024) % (buf.len - (size - first) + 1) / PAGE * PAGE;
-                pwritev2seg(fd, (p, first), (unsafe { buf.ptr.add(b_off) }, size - first), off)
+                // SAFETY: b_off + (size - first) <= buf.len by the modulus above.
+                let second = unsafe { buf.ptr.add(b_off) };
+                pwritev2seg(fd, (p, first), (second, size - first), off)
             } else {
                 pwrite_all(fd, p, size, off)
             };
@@ -221,6 +248,7 @@ fn mutate_write(args: &[String]) {
         }
         (writes, bytes)
     });
+    // SAFETY: fdatasync takes no memory.
     if unsafe { libc::fdatasync(fd) } != 0 {
         fail(format!("fdatasync after mutating writes: {}", errno()));
     }
@@ -238,7 +266,8 @@ fn mutate_write(args: &[String]) {
         let mut reads = 0u64;
         let mut rng = Rng(0xFEED_FACE_CAFE_BEEF);
         while pos < start + len {
-            let size = (SIZES[rng.below(SIZES.len() as u64) as usize] as u64).min(start + len - pos) as usize;
+            let size = (SIZES[rng.below(SIZES.len() as u64) as usize] as u64).min(start + len - pos)
+                as usize;
             pread_all(fd, buf.ptr, size, pos)
                 .unwrap_or_else(|e| fail(format!("read into a mutating buffer: {e}")));
             reads += 1;
@@ -261,26 +290,36 @@ fn mutate_write(args: &[String]) {
     }
 
     // 4. A known pattern, written and read back without interference.
+    // SAFETY: big is live and only this thread uses it; the kernel only reads it (pwrite)
+    // while `out` exists.
     let out = unsafe { std::slice::from_raw_parts_mut(big.ptr, big.len) };
     let mut pos = start;
     while pos < start + len {
         let size = (big.len as u64).min(start + len - pos) as usize;
         fill_final(&mut out[..size], pos);
-        pwrite_all(fd, big.ptr, size, pos).unwrap_or_else(|e| fail(format!("final pattern write: {e}")));
+        pwrite_all(fd, big.ptr, size, pos)
+            .unwrap_or_else(|e| fail(format!("final pattern write: {e}")));
         pos += size as u64;
     }
+    // SAFETY: fdatasync takes no memory.
     if unsafe { libc::fdatasync(fd) } != 0 {
         fail(format!("fdatasync after the final pattern: {}", errno()));
     }
     let check = Buf::new(64 * 1024);
     let expect = &mut out[..check.len];
-    let got = unsafe { std::slice::from_raw_parts(check.ptr, check.len) };
     let mut pos = start;
     while pos < start + len {
-        pread_all(fd, check.ptr, check.len, pos).unwrap_or_else(|e| fail(format!("final read-back: {e}")));
+        pread_all(fd, check.ptr, check.len, pos)
+            .unwrap_or_else(|e| fail(format!("final read-back: {e}")));
+        // SAFETY: check is live, the read into it has completed, and nothing writes it while
+        // `got` exists.
+        let got = unsafe { std::slice::from_raw_parts(check.ptr, check.len) };
         fill_final(expect, pos);
         if let Some(i) = (0..check.len).find(|&i| got[i] != expect[i]) {
-            fail(format!("final pattern differs at device byte {}", pos + i as u64));
+            fail(format!(
+                "final pattern differs at device byte {}",
+                pos + i as u64
+            ));
         }
         pos += check.len as u64;
     }
@@ -301,7 +340,9 @@ fn fill_page(page: &mut [u64], idx: u64, ver: u64) {
     page[1] = ver;
     let mut x = page_seed(idx, ver);
     for w in &mut page[2..] {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *w = x;
     }
 }
@@ -317,9 +358,14 @@ fn check_page(page: &[u64], idx: u64, ver: u64) -> Result<(), String> {
     }
     let mut x = page_seed(idx, ver);
     for (j, w) in page[2..].iter().enumerate() {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         if *w != x {
-            return Err(format!("page {idx} version {ver}: word {} is {w:#x}, expected {x:#x}", j + 2));
+            return Err(format!(
+                "page {idx} version {ver}: word {} is {w:#x}, expected {x:#x}",
+                j + 2
+            ));
         }
     }
     Ok(())
@@ -336,7 +382,10 @@ fn vmstat() -> (u64, u64) {
 }
 
 struct Area(*mut u64);
+// SAFETY: the mapping lives until the process exits, and each thread touches only its own
+// pages (see swap_churn).
 unsafe impl Send for Area {}
+// SAFETY: as for Send.
 unsafe impl Sync for Area {}
 
 fn swap_churn(args: &[String]) {
@@ -348,6 +397,7 @@ fn swap_churn(args: &[String]) {
     }
     let pages = mib * MIB / PAGE as u64;
     let bytes = (mib * MIB) as usize;
+    // SAFETY: an anonymous private mapping; no existing memory is affected.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -372,6 +422,8 @@ fn swap_churn(args: &[String]) {
         .map(|t| {
             let area = area.clone();
             thread::spawn(move || {
+                // SAFETY: i < pages, so the page lies inside the mapping, and page i belongs to
+                // this thread alone (i = t mod nthreads), so no other reference to it exists.
                 let page = |i: u64| unsafe {
                     std::slice::from_raw_parts_mut(area.0.add(i as usize * WORDS), WORDS)
                 };
@@ -413,6 +465,8 @@ fn swap_churn(args: &[String]) {
                     if pageout_ok && mine.len() > BURST && step % 4 == 0 {
                         let k0 = rng.below((mine.len() - BURST) as u64) as usize;
                         let (first, last) = (mine[k0], mine[k0 + BURST - 1]);
+                        // SAFETY: the range lies inside the mapping; MADV_PAGEOUT does not
+                        // change its contents.
                         let r = unsafe {
                             libc::madvise(
                                 area.0.add(first as usize * WORDS) as *mut libc::c_void,
@@ -421,7 +475,10 @@ fn swap_churn(args: &[String]) {
                             )
                         };
                         if r != 0 {
-                            eprintln!("gbtool: madvise(MADV_PAGEOUT): {} (no more bursts)", errno());
+                            eprintln!(
+                                "gbtool: madvise(MADV_PAGEOUT): {} (no more bursts)",
+                                errno()
+                            );
                             pageout_ok = false;
                             continue;
                         }
@@ -433,7 +490,8 @@ fn swap_churn(args: &[String]) {
                     }
                 }
                 for (k, &i) in mine.iter().enumerate() {
-                    check_page(page(i), i, ver[k]).unwrap_or_else(|e| fail(format!("final check: {e}")));
+                    check_page(page(i), i, ver[k])
+                        .unwrap_or_else(|e| fail(format!("final check: {e}")));
                 }
                 (ops, filled, bursts)
             })
