@@ -9,7 +9,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
-use super::engine::{advance_iovecs, Completion, Op, OpKind};
+use super::op::{advance_iovecs, Completion, Op, OpKind};
 
 pub struct InlineEngine {
     fd: RawFd,

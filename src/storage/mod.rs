@@ -7,8 +7,10 @@ pub mod aligned;
 pub mod engine;
 pub mod image;
 pub mod inline;
+pub mod op;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
-pub use engine::{Completion, Engine, EngineKind, Op, OpKind};
+pub use engine::{Engine, EngineKind};
 pub use image::{DirectIoAlignment, Image, ImageError, SECTOR_SIZE};
+pub use op::{Completion, Op, OpKind};

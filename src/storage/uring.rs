@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::engine::{advance_iovecs, Completion, Op, OpKind};
+use super::op::{advance_iovecs, Completion, Op, OpKind};
 
 struct InFlightOp {
     op: Op,
