@@ -21,7 +21,7 @@ use crate::daemon::DaemonError;
 use crate::integrity::journal::{self, Event, Journal, Record};
 use crate::integrity::metadata::{DataIdentity, Header, VolumeState};
 use crate::integrity::store::{self, PiStore};
-use crate::integrity::{scan, MetadataError, PiError, PiFormat, PiMetadata};
+use crate::integrity::{reader, recovery, scan, MetadataError, PiError, PiFormat, PiMetadata};
 use crate::storage::{AlignedBuf, Image, ImageError};
 
 /// Why a command could not do its job; the message is one sentence.
@@ -62,7 +62,7 @@ fn open_exclusive(path: &Path, doing: &str) -> Result<Image, ToolError> {
 fn open_store(
     image: &Image,
     pi_meta: Option<&Path>,
-) -> Result<(PiStore, store::OpenReport), ToolError> {
+) -> Result<(PiStore, recovery::OpenReport), ToolError> {
     PiStore::open_beside(image, pi_meta, true).map_err(|e| match e {
         MetadataError::Missing { path } => ToolError::Refused(format!(
             "{} has no PI metadata ({} does not exist); add it with `guardblk import {}`",
@@ -893,7 +893,7 @@ impl std::fmt::Display for Injected {
 /// Read one interval at `lba` (aligned for O_DIRECT).
 fn read_interval(image: &Image, lba: u64, interval: u64) -> io::Result<AlignedBuf> {
     let mut buf = AlignedBuf::zeroed(interval as usize);
-    scan::read_upto(
+    reader::read_upto(
         image,
         &mut buf.as_mut_slice()[..interval as usize],
         lba * interval,
@@ -915,7 +915,7 @@ fn corrupt_data(image: &Image, lba: u64, interval: u64) -> io::Result<(u8, u8)> 
     if end <= image.size() {
         let len = (end - start) as usize;
         let mut window = AlignedBuf::zeroed(len);
-        scan::read_upto(image, &mut window.as_mut_slice()[..len], start)?;
+        reader::read_upto(image, &mut window.as_mut_slice()[..len], start)?;
         let pos = (target - start) as usize;
         before = window.as_slice()[pos];
         window.as_mut_slice()[pos] = !before;

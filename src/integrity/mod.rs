@@ -12,6 +12,8 @@ pub mod intent;
 pub mod journal;
 pub mod metadata;
 pub mod pi;
+pub mod reader;
+pub mod recovery;
 pub mod scan;
 pub mod store;
 

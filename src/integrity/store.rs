@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use super::journal::{self, Event, Journal, Record};
-use super::metadata::{DataIdentity, MetadataError, PiMetadata, APP_TAG};
+use super::journal::{Event, Journal, Record};
+use super::metadata::{PiMetadata, APP_TAG};
 use super::pi::{PiError, PiErrorKind, PiFormat, Tuple};
-use super::scan;
-use crate::storage::Image;
+use super::reader::is_zero;
 
 /// Counters across all queues; the daemon logs them per session and `info` shows them.
 #[derive(Debug, Default)]
@@ -73,88 +72,16 @@ impl std::fmt::Debug for PiStore {
     }
 }
 
-/// What opening found and did, for the caller to log.
-#[derive(Debug, Default)]
-pub struct OpenReport {
-    /// Regions with write intents found (the previous run did not close cleanly).
-    pub dirty_regions: usize,
-    /// Tuples re-derived from data in those regions.
-    pub recovered: u64,
-    /// The image was moved or copied since the metadata last saw it (pairing re-checked).
-    pub rebound: bool,
-}
-
 impl PiStore {
-    /// Open the metadata for `image` and check the pair: size, identity (a moved or copied
-    /// image must still verify on a sample of written blocks) and, for a writable open after
-    /// an unclean shutdown, recovery of every region with a write intent.
-    pub fn open(
-        image: &Image,
-        meta_path: &Path,
-        journal_path: PathBuf,
-        writable: bool,
-    ) -> Result<(PiStore, OpenReport), MetadataError> {
-        let io_err = |source| MetadataError::Io {
-            path: meta_path.into(),
-            source,
-        };
-        let data = DataIdentity::of(image.path(), image.size()).map_err(io_err)?;
-        let mut meta = PiMetadata::open(meta_path, &data, writable)?;
-        let mut writable = writable;
-        if !writable && !meta.dirty_regions().is_empty() {
-            // Not closed cleanly: a read-only user would see false guard errors where writes
-            // were in flight. Recovery only writes metadata, so do it if we may.
-            drop(meta);
-            meta = PiMetadata::open(meta_path, &data, true).map_err(|e| match e {
-                MetadataError::Open { source, .. } => MetadataError::NeedsRecovery {
-                    path: meta_path.into(),
-                    source,
-                },
-                other => other,
-            })?;
-            writable = true;
-        }
-        let mut report = OpenReport::default();
-        let zero_guard = meta.format().guard(&vec![0u8; meta.interval() as usize]);
-        if meta.identity_differs(&data) {
-            let (sampled, failed) = scan::pairing_sample(image, &meta, zero_guard);
-            if sampled > 0 && failed == sampled {
-                return Err(MetadataError::NotPaired {
-                    meta: meta_path.into(),
-                    data: image.path().into(),
-                    sampled,
-                });
-            }
-            if writable {
-                meta.rebind(&data).map_err(io_err)?;
-            }
-            report.rebound = true;
-        }
-        let store = PiStore {
+    /// A store over opened, checked metadata (see [`PiStore::open`] in `recovery`).
+    pub(super) fn new(meta: PiMetadata, journal: Journal, zero_guard: u64) -> PiStore {
+        PiStore {
             meta,
-            journal: Journal::new(journal_path),
+            journal,
             ranges: RangeLocks::default(),
             counters: PiCounters::default(),
             zero_guard,
-        };
-        if writable {
-            let dirty = store.meta.dirty_regions();
-            report.dirty_regions = dirty.len();
-            if !dirty.is_empty() {
-                report.recovered = scan::recover(image, &store, &dirty).map_err(io_err)?;
-            }
         }
-        Ok((store, report))
-    }
-
-    /// Open with the default journal path beside the image.
-    pub fn open_beside(
-        image: &Image,
-        pi_meta: Option<&Path>,
-        writable: bool,
-    ) -> Result<(PiStore, OpenReport), MetadataError> {
-        let meta = meta_path(image.path(), pi_meta);
-        PiStore::open(image, &meta, journal::default_path(image.path()), writable)
     }
 
     pub fn format(&self) -> PiFormat {
@@ -223,13 +150,4 @@ impl PiStore {
     pub fn close_clean(&self) -> io::Result<()> {
         self.meta.close_clean()
     }
-}
-
-/// Whether every byte is zero (word at a time; the compiler vectorises the loop).
-pub fn is_zero(data: &[u8]) -> bool {
-    // SAFETY: u64 has no invalid bit patterns; align_to yields only in-bounds, aligned words.
-    let (head, words, tail) = unsafe { data.align_to::<u64>() };
-    head.iter().all(|&b| b == 0)
-        && tail.iter().all(|&b| b == 0)
-        && words.iter().fold(0u64, |acc, &w| acc | w) == 0
 }

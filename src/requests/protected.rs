@@ -305,7 +305,7 @@ pub fn read_intervals(
     let len = (count * u64::from(store.interval())) as usize;
     let mut buffer = AlignedBuf::zeroed(len);
     let offset = lba * u64::from(store.interval());
-    crate::integrity::scan::read_upto(image, &mut buffer.as_mut_slice()[..len], offset)?;
+    crate::integrity::reader::read_upto(image, &mut buffer.as_mut_slice()[..len], offset)?;
     Ok(IntervalData { buffer, len })
 }
 
