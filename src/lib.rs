@@ -6,10 +6,12 @@
 //! - [`requests`]: descriptor-chain validation and per-queue request execution.
 //! - [`storage`]: the image file and the per-queue io_uring engine.
 
+// Public only what the binary (cli, tools) and the benches (integrity::guard) use, so the
+// compiler reports everything else that nothing calls.
 pub mod cli;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod integrity;
-pub mod protocol;
-pub mod requests;
-pub mod storage;
+pub(crate) mod protocol;
+pub(crate) mod requests;
+pub(crate) mod storage;
 pub mod tools;

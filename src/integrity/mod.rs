@@ -6,17 +6,17 @@
 //! Sits between requests (which call it to generate and verify) and storage (whose image it
 //! reads for scans). Knows nothing of virtio.
 
-pub mod fold;
+pub(crate) mod fold;
 pub mod guard;
-pub mod intent;
-pub mod journal;
-pub mod metadata;
-pub mod pi;
-pub mod reader;
-pub mod recovery;
-pub mod scan;
-pub mod store;
+pub(crate) mod intent;
+pub(crate) mod journal;
+pub(crate) mod metadata;
+pub(crate) mod pi;
+pub(crate) mod reader;
+pub(crate) mod recovery;
+pub(crate) mod scan;
+pub(crate) mod store;
 
-pub use metadata::{MetadataError, PiMetadata, APP_TAG};
-pub use pi::{PiError, PiErrorKind, PiFormat, Tuple};
-pub use store::{PiCounters, PiStore};
+pub(crate) use metadata::{MetadataError, PiMetadata};
+pub(crate) use pi::{PiError, PiFormat};
+pub(crate) use store::PiStore;

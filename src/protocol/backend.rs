@@ -79,7 +79,6 @@ struct Device {
     config: BlkConfig,
     queue_size: u16,
     queues: Vec<Mutex<QueueWorker>>,
-    stats: Vec<Arc<QueueStats>>,
     mem: GuestMemory,
     event_idx: AtomicBool,
     writeback: AtomicBool,
@@ -140,7 +139,6 @@ impl BlkBackend {
                 config,
                 queue_size: settings.queue_size,
                 queues,
-                stats: stats.to_vec(),
                 mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
                 event_idx: AtomicBool::new(false),
                 writeback: AtomicBool::new(settings.writeback),
@@ -153,10 +151,6 @@ impl BlkBackend {
     /// The guest-memory handle to give the vhost-user daemon (shared with this backend).
     pub fn memory(&self) -> GuestMemory {
         self.device.mem.clone()
-    }
-
-    pub fn stats(&self) -> &[Arc<QueueStats>] {
-        &self.device.stats
     }
 
     pub fn acked_features(&self) -> u64 {

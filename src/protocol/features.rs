@@ -55,10 +55,6 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
 }
 
-pub fn event_idx_negotiated(features: u64) -> bool {
-    features & bit(VIRTIO_RING_F_EVENT_IDX) != 0
-}
-
 /// "VERSION_1 EVENT_IDX ..." for the bits in `features`; unknown bits as "bit N".
 pub fn describe(features: u64) -> String {
     let mut names: Vec<String> = NAMED_FEATURES
@@ -125,6 +121,5 @@ mod tests {
             "FLUSH VERSION_1"
         );
         assert_eq!(describe(bit(3)), "bit3");
-        assert!(event_idx_negotiated(bit(VIRTIO_RING_F_EVENT_IDX)));
     }
 }

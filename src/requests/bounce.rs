@@ -20,16 +20,6 @@ pub struct Bounce {
     len: usize,
 }
 
-impl Bounce {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
 pub struct BouncePool {
     area: AlignedBuf,
     free: Vec<u32>,
@@ -48,10 +38,12 @@ impl BouncePool {
     }
 
     /// Largest buffer the pool can ever hand out.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.total as usize * CHUNK
     }
 
+    #[cfg(test)]
     pub fn free_bytes(&self) -> usize {
         self.free.len() * CHUNK
     }

@@ -13,4 +13,4 @@ pub mod policy;
 pub mod protected;
 
 pub use executor::{Executor, Protection, QueueStats, UsedEntry, WritePolicy};
-pub use parse::{Limits, RequestError};
+pub use parse::Limits;

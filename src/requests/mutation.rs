@@ -126,6 +126,7 @@ impl MutationTracker {
     }
 
     /// Whether any page of guest memory [gpa, gpa + len) was marked recently.
+    #[cfg(test)]
     pub fn pages_hot(&self, gpa: u64, len: u64) -> bool {
         self.pages_hot_at(gpa, len, self.now())
     }
@@ -161,6 +162,7 @@ impl MutationTracker {
     }
 
     /// Whether the disk range [offset, offset + len) lies in a recently marked region.
+    #[cfg(test)]
     pub fn region_hot(&self, offset: u64, len: u64) -> bool {
         self.region_hot_at(offset, len, self.now())
     }

@@ -425,7 +425,7 @@ mod tests {
         mem.write_obj(0xAAu8, GuestAddress(64 * KIB + 100)).unwrap();
         let (lba, error) = verify_guest(&store, &mem, &ranges(), 10).unwrap_err();
         assert_eq!(lba, 11);
-        assert_eq!(error.kind, crate::integrity::PiErrorKind::Guard);
+        assert_eq!(error.kind, crate::integrity::pi::PiErrorKind::Guard);
         // The same data verifies when it is unwritten only if it is all zeros.
         store.meta.set_unwritten(11, 1);
         assert!(verify_guest(&store, &mem, &ranges(), 10).is_err());

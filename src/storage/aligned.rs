@@ -33,10 +33,6 @@ impl AlignedBuf {
         self.layout.size()
     }
 
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }

@@ -30,6 +30,7 @@ impl InlineEngine {
         }
     }
 
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.queued.len() + self.finished.len()
     }

@@ -12,5 +12,5 @@ pub mod uring;
 
 pub use aligned::AlignedBuf;
 pub use engine::{Engine, EngineKind};
-pub use image::{DirectIoAlignment, Image, ImageError, SECTOR_SIZE};
+pub use image::{Image, ImageError, SECTOR_SIZE};
 pub use op::{Completion, Op, OpKind};

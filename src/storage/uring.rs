@@ -48,6 +48,7 @@ impl UringEngine {
         self.ring.as_raw_fd()
     }
 
+    #[cfg(test)]
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free_slots.len()
     }
