@@ -9,9 +9,9 @@
 // Public only what the binary (cli, tools) and the benches (integrity::guard) use, so the
 // compiler reports everything else that nothing calls.
 pub mod cli;
+pub mod commands;
 pub(crate) mod daemon;
 pub mod integrity;
 pub(crate) mod protocol;
 pub(crate) mod requests;
 pub(crate) mod storage;
-pub mod tools;

@@ -1,4 +1,4 @@
-//! guardblk command-line entry point: parse, set up logging, run the command (src/tools.rs),
+//! guardblk command-line entry point: parse, set up logging, run the command (src/commands/),
 //! and turn its failure into one sentence and an exit status.
 
 use std::io::{IsTerminal, Write};
@@ -8,7 +8,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use guardblk::cli::{Cli, Command};
-use guardblk::tools::{self, ToolError};
+use guardblk::commands::{self, ToolError};
 
 /// `scrub` exit status when some block failed verification.
 const SCRUB_FOUND_ERRORS: u8 = 1;
@@ -48,7 +48,7 @@ fn out(text: &str) {
 fn run(command: Command) -> Result<ExitCode, ToolError> {
     match command {
         Command::Create(args) => {
-            let created = tools::create(
+            let created = commands::create(
                 &args.image,
                 args.size,
                 args.layout.pi.format(),
@@ -58,7 +58,7 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             out(&created.to_string());
         }
         Command::Import(args) => {
-            let imported = tools::import(
+            let imported = commands::import(
                 &args.image,
                 args.layout.pi.format(),
                 args.layout.interval,
@@ -67,7 +67,7 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             out(&imported.to_string());
         }
         Command::Scrub(args) => {
-            let report = tools::scrub(&args.image, args.pi_meta.as_deref())?;
+            let report = commands::scrub(&args.image, args.pi_meta.as_deref())?;
             out(&if args.json {
                 report.json_lines()
             } else {
@@ -78,7 +78,7 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             }
         }
         Command::Info(args) => {
-            let report = tools::info(&args.image, args.pi_meta.as_deref())?;
+            let report = commands::info(&args.image, args.pi_meta.as_deref())?;
             out(&if args.json {
                 report.json().to_string()
             } else {
@@ -87,10 +87,10 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
         }
         Command::Inject(args) => {
             let injected =
-                tools::inject(&args.image, args.lba, args.kind, args.pi_meta.as_deref())?;
+                commands::inject(&args.image, args.lba, args.kind, args.pi_meta.as_deref())?;
             out(&injected.to_string());
         }
-        Command::Serve(args) => tools::serve(&args)?,
+        Command::Serve(args) => commands::serve(&args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

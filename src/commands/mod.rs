@@ -1,0 +1,169 @@
+//! The commands behind the command line: `create`, `import`, `scrub`, `info`, `inject` and the
+//! set-up of `serve`, one module each. Each returns a report (text and, where asked for, JSON
+//! rendering) or a [`ToolError`] whose message is one sentence; `main.rs` prints them.
+//!
+//! LBAs are in protection-interval units everywhere; reports give the byte offset too.
+
+use std::io::{self, IsTerminal, Seek, SeekFrom};
+use std::path::Path;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::cli::CliError;
+use crate::daemon::DaemonError;
+use crate::integrity::journal::Event;
+use crate::integrity::store::PiStore;
+use crate::integrity::{recovery, MetadataError};
+use crate::storage::{Image, ImageError};
+
+mod create;
+mod import;
+mod info;
+mod inject;
+mod scrub;
+mod serve;
+
+pub use create::{create, Created};
+pub use import::{import, Imported};
+pub use info::{info, InfoReport};
+pub use inject::{inject, Injected};
+pub use scrub::{scrub, ScrubReport};
+pub use serve::{open_pi, serve};
+
+/// Why a command could not do its job; the message is one sentence.
+#[derive(Debug, Error)]
+pub enum ToolError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Metadata(#[from] MetadataError),
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The command refuses to do this (the message says why and what to do instead).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> ToolError {
+    let what = what.into();
+    move |source| ToolError::Io { what, source }
+}
+
+/// Open `path` for exclusive use by a tool; a daemon serving it is reported in one sentence.
+fn open_exclusive(path: &Path, doing: &str) -> Result<Image, ToolError> {
+    Image::open(path, false).map_err(|e| match e {
+        ImageError::Locked { path } => ToolError::Refused(format!(
+            "{} is being served by a running guardblk (it holds the image lock); stop the daemon before {doing}",
+            path.display()
+        )),
+        e => e.into(),
+    })
+}
+
+/// Open the PI store of an exclusively opened image, writable; missing metadata is explained.
+fn open_store(
+    image: &Image,
+    pi_meta: Option<&Path>,
+) -> Result<(PiStore, recovery::OpenReport), ToolError> {
+    PiStore::open_beside(image, pi_meta, true).map_err(|e| match e {
+        MetadataError::Missing { path } => ToolError::Refused(format!(
+            "{} has no PI metadata ({} does not exist); add it with `guardblk import {}`",
+            image.path().display(),
+            path.display(),
+            image.path().display()
+        )),
+        e => e.into(),
+    })
+}
+
+/// Progress on stderr, drawn only when stderr is a terminal.
+struct Progress {
+    label: &'static str,
+    enabled: bool,
+    start: Instant,
+    last_draw: Option<Instant>,
+}
+
+impl Progress {
+    fn new(label: &'static str) -> Progress {
+        Progress {
+            label,
+            enabled: io::stderr().is_terminal(),
+            start: Instant::now(),
+            last_draw: None,
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        if !self.enabled {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .last_draw
+            .is_some_and(|t| now - t < Duration::from_millis(200))
+            && done < total
+        {
+            return;
+        }
+        self.last_draw = Some(now);
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        eprint!(
+            "\r{} {pct:3}%  {} of {}  {:.0} MB/s\x1b[K",
+            self.label,
+            human(done),
+            human(total),
+            rate_mb_s(done, self.start.elapsed())
+        );
+    }
+
+    fn finish(&self) {
+        if self.enabled && self.last_draw.is_some() {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+fn rate_mb_s(bytes: u64, elapsed: Duration) -> f64 {
+    bytes as f64 / elapsed.as_secs_f64().max(1e-6) / 1e6
+}
+
+/// 68719476736 → "64 GiB"; 1536 → "1.5 KiB".
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else if value.fract() == 0.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn unix_time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+fn event_name(event: Event) -> String {
+    serde_json::to_value(event)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{event:?}"))
+}
+
+/// Size of a file or block device, without locking or O_DIRECT.
+fn target_size(path: &Path) -> io::Result<u64> {
+    let mut file = std::fs::File::open(path)?;
+    file.seek(SeekFrom::End(0))
+}

@@ -1,0 +1,69 @@
+//! `guardblk serve`: set-up before the daemon takes over (default image, PI store, how to attach).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::cli::{self, DEFAULT_IMAGE_SIZE};
+use crate::integrity::store::{self, PiStore};
+use crate::integrity::PiFormat;
+use crate::storage::Image;
+
+use super::create::create;
+use super::ToolError;
+
+/// `guardblk serve`: create the default image if needed (with PI, like `create`), open image
+/// and PI metadata, print how to attach, and serve until SIGINT/SIGTERM.
+pub fn serve(args: &cli::ServeArgs) -> Result<(), ToolError> {
+    let image_path = args.image_path();
+    if args.image.is_none() && !image_path.exists() {
+        let size = cli::parse_size(DEFAULT_IMAGE_SIZE).expect("default size parses");
+        let created = create(
+            &image_path,
+            size,
+            Some(PiFormat::Type1),
+            4096,
+            args.pi_meta.as_deref(),
+        )?;
+        println!("default image: {created}");
+    }
+    let image = Image::open(&image_path, args.read_only)?;
+    let pi = open_pi(&image, args.pi_meta.as_deref())?;
+    let config = args.to_config(image.preferred_engine())?;
+    println!(
+        "serving {} on {}\nattach a guest with:\n{}",
+        image_path.display(),
+        config.socket.display(),
+        cli::qemu_command_line(&config)
+    );
+    crate::daemon::serve(image, pi, &config)?;
+    Ok(())
+}
+
+/// The image's PI metadata, if it has any: opened, checked against the image, and recovered
+/// after an unclean shutdown. An explicit `--pi-meta` that does not exist is an error.
+pub fn open_pi(image: &Image, pi_meta: Option<&Path>) -> Result<Option<Arc<PiStore>>, ToolError> {
+    let meta_path = store::meta_path(image.path(), pi_meta);
+    if pi_meta.is_none() && !meta_path.exists() {
+        tracing::warn!(
+            image = %image.path().display(),
+            "no PI metadata ({} missing): serving without guard tags; `guardblk import` adds them",
+            meta_path.display()
+        );
+        return Ok(None);
+    }
+    let (store, report) = PiStore::open_beside(image, pi_meta, !image.read_only())?;
+    if report.rebound {
+        tracing::info!(
+            meta = %meta_path.display(),
+            "the image was moved or copied since its PI metadata last saw it; a sample of blocks verified, so the pair is accepted"
+        );
+    }
+    if report.dirty_regions > 0 {
+        tracing::warn!(
+            regions = report.dirty_regions,
+            recovered = report.recovered,
+            "PI metadata was not closed cleanly; regions with writes in flight were re-checked"
+        );
+    }
+    Ok(Some(Arc::new(store)))
+}
