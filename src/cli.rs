@@ -185,6 +185,18 @@ pub enum InjectKind {
     App,
 }
 
+impl From<InjectKind> for crate::integrity::corruption::Corruption {
+    fn from(kind: InjectKind) -> Self {
+        use crate::integrity::corruption::Corruption;
+        match kind {
+            InjectKind::Data => Corruption::Data,
+            InjectKind::Guard => Corruption::Guard,
+            InjectKind::Ref => Corruption::Ref,
+            InjectKind::App => Corruption::App,
+        }
+    }
+}
+
 impl std::fmt::Display for InjectKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

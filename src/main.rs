@@ -86,8 +86,12 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             });
         }
         Command::Inject(args) => {
-            let injected =
-                commands::inject(&args.image, args.lba, args.kind, args.pi_meta.as_deref())?;
+            let injected = commands::inject(
+                &args.image,
+                args.lba,
+                args.kind.into(),
+                args.pi_meta.as_deref(),
+            )?;
             out(&injected.to_string());
         }
         Command::Serve(args) => commands::serve(&args)?,

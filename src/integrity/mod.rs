@@ -6,6 +6,7 @@
 //! Sits between requests (which call it to generate and verify) and storage (whose image it
 //! reads for scans). Knows nothing of virtio.
 
+pub(crate) mod corruption;
 pub(crate) mod fold;
 pub mod guard;
 pub(crate) mod intent;
