@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::commands::ServeRequest;
 use crate::daemon::ServeConfig;
 use crate::protocol::DeviceSettings;
 use crate::requests::parse::VIRTIO_BLK_ID_BYTES;
 use crate::requests::policy::AutoPath;
 use crate::requests::WritePolicy;
-use crate::storage::EngineKind;
+use crate::storage::{EngineChoice, EngineKind};
 
 /// Size of the image `guardblk serve` creates when given no IMAGE.
 pub const DEFAULT_IMAGE_SIZE: &str = "8G";
@@ -399,8 +400,19 @@ impl ServeArgs {
         absolute(self.image.as_deref().unwrap_or(Path::new(DEFAULT_IMAGE)))
     }
 
-    /// Validated settings; `auto_engine` is what `--io-engine auto` resolves to for the image.
-    pub fn to_config(&self, auto_engine: EngineKind) -> Result<ServeConfig, CliError> {
+    /// What to serve and how, validated.
+    pub fn to_request(&self) -> Result<ServeRequest, CliError> {
+        Ok(ServeRequest {
+            image_path: self.image_path(),
+            default_image: self.image.is_none(),
+            pi_meta: self.pi_meta.clone(),
+            read_only: self.read_only,
+            config: self.to_config()?,
+        })
+    }
+
+    /// Validated daemon settings.
+    pub fn to_config(&self) -> Result<ServeConfig, CliError> {
         if !(1..=64).contains(&self.queues) {
             return Err(CliError::Queues(self.queues));
         }
@@ -443,9 +455,9 @@ impl ServeArgs {
                     AutoPathArg::Bounce => AutoPath::Bounce,
                 },
                 engine: match self.io_engine {
-                    IoEngine::Auto => auto_engine,
-                    IoEngine::IoUring => EngineKind::IoUring,
-                    IoEngine::Inline => EngineKind::Inline,
+                    IoEngine::Auto => EngineChoice::Auto,
+                    IoEngine::IoUring => EngineChoice::Fixed(EngineKind::IoUring),
+                    IoEngine::Inline => EngineChoice::Fixed(EngineKind::Inline),
                 },
             },
         })
@@ -498,7 +510,7 @@ mod tests {
     #[test]
     fn serve_arguments_are_validated() {
         let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
-            Command::Serve(s) => s.to_config(EngineKind::IoUring),
+            Command::Serve(s) => s.to_config(),
             _ => unreachable!(),
         };
         assert!(parse(&["guardblk", "serve"]).is_ok());
@@ -528,15 +540,18 @@ mod tests {
         assert_eq!(ok.device.num_queues, 2);
         assert!(!ok.device.writeback);
         assert_eq!(ok.device.serial, "abc");
-        assert_eq!(ok.device.engine, EngineKind::IoUring);
+        assert_eq!(ok.device.engine, EngineChoice::Auto);
         let inline = parse(&["guardblk", "serve", "--io-engine", "inline"]).unwrap();
-        assert_eq!(inline.device.engine, EngineKind::Inline);
+        assert_eq!(
+            inline.device.engine,
+            EngineChoice::Fixed(EngineKind::Inline)
+        );
     }
 
     #[test]
     fn auto_path_only_with_bounce_auto() {
         let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
-            Command::Serve(s) => s.to_config(EngineKind::IoUring),
+            Command::Serve(s) => s.to_config(),
             _ => unreachable!(),
         };
         let ok = parse(&["guardblk", "serve", "--auto-path", "zero-copy"]).unwrap();

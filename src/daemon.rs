@@ -299,7 +299,7 @@ pub fn serve(
         queue_size = config.device.queue_size,
         read_only = image.read_only(),
         direct_io = image.direct_io().is_some(),
-        io_engine = %config.device.engine,
+        io_engine = %image.engine_for(config.device.engine),
         write_policy = ?config.device.write_policy,
         pi = pi.as_ref().map_or("none".to_string(), |p| describe_pi(p)),
         "guardblk ready"

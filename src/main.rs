@@ -94,7 +94,7 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             )?;
             out(&injected.to_string());
         }
-        Command::Serve(args) => commands::serve(&args)?,
+        Command::Serve(args) => commands::serve(&args.to_request()?)?,
     }
     Ok(ExitCode::SUCCESS)
 }

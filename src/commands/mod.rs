@@ -29,7 +29,7 @@ pub use import::{import, Imported};
 pub use info::{info, InfoReport};
 pub use inject::{inject, Injected};
 pub use scrub::{scrub, ScrubReport};
-pub use serve::{open_pi, serve};
+pub use serve::{open_pi, serve, ServeRequest};
 
 /// Why a command could not do its job; the message is one sentence.
 #[derive(Debug, Error)]

@@ -1,9 +1,10 @@
 //! `guardblk serve`: set-up before the daemon takes over (default image, PI store, how to attach).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cli::{self, DEFAULT_IMAGE_SIZE};
+use crate::daemon::ServeConfig;
 use crate::integrity::store::{self, PiStore};
 use crate::integrity::PiFormat;
 use crate::storage::Image;
@@ -11,31 +12,37 @@ use crate::storage::Image;
 use super::create::create;
 use super::ToolError;
 
+/// What `guardblk serve` was asked to do, validated (cli.rs builds it from the command line).
+#[derive(Debug, Clone)]
+pub struct ServeRequest {
+    pub image_path: PathBuf,
+    /// No image was named: the default one is created (with PI) if it does not exist.
+    pub default_image: bool,
+    pub pi_meta: Option<PathBuf>,
+    pub read_only: bool,
+    pub config: ServeConfig,
+}
+
 /// `guardblk serve`: create the default image if needed (with PI, like `create`), open image
 /// and PI metadata, print how to attach, and serve until SIGINT/SIGTERM.
-pub fn serve(args: &cli::ServeArgs) -> Result<(), ToolError> {
-    let image_path = args.image_path();
-    if args.image.is_none() && !image_path.exists() {
+pub fn serve(request: &ServeRequest) -> Result<(), ToolError> {
+    let image_path = &request.image_path;
+    let pi_meta = request.pi_meta.as_deref();
+    if request.default_image && !image_path.exists() {
         let size = cli::parse_size(DEFAULT_IMAGE_SIZE).expect("default size parses");
-        let created = create(
-            &image_path,
-            size,
-            Some(PiFormat::Type1),
-            4096,
-            args.pi_meta.as_deref(),
-        )?;
+        let created = create(image_path, size, Some(PiFormat::Type1), 4096, pi_meta)?;
         println!("default image: {created}");
     }
-    let image = Image::open(&image_path, args.read_only)?;
-    let pi = open_pi(&image, args.pi_meta.as_deref())?;
-    let config = args.to_config(image.preferred_engine())?;
+    let image = Image::open(image_path, request.read_only)?;
+    let pi = open_pi(&image, pi_meta)?;
+    let config = &request.config;
     println!(
         "serving {} on {}\nattach a guest with:\n{}",
         image_path.display(),
         config.socket.display(),
-        cli::qemu_command_line(&config)
+        cli::qemu_command_line(config)
     );
-    crate::daemon::serve(image, pi, &config)?;
+    crate::daemon::serve(image, pi, config)?;
     Ok(())
 }
 

@@ -30,7 +30,7 @@ use crate::requests::bounce::CHUNK;
 use crate::requests::mutation::MutationTracker;
 use crate::requests::policy::{self, AutoPath, CostBasis, WriteCosts};
 use crate::requests::{Executor, Limits, Protection, QueueStats, UsedEntry, WritePolicy};
-use crate::storage::{EngineKind, Image, SECTOR_SIZE};
+use crate::storage::{EngineChoice, Image, SECTOR_SIZE};
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
 pub type Vring = VringRwLock<GuestMemory>;
@@ -58,7 +58,8 @@ pub struct DeviceSettings {
     pub serial: String,
     /// Initial write-cache mode; the guest may toggle it through CONFIG_WCE.
     pub writeback: bool,
-    pub engine: EngineKind,
+    /// `--io-engine`, resolved against the image when the device is built.
+    pub engine: EngineChoice,
     /// How long a queue thread keeps polling for work before sleeping.
     pub poll_window: Duration,
     /// How PI writes treat guest buffers (`--bounce`, `--no-mutation-check`).
@@ -112,7 +113,7 @@ impl BlkBackend {
                     &settings.serial,
                     settings.queue_size,
                     Arc::clone(&stats[q]),
-                    settings.engine,
+                    image.engine_for(settings.engine),
                     Protection {
                         pi: pi.clone(),
                         policy: settings.write_policy,

@@ -33,6 +33,14 @@ impl std::fmt::Display for EngineKind {
     }
 }
 
+/// What the operator asked for (`--io-engine`): a given engine, or the one that suits the
+/// image ([`Image::engine_for`](super::Image::engine_for)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineChoice {
+    Auto,
+    Fixed(EngineKind),
+}
+
 /// A queue's storage engine.
 pub enum Engine {
     Uring(Box<UringEngine>),

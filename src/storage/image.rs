@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::{AlignedBuf, EngineKind};
+use super::{AlignedBuf, EngineChoice, EngineKind};
 
 /// The unit all virtio-blk offsets are expressed in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -295,8 +295,16 @@ impl Image {
         COPYING.contains(&(st.f_type as i64))
     }
 
+    /// The engine to use for this image when the operator chose `choice`.
+    pub fn engine_for(&self, choice: EngineChoice) -> EngineKind {
+        match choice {
+            EngineChoice::Auto => self.preferred_engine(),
+            EngineChoice::Fixed(kind) => kind,
+        }
+    }
+
     /// The engine `--io-engine auto` picks for this image.
-    pub fn preferred_engine(&self) -> EngineKind {
+    fn preferred_engine(&self) -> EngineKind {
         if self.supports_nonblocking_io() {
             EngineKind::IoUring
         } else {

@@ -11,6 +11,6 @@ pub mod op;
 pub mod uring;
 
 pub use aligned::AlignedBuf;
-pub use engine::{Engine, EngineKind};
+pub use engine::{Engine, EngineChoice, EngineKind};
 pub use image::{Image, ImageError, SECTOR_SIZE};
 pub use op::{Completion, Op, OpKind};
