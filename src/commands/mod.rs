@@ -4,7 +4,7 @@
 //!
 //! LBAs are in protection-interval units everywhere; reports give the byte offset too.
 
-use std::io::{self, IsTerminal, Seek, SeekFrom};
+use std::io::{self, IsTerminal};
 use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -15,7 +15,7 @@ use crate::daemon::DaemonError;
 use crate::integrity::journal::Event;
 use crate::integrity::store::PiStore;
 use crate::integrity::{recovery, MetadataError};
-use crate::storage::{Image, ImageError};
+use crate::storage::{files, Image, ImageError};
 
 mod create;
 mod import;
@@ -164,6 +164,5 @@ fn event_name(event: Event) -> String {
 
 /// Size of a file or block device, without locking or O_DIRECT.
 fn target_size(path: &Path) -> io::Result<u64> {
-    let mut file = std::fs::File::open(path)?;
-    file.seek(SeekFrom::End(0))
+    files::size(&std::fs::File::open(path)?)
 }

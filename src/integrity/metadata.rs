@@ -22,6 +22,7 @@ use thiserror::Error;
 use super::guard::crc64_nvme;
 use super::intent::IntentLog;
 use super::pi::{PiFormat, Tuple};
+use crate::storage::files;
 
 /// First bytes of every metadata file.
 pub const MAGIC: [u8; 8] = *b"GBLK-PI\0";
@@ -381,22 +382,6 @@ impl std::fmt::Debug for PiMetadata {
     }
 }
 
-/// Size of a regular file or block device.
-fn target_len(file: &File) -> io::Result<u64> {
-    let meta = file.metadata()?;
-    if meta.file_type().is_block_device() {
-        let mut size: u64 = 0;
-        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which points at `size`.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), 0x8008_1272, &mut size as *mut u64) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(size)
-    } else {
-        Ok(meta.len())
-    }
-}
-
 impl PiMetadata {
     /// Write a fresh metadata file (or block device) for `data`: header, clear bitmap, all
     /// tuples unwritten. Sparse on files, so it takes the same time for any disk size.
@@ -436,13 +421,13 @@ impl PiMetadata {
         let result = (|| {
             let need = header.file_len();
             if is_device {
-                let have = target_len(&file)?;
+                let have = files::size(&file)?;
                 if have < need {
                     return Err(io::Error::other(format!(
                         "the device holds {have} bytes but the metadata needs {need}"
                     )));
                 }
-                zero_device_range(&file, HEADER_SIZE, need - HEADER_SIZE)?;
+                files::zero_range(&file, HEADER_SIZE, need - HEADER_SIZE)?;
             } else {
                 file.set_len(need)?;
             }
@@ -466,8 +451,7 @@ impl PiMetadata {
         writable: bool,
     ) -> Result<PiMetadata, MetadataError> {
         let file = open_metadata_file(path, writable)?;
-        // SAFETY: flock on a valid, owned descriptor; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !files::try_lock_exclusive(&file) {
             return Err(MetadataError::Locked { path: path.into() });
         }
         let io_err = |source| MetadataError::Io {
@@ -773,8 +757,7 @@ impl PiMetadata {
 
     /// Release the metadata lock now (not at drop, which can be delayed by async teardown).
     pub fn release_lock(&self) {
-        // SAFETY: flock on a valid descriptor we own.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        files::unlock(&self.file);
     }
 }
 
@@ -801,7 +784,7 @@ fn read_valid_header(file: &File, path: &Path) -> Result<Header, MetadataError> 
         path: path.into(),
         source,
     };
-    let len = target_len(file).map_err(io_err)?;
+    let len = files::size(file).map_err(io_err)?;
     if len < HEADER_SIZE {
         return Err(if len < 8 {
             MetadataError::NotMetadata { path: path.into() }
@@ -824,30 +807,6 @@ fn read_valid_header(file: &File, path: &Path) -> Result<Header, MetadataError> 
         });
     }
     Ok(header)
-}
-
-/// Zero a byte range of a block device, by fallocate when it can, else by writing zeroes.
-fn zero_device_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on a valid descriptor; no memory involved.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let zeros = vec![0u8; 1 << 20];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        std::os::unix::fs::FileExt::write_all_at(file, &zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

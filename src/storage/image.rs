@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::{AlignedBuf, EngineChoice, EngineKind};
+use super::{files, AlignedBuf, EngineChoice, EngineKind};
 
 /// The unit all virtio-blk offsets are expressed in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -136,13 +136,12 @@ impl Image {
                 path: path.into(),
                 source,
             })?;
-        // SAFETY: flock on a valid, owned descriptor; no memory is involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !files::try_lock_exclusive(&lock) {
             return Err(ImageError::Locked { path: path.into() });
         }
 
         let size = if block_device {
-            block_device_size(&file).map_err(|source| ImageError::Open {
+            files::size(&file).map_err(|source| ImageError::Open {
                 path: path.into(),
                 source,
             })?
@@ -314,8 +313,7 @@ impl Image {
 
     /// Drop the image lock now, at the end of a clean shutdown, rather than at exit.
     pub fn release_lock(&self) {
-        // SAFETY: flock on our own open descriptor.
-        unsafe { libc::flock(self.lock.as_raw_fd(), libc::LOCK_UN) };
+        files::unlock(&self.lock);
     }
 
     /// The open image, for synchronous positioned I/O by tools.
@@ -339,17 +337,6 @@ impl Image {
                     && (iov.iov_len as u64).is_multiple_of(align.offset)
             })
     }
-}
-
-fn block_device_size(file: &File) -> io::Result<u64> {
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    let mut size: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 into the pointer we pass, which lives on our stack.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size)
 }
 
 /// Ask the kernel (statx STATX_DIOALIGN, Linux 6.1+) what O_DIRECT needs; assume 512 when it

@@ -5,6 +5,7 @@
 
 pub mod aligned;
 pub mod engine;
+pub mod files;
 pub mod image;
 pub mod inline;
 pub mod op;
