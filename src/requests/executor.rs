@@ -1329,3 +1329,7 @@ fn write_guest(
     }
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "executor_tests.rs"]
+mod tests;
