@@ -1,10 +1,13 @@
-//! guardblk: a vhost-user-blk daemon serving a disk image zero-copy with io_uring.
+//! guardblk: a vhost-user-blk daemon serving a disk image zero-copy with io_uring, with T10
+//! PI guard tags generated and verified against the disk.
 //!
 //! Layers, each depending only on the ones below it:
-//! - [`daemon`]: socket lifecycle, one frontend at a time, reconnects, signals.
-//! - [`protocol`]: the vhost-user-blk device: features, config space, vring handling.
-//! - [`requests`]: descriptor-chain validation and per-queue request execution.
-//! - [`storage`]: the image file and the per-queue io_uring engine.
+//! - `commands` (and `cli`): the subcommands behind the command line.
+//! - `daemon`: socket lifecycle, one frontend at a time, reconnects, signals.
+//! - `protocol`: the vhost-user-blk device: features, config space, vring handling, polling.
+//! - `requests`: descriptor-chain validation and per-queue request execution.
+//! - `integrity`: PI formats and guard CRCs, the metadata file, write intents, scans.
+//! - `storage`: the image file, its operations and the per-queue engines.
 
 // Public only what the binary (cli, tools) and the benches (integrity::guard) use, so the
 // compiler reports everything else that nothing calls.

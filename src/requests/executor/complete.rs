@@ -1,0 +1,427 @@
+//! Completion: what each finished operation means for its request (continuations, fallbacks,
+//! PI verification, mutation detection, rewrites and re-reads), and the status byte.
+
+use super::*;
+
+impl Executor {
+    pub(super) fn on_completion(&mut self, completion: Completion, done: &mut Vec<UsedEntry>) {
+        let (slot, aux) = untag(completion.tag);
+        let Some(inflight) = self
+            .requests
+            .get_mut(slot as usize)
+            .and_then(Option::as_mut)
+        else {
+            tracing::error!(tag = completion.tag, "completion for an unknown request");
+            return;
+        };
+        inflight.pending_ops -= 1;
+        if completion.result.is_ok() && inflight.stage == Stage::Transfer {
+            if let PiWork::Ranges { zeroed } = &mut inflight.pi {
+                if let Some(z) = zeroed.get_mut((aux & !TRIED_PUNCH) as usize) {
+                    *z = true;
+                }
+            }
+        }
+        if let Err(errno) = completion.result {
+            if let Some(next) = self.fallback(slot, aux, errno) {
+                if self.queue_op(slot, next).is_ok() {
+                    return;
+                }
+            } else {
+                let inflight = self.requests[slot as usize].as_mut().expect("live request");
+                // Discards are hints: a target that cannot punch holes still completes OK.
+                if !(errno == libc::EOPNOTSUPP && inflight.class == Class::Discard) {
+                    inflight.errno.get_or_insert(errno);
+                }
+            }
+        }
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if inflight.pending_ops > 0 {
+            return;
+        }
+        if inflight.stage == Stage::Transfer
+            && inflight.errno.is_none()
+            && self.detect_mutation(slot)
+        {
+            self.deferred.push_back(Deferred::Rewrite(slot));
+            return;
+        }
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if matches!(inflight.stage, Stage::Transfer | Stage::Rewrite)
+            && inflight.sync_after_write
+            && inflight.errno.is_none()
+        {
+            inflight.stage = Stage::SyncAfterWrite;
+            if self.queue_op(slot, Op::sync(0)).is_ok() {
+                return;
+            }
+        }
+        let inflight = self.requests[slot as usize].take().expect("live request");
+        self.free_requests.push(slot);
+        self.complete(inflight, done);
+    }
+
+    /// Write-zeroes degrades gracefully: zero-range → punch-hole → writing zeroes.
+    pub(super) fn fallback(&mut self, slot: u32, aux: u32, errno: i32) -> Option<Op> {
+        if errno != libc::EOPNOTSUPP {
+            return None;
+        }
+        let inflight = self.requests[slot as usize].as_ref()?;
+        if inflight.class != Class::WriteZeroes {
+            return None;
+        }
+        let segment = *inflight.segments.get((aux & !TRIED_PUNCH) as usize)?;
+        let offset = segment.sector * SECTOR_SIZE;
+        let len = u64::from(segment.sectors) * SECTOR_SIZE;
+        if aux & TRIED_PUNCH == 0 {
+            return Some(Op::range(
+                OpKind::PunchHole,
+                offset,
+                len,
+                u64::from(aux | TRIED_PUNCH),
+            ));
+        }
+        // Neither fallocate mode works here (e.g. a block device without zeroing support):
+        // write real zeroes, one shared read-only buffer repeated.
+        let zeroes = self
+            .zeroes
+            .get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK));
+        let base = zeroes.as_mut_ptr() as *mut libc::c_void;
+        let iovecs = (0..len.div_ceil(ZERO_CHUNK as u64))
+            .map(|i| libc::iovec {
+                iov_base: base,
+                iov_len: (len - i * ZERO_CHUNK as u64).min(ZERO_CHUNK as u64) as usize,
+            })
+            .collect::<Vec<_>>();
+        if iovecs.len() > MAX_IOVECS {
+            return None;
+        }
+        Some(Op::transfer(OpKind::Write, offset, iovecs, u64::from(aux)))
+    }
+
+    /// A request's last operation finished: do its PI work, release what it holds, and
+    /// write its status. Reads that fail verification are set aside for a locked re-read.
+    pub(super) fn complete(&mut self, mut inflight: InFlight, done: &mut Vec<UsedEntry>) {
+        let mut status = VIRTIO_BLK_S_OK;
+        if let Some(pi) = self.pi.clone() {
+            if inflight.errno.is_none() && inflight.class == Class::Read {
+                let verified = match (&inflight.pi, &inflight.data) {
+                    (PiWork::Read { lba, .. }, DataPath::Bounce { bounce, .. }) => {
+                        let per_chunk = (CHUNK / pi.interval() as usize) as u64;
+                        self.pool
+                            .pieces(bounce)
+                            .iter()
+                            .enumerate()
+                            .all(|(i, piece)| {
+                                protected::verify_buffer(&pi, piece, lba + i as u64 * per_chunk)
+                                    .is_empty()
+                            })
+                    }
+                    (PiWork::Read { lba, guest, .. }, _) => {
+                        protected::verify_guest(&pi, &inflight.mem, guest, *lba).is_ok()
+                    }
+                    _ => true,
+                };
+                if !verified {
+                    // The re-read brings its own buffer: give the pool chunks back now, so
+                    // deferred work never holds any (see take_bounce).
+                    if let DataPath::Bounce { bounce, guest } =
+                        std::mem::replace(&mut inflight.data, DataPath::None)
+                    {
+                        self.pool.give_back(bounce);
+                        if let PiWork::Read { guest: g, .. } = &mut inflight.pi {
+                            *g = guest;
+                        }
+                    }
+                    self.deferred.push_back(Deferred::Retry(Box::new(inflight)));
+                    return;
+                }
+            }
+            if let Err(e) = self.finish_protected(&pi, &mut inflight) {
+                inflight
+                    .errno
+                    .get_or_insert(e.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
+        if let Some(errno) = inflight.errno {
+            QueueStats::bump(&self.stats.io_errors, 1);
+            tracing::warn!(
+                head = inflight.head,
+                error = %io::Error::from_raw_os_error(errno),
+                "I/O failed; completing the request with IOERR"
+            );
+            status = VIRTIO_BLK_S_IOERR;
+        } else if let DataPath::Bounce { bounce, guest } = &inflight.data {
+            // Reads through a bounce buffer land in guest memory only now. (For writes the
+            // guest ranges were gathered before submission and this copies nothing back.)
+            if inflight.class == Class::Read
+                && write_guest(&inflight.mem, guest, &self.pool.pieces(bounce)).is_err()
+            {
+                status = VIRTIO_BLK_S_IOERR;
+            }
+        }
+        done.push(self.write_status(&mut inflight, status));
+    }
+
+    /// Write the status byte and recycle the request's buffer.
+    pub(super) fn write_status(&mut self, inflight: &mut InFlight, status: u8) -> UsedEntry {
+        let written = inflight.mem.write_obj(status, inflight.status).is_ok();
+        if let DataPath::Bounce { bounce, .. } =
+            std::mem::replace(&mut inflight.data, DataPath::None)
+        {
+            self.pool.give_back(bounce);
+        }
+        if let Some(bounce) = inflight.rewrite.take() {
+            self.pool.give_back(bounce);
+        }
+        UsedEntry {
+            head: inflight.head,
+            len: if written { inflight.used_len } else { 0 },
+        }
+    }
+
+    /// PI bookkeeping when a write, zeroing or flush finishes: store (or re-derive) tuples,
+    /// make them durable where the cache mode or the flush demands, end write intents and
+    /// release the range lock.
+    pub(super) fn finish_protected(
+        &mut self,
+        pi: &PiStore,
+        inflight: &mut InFlight,
+    ) -> io::Result<()> {
+        let interval = u64::from(pi.interval());
+        let per = interval / SECTOR_SIZE;
+        let mut result = Ok(());
+        match std::mem::replace(&mut inflight.pi, PiWork::None) {
+            PiWork::None | PiWork::Read { .. } => {}
+            PiWork::Write { lba, guards, .. } => {
+                let count = guards.len() as u64;
+                if inflight.errno.is_none() {
+                    for (i, &guard) in guards.iter().enumerate() {
+                        let l = lba + i as u64;
+                        pi.meta.set_tuple(l, &pi.tuple_for(l, guard));
+                    }
+                    pi.counters
+                        .tuples_written
+                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                    if inflight.sync_after_write {
+                        result = pi.meta.sync_tuples(lba, count);
+                    }
+                } else {
+                    protected::rederive_from_disk(&self.image, pi, lba, count);
+                }
+                pi.meta.end_write(lba, count);
+            }
+            PiWork::Ranges { zeroed } => {
+                for (segment, zeroed) in inflight.segments.iter().zip(zeroed) {
+                    let (lba, count) = (segment.sector / per, u64::from(segment.sectors) / per);
+                    if zeroed {
+                        pi.meta.set_unwritten(lba, count);
+                        if inflight.sync_after_write {
+                            result = result.and(pi.meta.sync_tuples(lba, count));
+                        }
+                    } else if inflight.class == Class::WriteZeroes || inflight.errno.is_some() {
+                        // Not known to be zero, not known to be untouched.
+                        protected::rederive_from_disk(&self.image, pi, lba, count);
+                    }
+                    pi.meta.end_write(lba, count);
+                }
+            }
+            PiWork::Flush { ticket } => {
+                if inflight.errno.is_none() {
+                    // The data is durable (the sync op); now the tuples, then intents of
+                    // regions that are durable and idle can go.
+                    result = pi.meta.sync();
+                    if result.is_ok() {
+                        pi.meta.clear_intents(ticket);
+                    }
+                }
+            }
+        }
+        if let Some((start, end)) = inflight.locked.take() {
+            pi.ranges.unlock(start, end);
+        }
+        result
+    }
+
+    /// After a zero-copy write's data is on disk: compute its guards over guest memory again.
+    /// Intervals whose guard changed were modified by the guest while the disk was reading
+    /// them, so the disk may hold any mix: mark them for a rewrite from a snapshot (returns
+    /// true), and remember the guest pages and disk region so later writes there bounce up
+    /// front. A buffer changed and changed back during the write (A→B→A) passes this check;
+    /// see docs/MUTATION.md and `--bounce always`.
+    pub(super) fn detect_mutation(&mut self, slot: u32) -> bool {
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if !matches!(
+            inflight.pi,
+            PiWork::Write {
+                mode: WriteMode::ZeroCopyChecked,
+                ..
+            }
+        ) {
+            return false;
+        }
+        let (format, interval) = match &self.pi {
+            Some(pi) => (pi.format(), pi.interval() as usize),
+            None => return false,
+        };
+        let PiWork::Write {
+            mode: WriteMode::ZeroCopyChecked,
+            guest,
+            digests,
+            rewriting,
+            sampled_ns,
+            ..
+        } = &mut inflight.pi
+        else {
+            return false;
+        };
+        let started = sampled_ns.map(|_| policy::stopwatch());
+        let mut now = Vec::with_capacity(digests.len());
+        protected::guest_digests(&inflight.mem, guest, format, interval, None, &mut now);
+        rewriting.extend((0..digests.len()).filter(|&i| now.get(i) != Some(&digests[i])));
+        if let (Some(before), Some(started)) = (sampled_ns.take(), started) {
+            let spent = before + policy::elapsed_ns(started);
+            let len = (digests.len() * interval) as u64;
+            let mutated = !rewriting.is_empty();
+            // A write the guest changed costs a rewrite, but that is the guest's doing, not
+            // the path's: only clean samples teach the model.
+            if !mutated {
+                self.record_cost(len, WritePath::ZeroCopy, spent);
+                return false;
+            }
+        }
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        let PiWork::Write {
+            lba,
+            guest,
+            rewriting,
+            ..
+        } = &mut inflight.pi
+        else {
+            return false;
+        };
+        if rewriting.is_empty() {
+            return false;
+        }
+        inflight.stage = Stage::Rewrite;
+        QueueStats::bump(&self.stats.writes_rewritten, 1);
+        QueueStats::bump(&self.stats.intervals_rewritten, rewriting.len() as u64);
+        for &i in rewriting.iter() {
+            let start = (i * interval) as u64;
+            for byte in [start, start + interval as u64 - 1] {
+                if let Some(gpa) = protected::guest_address(guest, byte) {
+                    self.tracker.mark_page(gpa);
+                }
+            }
+            self.tracker
+                .mark_region((*lba + i as u64) * interval as u64);
+        }
+        tracing::debug!(
+            lba = *lba,
+            intervals = rewriting.len(),
+            "guest changed a zero-copy write in flight; rewriting from a snapshot"
+        );
+        true
+    }
+
+    /// Rewrite the intervals `detect_mutation` found from a snapshot: copy them out of guest
+    /// memory into a pool buffer with their guards computed in the same pass, write them, and
+    /// only then (with the other intervals' original guards) store the tuples and complete.
+    /// Whatever the guest does next, disk and tuples agree.
+    pub(super) fn rewrite(&mut self, slot: u32, done: &mut Vec<UsedEntry>) {
+        let pi = self.pi.clone().expect("only PI writes are rewritten");
+        let interval = pi.interval() as usize;
+        let count = match self.requests[slot as usize].as_ref().map(|r| &r.pi) {
+            Some(PiWork::Write { rewriting, .. }) => rewriting.len(),
+            _ => return,
+        };
+        let bounce = self.take_bounce(count * interval, done);
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        let PiWork::Write {
+            lba,
+            guards,
+            guest,
+            rewriting,
+            ..
+        } = &mut inflight.pi
+        else {
+            unreachable!("checked above")
+        };
+        let mut dst = self.pool.slices_mut(&bounce);
+        let fresh = protected::snapshot_intervals(
+            &inflight.mem,
+            guest,
+            rewriting,
+            &mut dst,
+            pi.format(),
+            interval,
+        );
+        let mut ops = Vec::with_capacity(count);
+        for (j, (&i, guard)) in rewriting.iter().zip(fresh).enumerate() {
+            guards[i] = guard;
+            let offset = (*lba + i as u64) * interval as u64;
+            let iov = self.pool.iovec_at(&bounce, j * interval, interval);
+            ops.push(Op::transfer(OpKind::Write, offset, vec![iov], 0));
+        }
+        inflight.rewrite = Some(bounce);
+        for op in ops {
+            if self.queue_op(slot, op).is_err() {
+                break;
+            }
+        }
+        let inflight = self.requests[slot as usize].as_ref().expect("live request");
+        if inflight.pending_ops == 0 {
+            // Nothing could be queued (queue_op recorded the error): finish now with IOERR.
+            let inflight = self.requests[slot as usize].take().expect("live request");
+            self.free_requests.push(slot);
+            self.complete(inflight, done);
+        } else {
+            self.submit();
+        }
+    }
+
+    /// A read whose data did not verify: re-read it with the range locked (no write can be
+    /// in flight there) into a buffer and verify again. If that verifies, the first read
+    /// raced a write or the guest changed its buffer: hand over the verified data. If not,
+    /// it is a real guard error: report every failing interval and complete with IOERR.
+    pub(super) fn retry_read(&mut self, mut inflight: InFlight, done: &mut Vec<UsedEntry>) {
+        let pi = self.pi.clone().expect("only PI reads are retried");
+        let PiWork::Read { lba, count, .. } = inflight.pi else {
+            unreachable!("only reads are retried")
+        };
+        self.lock_range(&pi, lba, lba + count, done);
+        let status = match protected::read_intervals(&self.image, &pi, lba, count) {
+            Err(e) => {
+                tracing::warn!(lba, count, error = %e, "re-reading a block that failed verification failed");
+                QueueStats::bump(&self.stats.io_errors, 1);
+                VIRTIO_BLK_S_IOERR
+            }
+            Ok(buffer) => {
+                let failures = protected::verify_buffer(&pi, buffer.as_slice(), lba);
+                if failures.is_empty() {
+                    QueueStats::bump(&self.stats.read_retries_healed, 1);
+                    pi.counters
+                        .read_retries_healed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let PiWork::Read { guest, .. } = &inflight.pi else {
+                        unreachable!("checked above")
+                    };
+                    if write_guest(&inflight.mem, guest, &[buffer.as_slice()]).is_ok() {
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        VIRTIO_BLK_S_IOERR
+                    }
+                } else {
+                    for (l, e) in &failures {
+                        pi.report(*l, e, "read");
+                    }
+                    QueueStats::bump(&self.stats.guard_errors, 1);
+                    QueueStats::bump(&self.stats.io_errors, 1);
+                    VIRTIO_BLK_S_IOERR
+                }
+            }
+        };
+        pi.ranges.unlock(lba, lba + count);
+        done.push(self.write_status(&mut inflight, status));
+    }
+}
