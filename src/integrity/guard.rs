@@ -1,8 +1,8 @@
 //! Guard checksums: CRC-16/T10-DIF and CRC-64/NVME.
 //!
-//! Three levels, chosen once per process ([`Level`]; then one relaxed atomic load per call):
+//! Three levels, chosen once per process (`Level`; then one relaxed atomic load per call):
 //! on x86-64 CPUs with AVX-512 and VPCLMULQDQ the carry-less-multiply folding kernels in
-//! [`super::fold`] on zmm; else, with AVX2 and VPCLMULQDQ (AMD Zen 3, Intel client cores), the
+//! `super::fold` on zmm; else, with AVX2 and VPCLMULQDQ (AMD Zen 3, Intel client cores), the
 //! same kernels on ymm; elsewhere the `crc-fast` crate ([`portable`]). The fused copy functions
 //! load each block of the source into SIMD registers once, store it to the destination and
 //! fold the same registers into the CRC: one pass over the data. [`crc16_t10dif_and_crc64_nvme`]
