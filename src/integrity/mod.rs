@@ -9,6 +9,7 @@
 pub(crate) mod corruption;
 pub(crate) mod fold;
 pub mod guard;
+pub(crate) mod header;
 pub(crate) mod intent;
 pub(crate) mod journal;
 pub(crate) mod metadata;
