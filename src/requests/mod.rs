@@ -7,6 +7,7 @@
 
 pub mod bounce;
 pub mod executor;
+pub mod guest_mem;
 pub mod mutation;
 pub mod parse;
 pub mod policy;

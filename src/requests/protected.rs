@@ -7,27 +7,15 @@
 use std::io;
 use std::sync::atomic::Ordering;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
+use super::guest_mem;
 use super::parse::GuestRange;
 use crate::integrity::guard::{
     copy_crc16_t10dif, copy_crc64_nvme, crc16_t10dif_and_crc64_nvme, crc64_nvme,
 };
 use crate::integrity::{PiError, PiFormat, PiStore};
 use crate::storage::{AlignedBuf, Image};
-
-/// Host pieces (pointer, length) of the guest ranges, in order.
-fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, usize)> {
-    let mut pieces = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        for slice in mem.get_slices(range.addr, range.len as usize) {
-            // The parser checked every range against this same memory snapshot.
-            let slice = slice.expect("range validated against this memory snapshot");
-            pieces.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
-        }
-    }
-    pieces
-}
 
 /// Copy one interval into `dst`, returning the guard of the copied bytes (one fused pass).
 pub(crate) fn copy_guard(format: PiFormat, dst: &mut [u8], src: &[u8]) -> u64 {
@@ -74,7 +62,7 @@ struct GuestIntervals {
 impl GuestIntervals {
     fn new(mem: &GuestMemoryMmap, ranges: &[GuestRange], interval: usize) -> GuestIntervals {
         GuestIntervals {
-            pieces: host_pieces(mem, ranges),
+            pieces: guest_mem::host_pieces(mem, ranges),
             piece: 0,
             within: 0,
             interval,
@@ -228,17 +216,6 @@ pub fn snapshot_intervals(
         });
     }
     out
-}
-
-/// Guest-physical address of byte `offset` of the request's data.
-pub fn guest_address(ranges: &[GuestRange], mut offset: u64) -> Option<u64> {
-    for r in ranges {
-        if offset < u64::from(r.len) {
-            return Some(r.addr.0 + offset);
-        }
-        offset -= u64::from(r.len);
-    }
-    None
 }
 
 /// Verify data that a read placed straight into guest memory. Returns the first failing

@@ -155,7 +155,8 @@ impl Executor {
             // Reads through a bounce buffer land in guest memory only now. (For writes the
             // guest ranges were gathered before submission and this copies nothing back.)
             if inflight.class == Class::Read
-                && write_guest(&inflight.mem, guest, &self.pool.pieces(bounce)).is_err()
+                && guest_mem::copy_to_guest(&inflight.mem, guest, &self.pool.pieces(bounce))
+                    .is_err()
             {
                 status = VIRTIO_BLK_S_IOERR;
             }
@@ -309,7 +310,7 @@ impl Executor {
         for &i in rewriting.iter() {
             let start = (i * interval) as u64;
             for byte in [start, start + interval as u64 - 1] {
-                if let Some(gpa) = protected::guest_address(guest, byte) {
+                if let Some(gpa) = guest_mem::guest_address(guest, byte) {
                     self.tracker.mark_page(gpa);
                 }
             }
@@ -406,7 +407,8 @@ impl Executor {
                     let PiWork::Read { guest, .. } = &inflight.pi else {
                         unreachable!("checked above")
                     };
-                    if write_guest(&inflight.mem, guest, &[buffer.as_slice()]).is_ok() {
+                    if guest_mem::copy_to_guest(&inflight.mem, guest, &[buffer.as_slice()]).is_ok()
+                    {
                         VIRTIO_BLK_S_OK
                     } else {
                         VIRTIO_BLK_S_IOERR

@@ -17,9 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::bounce::{Bounce, BouncePool, CHUNK};
+use super::guest_mem;
 use super::mutation::MutationTracker;
 use super::parse::{
     parse_request, GuestRange, Limits, Rejected, Request, RequestKind, Segment,
@@ -489,77 +490,6 @@ fn range_ops(segments: &[Segment], kind_of: impl Fn(&Segment) -> OpKind) -> Vec<
             Op::range(kind_of(s), offset, len, i as u64)
         })
         .collect()
-}
-
-/// Fill `out` (a buffer's pieces, in order) from the guest ranges, in order.
-fn read_guest(
-    mem: &GuestMemoryMmap,
-    ranges: &[GuestRange],
-    out: &mut [&mut [u8]],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut pieces = out.iter_mut();
-    let mut piece: &mut [u8] = pieces.next().map_or(&mut [], |p| &mut **p);
-    for r in ranges {
-        let (mut addr, mut left) = (r.addr, r.len as usize);
-        while left > 0 {
-            while piece.is_empty() {
-                match pieces.next() {
-                    Some(p) => piece = &mut **p,
-                    None => return Ok(()),
-                }
-            }
-            let n = left.min(piece.len());
-            let (head, tail) = std::mem::take(&mut piece).split_at_mut(n);
-            mem.read_slice(head, addr)?;
-            piece = tail;
-            addr = GuestAddress(addr.0 + n as u64);
-            left -= n;
-        }
-    }
-    Ok(())
-}
-
-/// Host iovecs for the guest ranges (validated against this memory by the parser).
-fn guest_iovecs(mem: &GuestMemoryMmap, data: &[GuestRange]) -> Vec<libc::iovec> {
-    let mut iovecs = Vec::with_capacity(data.len());
-    for range in data {
-        for slice in mem.get_slices(range.addr, range.len as usize) {
-            let slice = slice.expect("range validated against this memory snapshot");
-            iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr() as *mut libc::c_void,
-                iov_len: slice.len(),
-            });
-        }
-    }
-    iovecs
-}
-
-/// Copy `pieces` (a buffer's bytes, in order) into the guest ranges, in order, stopping
-/// when either runs out.
-fn write_guest(
-    mem: &GuestMemoryMmap,
-    ranges: &[GuestRange],
-    pieces: &[&[u8]],
-) -> Result<(), vm_memory::GuestMemoryError> {
-    let mut pieces = pieces.iter();
-    let mut piece: &[u8] = pieces.next().copied().unwrap_or(&[]);
-    for r in ranges {
-        let (mut addr, mut left) = (r.addr, r.len as usize);
-        while left > 0 {
-            while piece.is_empty() {
-                match pieces.next() {
-                    Some(p) => piece = p,
-                    None => return Ok(()),
-                }
-            }
-            let n = left.min(piece.len());
-            mem.write_slice(&piece[..n], addr)?;
-            piece = &piece[n..];
-            addr = GuestAddress(addr.0 + n as u64);
-            left -= n;
-        }
-    }
-    Ok(())
 }
 
 mod complete;

@@ -32,7 +32,7 @@ impl Executor {
         // Each op's `tag` holds its index within the request until queue_op adds the slot.
         let ops: Vec<Op> = match kind {
             RequestKind::GetId { buffer, len } => {
-                let wrote = write_guest(mem, &buffer, &[&self.serial[..]]).is_ok();
+                let wrote = guest_mem::copy_to_guest(mem, &buffer, &[&self.serial[..]]).is_ok();
                 let status_byte = if wrote {
                     VIRTIO_BLK_S_OK
                 } else {
@@ -165,7 +165,7 @@ impl Executor {
         is_write: bool,
         done: &mut Vec<UsedEntry>,
     ) -> Vec<libc::iovec> {
-        let iovecs = guest_iovecs(&inflight.mem, &data);
+        let iovecs = guest_mem::host_iovecs(&inflight.mem, &data);
         if self.direct_ok(offset, &iovecs) {
             inflight.data = DataPath::ZeroCopy;
             return iovecs;
@@ -175,7 +175,7 @@ impl Executor {
         let bounce = self.take_bounce(len as usize, done);
         if is_write {
             let mut dst = self.pool.slices_mut(&bounce);
-            read_guest(&inflight.mem, &data, &mut dst)
+            guest_mem::copy_from_guest(&inflight.mem, &data, &mut dst)
                 .expect("range validated against this memory snapshot");
         }
         let iov = self.pool.iovecs(&bounce);
@@ -217,7 +217,7 @@ impl Executor {
         let interval = u64::from(pi.interval());
         let (lba, count) = (offset / interval, len / interval);
         pi.meta.prefetch_tuples(lba, count);
-        let iovecs = guest_iovecs(&inflight.mem, &data);
+        let iovecs = guest_mem::host_iovecs(&inflight.mem, &data);
         let direct = self.direct_ok(offset, &iovecs);
         let mut by_cost = false;
         let mut sample = false;
