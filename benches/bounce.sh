@@ -122,10 +122,8 @@ start_daemon() {
     rm -f "$sock"
     case "$name" in
         qsd)
-            "${pin[@]}" qemu-storage-daemon \
-                --blockdev "driver=file,node-name=file0,filename=$image,cache.direct=on,aio=native" \
-                --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
-                >/dev/null 2>"$log" &
+            qsd_args "$image" "$sock"
+            "${pin[@]}" qemu-storage-daemon "${qsd_cmd[@]}" >/dev/null 2>"$log" &
             ;;
         nopi)
             RUST_LOG=info "${pin[@]}" "$guardblk" serve "$image" --socket "$sock" --queues 1 >/dev/null 2>"$log" &

@@ -116,10 +116,8 @@ start_daemon() {
                 >/dev/null 2>"$log" &
             ;;
         qsd)
-            "${pin[@]}" qemu-storage-daemon \
-                --blockdev "driver=file,node-name=file0,filename=$image,cache.direct=on,aio=native" \
-                --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1" \
-                >/dev/null 2>"$log" &
+            qsd_args "$image" "$sock"
+            "${pin[@]}" qemu-storage-daemon "${qsd_cmd[@]}" >/dev/null 2>"$log" &
             ;;
     esac
     daemon_pid=$!

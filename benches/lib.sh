@@ -60,6 +60,16 @@ bench_build() {
         { echo "build finished but $guardblk_built or the loadgen bench is missing" >&2; exit 1; }
 }
 
+# qsd_args IMAGE SOCKET: sets qsd_cmd to the qemu-storage-daemon arguments every bench measures
+# against: IMAGE with O_DIRECT and linux-aio, exported as a one-queue vhost-user-blk on SOCKET.
+# shellcheck disable=SC2034 # for the caller
+qsd_cmd=()
+qsd_args() {
+    # shellcheck disable=SC2034 # for the caller
+    qsd_cmd=(--blockdev "driver=file,node-name=file0,filename=$1,cache.direct=on,aio=native"
+        --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$2,writable=on,num-queues=1")
+}
+
 # What target_setup made; tgt_dir and tgt_desc are for the caller.
 tgt_kind=
 tgt_dir=

@@ -129,10 +129,8 @@ start_daemons() {
     RUST_LOG=info "${pin[@]}" "$work/guardblk" serve "$tgt_dir/guardblk.img" --socket "$work/guardblk.sock" \
         --queues 1 "${extra[@]}" >/dev/null 2>>"$work/guardblk.log" &
     guardblk_pid=$!
-    "${pin[@]}" qemu-storage-daemon \
-        --blockdev "driver=file,node-name=file0,filename=$tgt_dir/qsd.img,cache.direct=on,aio=native" \
-        --export "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path=$work/qsd.sock,writable=on,num-queues=1" \
-        >/dev/null 2>>"$work/qsd.log" &
+    qsd_args "$tgt_dir/qsd.img" "$work/qsd.sock"
+    "${pin[@]}" qemu-storage-daemon "${qsd_cmd[@]}" >/dev/null 2>>"$work/qsd.log" &
     qsd_pid=$!
     for i in $(seq 200); do
         [[ -S "$work/qsd.sock" ]] && grep -q "guardblk ready" "$work/guardblk.log" && return
