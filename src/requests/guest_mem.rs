@@ -35,24 +35,28 @@ pub(crate) fn copy_from_guest(
     Ok(())
 }
 
-/// Host pieces (pointer, length) of the guest ranges, in order: the one walk over a request's
-/// guest memory that everything else here builds on.
-pub(crate) fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, usize)> {
-    let mut pieces = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        for slice in mem.get_slices(range.addr, range.len as usize) {
+/// The host pieces (pointer, length) the guest ranges map to, in order.
+fn pieces<'a>(
+    mem: &'a GuestMemoryMmap,
+    ranges: &'a [GuestRange],
+) -> impl Iterator<Item = (*mut u8, usize)> + 'a {
+    ranges.iter().flat_map(move |range| {
+        mem.get_slices(range.addr, range.len as usize).map(|slice| {
             // The parser checked every range against this same memory snapshot.
             let slice = slice.expect("range validated against this memory snapshot");
-            pieces.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
-        }
-    }
-    pieces
+            (slice.ptr_guard_mut().as_ptr(), slice.len())
+        })
+    })
+}
+
+/// Host pieces of the guest ranges, for the CRC kernels.
+pub(crate) fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, usize)> {
+    pieces(mem, ranges).collect()
 }
 
 /// Host iovecs for the guest ranges, for the kernel.
 pub(crate) fn host_iovecs(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<libc::iovec> {
-    host_pieces(mem, ranges)
-        .into_iter()
+    pieces(mem, ranges)
         .map(|(ptr, len)| libc::iovec {
             iov_base: ptr.cast(),
             iov_len: len,
