@@ -38,7 +38,8 @@ Then start QEMU with shared guest memory and a vhost-user-blk-pci device (guardb
 the exact options). Ready-made command lines are in qemu-configs/.\n\n\
 Looking after a protected image:\n  guardblk import old.img     add PI to an existing raw image\n  \
 guardblk scrub disk.img     verify every block (exit 1 if any is corrupt)\n  \
-guardblk info disk.img      format, geometry and the error journal\n\n\
+guardblk info disk.img      format, geometry and the error journal\n  \
+guardblk stats --watch 2    live counters of a running daemon\n\n\
 Block addresses (LBAs) are always in protection-interval units (--interval, 4096 bytes by \
 default); reports give the byte offset too."
 )]
@@ -97,6 +98,40 @@ no reference tag check, so a ref injection there is not detected (by design)."
     Inject(InjectArgs),
     /// Serve a disk image on a vhost-user-blk socket until SIGINT/SIGTERM.
     Serve(ServeArgs),
+    /// Show a running daemon's counters: I/O, latency, PI checks, bounces, errors, per queue.
+    #[command(
+        long_about = "Show a running daemon's counters as a table: requests and bytes per \
+queue, requests in flight, p99 latency, how PI writes reached the disk (zero-copy, bounced, \
+rewritten after the guest changed them in flight), reads healed by a re-read, guard errors and \
+rejected requests.\n\n\
+Asks the daemon through its stats socket (SOCKET.stats, beside the vhost-user socket) or its \
+--metrics address. With --watch, refreshes every SECS seconds and shows per-second rates over \
+each interval; stop it with Ctrl-C."
+    )]
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The daemon's vhost-user socket (its --socket); the stats socket SOCKET.stats is beside it.
+    #[arg(long, value_name = "PATH", conflicts_with = "metrics")]
+    pub socket: Option<PathBuf>,
+    /// The daemon's --metrics address instead, e.g. http://127.0.0.1:9717.
+    #[arg(long, value_name = "URL")]
+    pub metrics: Option<String>,
+    /// Refresh every SECS seconds (rates over each interval) until interrupted.
+    #[arg(long, value_name = "SECS", value_parser = parse_watch)]
+    pub watch: Option<f64>,
+    /// Print the daemon's stats document (JSON) once instead of a table.
+    #[arg(long, conflicts_with = "watch")]
+    pub json: bool,
+}
+
+fn parse_watch(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| (0.1..=3600.0).contains(s))
+        .ok_or_else(|| format!("'{text}' is not a number of seconds between 0.1 and 3600"))
 }
 
 #[derive(Debug, Args)]
@@ -320,6 +355,16 @@ pub struct ServeArgs {
     /// not match their data: false guard errors later. Never use it for real data.
     #[arg(long)]
     pub no_mutation_check: bool,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (and the stats document as JSON
+    /// on /stats), e.g. 127.0.0.1:9717. Off by default; `guardblk stats --socket` works
+    /// without it, through SOCKET.stats.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Write the stats document (JSON: counters per queue and per session) to this file
+    /// whenever a frontend connects or leaves. Default: IMAGE.pi-stats.json for a PI image
+    /// (what `guardblk info` shows), none for an image without PI.
+    #[arg(long, value_name = "PATH")]
+    pub stats_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -436,6 +481,8 @@ impl ServeArgs {
         Ok(ServeConfig {
             socket: absolute(&self.socket),
             socket_mode: self.socket_mode,
+            metrics: self.metrics,
+            stats_file: self.stats_file.as_deref().map(absolute),
             device: DeviceSettings {
                 num_queues: self.queues,
                 queue_size: self.queue_size,

@@ -7,6 +7,7 @@
 //! session is closed, its I/O drained, and the socket file removed.
 
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -24,8 +25,9 @@ use crate::integrity::PiStore;
 use crate::protocol::{features, BlkBackend, DeviceSettings};
 use crate::requests::mutation::MutationTracker;
 use crate::requests::policy::{self, Calibration, CostBasis, Target, WriteCosts};
-use crate::requests::{QueueStats, WritePolicy};
+use crate::requests::WritePolicy;
 use crate::storage::Image;
+use crate::telemetry::{http, Telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -43,6 +45,8 @@ pub enum DaemonError {
     Signals(io::Error),
     #[error("cannot set up a vhost-user session: {0}")]
     Session(String),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics { addr: SocketAddr, source: io::Error },
     #[error("I/O error while serving: {0}")]
     Io(#[from] io::Error),
 }
@@ -53,6 +57,18 @@ pub struct ServeConfig {
     pub socket: PathBuf,
     pub socket_mode: u32,
     pub device: DeviceSettings,
+    /// Serve `/metrics` and `/stats` over HTTP here (`--metrics`).
+    pub metrics: Option<SocketAddr>,
+    /// Where to write the stats document (`--stats-file`); by default beside a PI image.
+    pub stats_file: Option<PathBuf>,
+}
+
+/// The Unix socket beside the vhost-user socket that serves `/metrics` and `/stats` to
+/// `guardblk stats --socket`.
+pub fn stats_socket_path(socket: &Path) -> PathBuf {
+    let mut name = socket.as_os_str().to_owned();
+    name.push(".stats");
+    PathBuf::from(name)
 }
 
 /// Removes the socket file when the daemon ends, if it is still the one we created.
@@ -200,57 +216,18 @@ const MUTATION_DECAY: std::time::Duration = std::time::Duration::from_secs(30);
 struct Shared {
     image: Arc<Image>,
     pi: Option<Arc<PiStore>>,
-    stats: Vec<Arc<QueueStats>>,
+    telemetry: Arc<Telemetry>,
     tracker: Arc<MutationTracker>,
     cost_basis: CostBasis,
-    started: std::time::SystemTime,
+    /// Where the stats document is written when a session starts and ends.
+    stats_file: Option<PathBuf>,
 }
 
-/// Counter names, in `snapshot` order.
-const COUNTERS: [&str; 14] = [
-    "reads",
-    "writes",
-    "flushes",
-    "rejected",
-    "io_errors",
-    "bounced",
-    "guard_errors",
-    "read_retries_healed",
-    "writes_zero_copy",
-    "writes_bounced",
-    "writes_rewritten",
-    "intervals_rewritten",
-    "bytes_bounced",
-    "writes_bounced_by_cost",
-];
-
-/// Leave the counters since this daemon started beside the image (`IMAGE.pi-stats.json`), for
-/// `guardblk info`. Best effort: a failure is logged, never fatal.
-fn publish_counters(shared: &Shared, sessions: u64) {
-    if shared.pi.is_none() {
-        return;
-    }
-    let totals = snapshot(&shared.stats);
-    let counters: serde_json::Map<String, serde_json::Value> = COUNTERS
-        .iter()
-        .zip(totals)
-        .map(|(name, value)| ((*name).to_string(), value.into()))
-        .collect();
-    let stamp = |t| humantime::format_rfc3339_seconds(t).to_string();
-    let doc = serde_json::json!({
-        "updated": stamp(std::time::SystemTime::now()),
-        "daemon_started": stamp(shared.started),
-        "pid": std::process::id(),
-        "sessions": sessions,
-        "counters": counters,
-        "write_path": write_paths_json(&shared.stats),
-    });
-    let path = crate::integrity::journal::stats_path(shared.image.path());
-    let tmp = path.with_extension("json.tmp");
-    let written =
-        std::fs::write(&tmp, format!("{doc:#}\n")).and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
-        tracing::warn!(path = %path.display(), error = %e, "cannot publish counters for guardblk info");
+impl Shared {
+    fn publish(&self) {
+        if let Some(path) = &self.stats_file {
+            self.telemetry.publish(path);
+        }
     }
 }
 
@@ -265,20 +242,39 @@ pub fn serve(
     let (std_listener, _socket_file) = bind_socket(&config.socket, config.socket_mode)?;
     let mut listener = Listener::from(std_listener);
     let image = Arc::new(image);
-    let stats: Vec<Arc<QueueStats>> = (0..config.device.num_queues)
-        .map(|_| Arc::new(QueueStats::default()))
-        .collect();
+    let telemetry = Arc::new(Telemetry::new(
+        usize::from(config.device.num_queues),
+        image.path().to_path_buf(),
+    ));
+    let stats_socket = stats_socket_path(&config.socket);
+    let (stats_listener, _stats_socket_file) = bind_socket(&stats_socket, config.socket_mode)?;
+    http::spawn_unix(stats_listener, Arc::clone(&telemetry))?;
+    let metrics = match config.metrics {
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            Some(
+                http::spawn_tcp(listener, Arc::clone(&telemetry))
+                    .map_err(|source| DaemonError::Metrics { addr, source })?,
+            )
+        }
+        None => None,
+    };
+    let stats_file = config.stats_file.clone().or_else(|| {
+        pi.as_ref()
+            .map(|_| crate::integrity::journal::stats_path(image.path()))
+    });
     let shared = Shared {
         image: Arc::clone(&image),
         pi: pi.clone(),
-        stats,
+        telemetry,
+        stats_file,
         // Outlives sessions: a guest that reconnects keeps its learned mutation hot spots.
         tracker: Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY)),
         cost_basis: cost_basis(&image, pi.as_deref(), &config.device),
-        started: std::time::SystemTime::now(),
     };
     let initial = WriteCosts::new(&shared.cost_basis).snapshot();
-    for queue in &shared.stats {
+    for queue in shared.telemetry.queues() {
         for (slot, state) in queue.write_path.iter().zip(initial) {
             slot.store(policy::pack(state), Ordering::Relaxed);
         }
@@ -290,7 +286,7 @@ pub fn serve(
             "PI write path chosen per request size"
         );
     }
-    publish_counters(&shared, 0);
+    shared.publish();
     tracing::info!(
         socket = %config.socket.display(),
         image = %image.path().display(),
@@ -302,6 +298,8 @@ pub fn serve(
         io_engine = %image.engine_for(config.device.engine),
         write_policy = ?config.device.write_policy,
         pi = pi.as_ref().map_or("none".to_string(), |p| describe_pi(p)),
+        stats_socket = %stats_socket.display(),
+        metrics = %metrics.map_or("off".to_string(), |a| format!("http://{a}/metrics")),
         "guardblk ready"
     );
 
@@ -313,18 +311,18 @@ pub fn serve(
         }
         session_number += 1;
         let stop = run_session(session_number, &shared, config, &mut listener, &shutdown)?;
-        publish_counters(&shared, session_number);
+        shared.publish();
         if stop {
             break;
         }
     }
     if let Some(pi) = &pi {
-        let c = &pi.counters;
+        let c = shared.telemetry.totals();
         tracing::info!(
-            tuples_written = c.tuples_written.load(Ordering::Relaxed),
-            intervals_verified = c.intervals_verified.load(Ordering::Relaxed),
-            guard_errors = c.guard_errors.load(Ordering::Relaxed),
-            read_retries_healed = c.read_retries_healed.load(Ordering::Relaxed),
+            intervals_written = c.intervals_written,
+            intervals_verified = c.intervals_verified,
+            guard_errors = c.guard_errors,
+            read_retries_healed = c.read_retries_healed,
             journal = %pi.journal.path().display(),
             "PI summary"
         );
@@ -353,7 +351,7 @@ fn run_session(
     let Shared {
         image,
         pi,
-        stats,
+        telemetry,
         tracker,
         cost_basis,
         ..
@@ -364,7 +362,7 @@ fn run_session(
         tracker,
         &config.device,
         cost_basis,
-        stats,
+        telemetry.queues(),
     )?;
     let mut daemon = VhostUserDaemon::new("guardblk".into(), backend.clone(), backend.memory())
         .map_err(|e| DaemonError::Session(e.to_string()))?;
@@ -372,7 +370,8 @@ fn run_session(
     daemon
         .start(listener)
         .map_err(|e| DaemonError::Session(e.to_string()))?;
-    let before = snapshot(stats);
+    telemetry.session_started(number);
+    shared.publish();
     tracing::info!(session = number, "frontend connected");
     let handle = daemon.shutdown_handle();
 
@@ -404,6 +403,7 @@ fn run_session(
                 break;
             }
             if let Ok(Some(stream)) = listener.accept() {
+                telemetry.frontend_refused();
                 tracing::warn!(
                     session = number,
                     "refused a second frontend: one is already connected"
@@ -434,54 +434,15 @@ fn run_session(
     // Dropping the daemon stops its queue threads; then finish whatever the kernel still holds.
     drop(daemon);
     backend.drain();
-    let after = snapshot(stats);
+    let session = telemetry.session_ended();
     tracing::info!(
         session = number,
         features = %features::describe(backend.acked_features()),
-        reads = after[0] - before[0],
-        writes = after[1] - before[1],
-        flushes = after[2] - before[2],
-        rejected = after[3] - before[3],
-        io_errors = after[4] - before[4],
-        bounced = after[5] - before[5],
-        guard_errors = after[6] - before[6],
-        read_retries_healed = after[7] - before[7],
-        writes_zero_copy = after[8] - before[8],
-        writes_bounced = after[9] - before[9],
-        writes_rewritten = after[10] - before[10],
-        intervals_rewritten = after[11] - before[11],
-        bytes_bounced = after[12] - before[12],
-        writes_bounced_by_cost = after[13] - before[13],
-        write_path = %describe_write_paths(stats),
+        counters = %session.counters,
+        write_path = %telemetry.describe_write_paths(),
         "frontend disconnected"
     );
     Ok(shutdown_requested)
-}
-
-fn snapshot(stats: &[Arc<QueueStats>]) -> [u64; 14] {
-    let mut totals = [0u64; 14];
-    for s in stats {
-        let values = [
-            &s.reads,
-            &s.writes,
-            &s.flushes,
-            &s.rejected,
-            &s.io_errors,
-            &s.bounced,
-            &s.guard_errors,
-            &s.read_retries_healed,
-            &s.writes_zero_copy,
-            &s.writes_bounced,
-            &s.writes_rewritten,
-            &s.intervals_rewritten,
-            &s.bytes_bounced,
-            &s.writes_bounced_by_cost,
-        ];
-        for (t, v) in totals.iter_mut().zip(values) {
-            *t += v.load(Ordering::Relaxed);
-        }
-    }
-    totals
 }
 
 /// What `--bounce auto` decides from: the target's kind, the operator's `--auto-path`, and
@@ -502,47 +463,6 @@ fn cost_basis(image: &Image, pi: Option<&PiStore>, device: &DeviceSettings) -> C
         auto_path: device.auto_path,
         calibration,
     }
-}
-
-/// `auto`'s current path per size class (queue 0's; every queue decides alike), for the log:
-/// "4k=bounce 16k=bounce 64k=zero-copy large=zero-copy".
-fn describe_write_paths(stats: &[Arc<QueueStats>]) -> String {
-    let Some(queue) = stats.first() else {
-        return String::new();
-    };
-    policy::SIZE_CLASSES
-        .iter()
-        .zip(&queue.write_path)
-        .map(|((name, _), slot)| {
-            let (path, _, _) = policy::unpack(slot.load(Ordering::Relaxed));
-            format!("{name}={}", path.name())
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// The same per queue and class, with each path's estimated cost, for IMAGE.pi-stats.json.
-fn write_paths_json(stats: &[Arc<QueueStats>]) -> serde_json::Value {
-    let queues: Vec<serde_json::Value> = stats
-        .iter()
-        .map(|queue| {
-            let classes: serde_json::Map<String, serde_json::Value> = policy::SIZE_CLASSES
-                .iter()
-                .zip(&queue.write_path)
-                .map(|((name, _), slot)| {
-                    let (path, zero_copy, bounce) = policy::unpack(slot.load(Ordering::Relaxed));
-                    let value = serde_json::json!({
-                        "path": path.name(),
-                        "zero_copy_ps_per_byte": zero_copy,
-                        "bounce_ps_per_byte": bounce,
-                    });
-                    ((*name).to_string(), value)
-                })
-                .collect();
-            serde_json::Value::Object(classes)
-        })
-        .collect();
-    serde_json::Value::Array(queues)
 }
 
 /// "type1, 4096-byte intervals, metadata disk.img.pi" for the ready line.

@@ -4,6 +4,7 @@
 //! Layers, each depending only on the ones below it:
 //! - `commands` (and `cli`): the subcommands behind the command line.
 //! - `daemon`: socket lifecycle, one frontend at a time, reconnects, signals.
+//! - `telemetry`: the counters as operators see them: stats document, `/metrics`, `/stats`.
 //! - `protocol`: the vhost-user-blk device: features, config space, vring handling, polling.
 //! - `requests`: descriptor-chain validation and per-queue request execution.
 //! - `integrity`: PI formats and guard CRCs, the metadata file, write intents, scans.
@@ -18,3 +19,4 @@ pub mod integrity;
 pub(crate) mod protocol;
 pub(crate) mod requests;
 pub(crate) mod storage;
+pub(crate) mod telemetry;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use guardblk::cli::{Cli, Command};
+use guardblk::cli::{Cli, Command, DEFAULT_SOCKET};
 use guardblk::commands::{self, ToolError};
 
 /// `scrub` exit status when some block failed verification.
@@ -95,6 +95,26 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             out(&injected.to_string());
         }
         Command::Serve(args) => commands::serve(&args.to_request()?)?,
+        Command::Stats(args) => {
+            let source = match (&args.socket, &args.metrics) {
+                (_, Some(url)) => commands::StatsSource::from_url(url)?,
+                (Some(socket), None) => commands::StatsSource::Socket(socket.clone()),
+                (None, None) => commands::StatsSource::Socket(DEFAULT_SOCKET.into()),
+            };
+            match args.watch {
+                Some(secs) => {
+                    commands::watch_stats(&source, std::time::Duration::from_secs_f64(secs), out)?
+                }
+                None if args.json => out(&serde_json::to_string_pretty(&commands::fetch_stats(
+                    &source,
+                )?)
+                .unwrap_or_default()),
+                None => out(&commands::render_stats(
+                    &commands::fetch_stats(&source)?,
+                    None,
+                )),
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,7 @@ use crate::integrity::metadata::{Header, VolumeState};
 use crate::integrity::store;
 use crate::integrity::{MetadataError, PiMetadata};
 use crate::storage::ImageError;
+use crate::telemetry::DaemonStats;
 
 use super::{event_name, human, io_error, target_size, unix_time, ToolError};
 
@@ -87,7 +88,7 @@ pub struct InfoReport {
     pub meta: Option<MetaInfo>,
     pub journal: JournalSummary,
     /// What the serving daemon last published (`IMAGE.pi-stats.json`), if any.
-    pub daemon: Option<Value>,
+    pub daemon: Option<DaemonStats>,
 }
 
 fn record_line(r: &Record) -> String {
@@ -221,32 +222,21 @@ impl InfoReport {
             }
         }
         if let Some(d) = &self.daemon {
-            let c = &d["counters"];
-            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+            let c = &d.counters;
             let _ = writeln!(
                 out,
                 "daemon:    counters as of {} (pid {}, running since {}, {} sessions)",
-                d["updated"].as_str().unwrap_or("?"),
-                d["pid"],
-                d["daemon_started"].as_str().unwrap_or("?"),
-                d["sessions"]
+                d.updated, d.pid, d.daemon_started, d.sessions
             );
             let _ = writeln!(
                 out,
                 "  writes {}: {} zero-copy, {} bounced up front, {} rewritten after the guest changed them in flight ({} blocks)",
-                n("writes"),
-                n("writes_zero_copy"),
-                n("writes_bounced"),
-                n("writes_rewritten"),
-                n("intervals_rewritten")
+                c.writes, c.writes_zero_copy, c.writes_bounced, c.writes_rewritten, c.intervals_rewritten
             );
             let _ = writeln!(
                 out,
                 "  reads {}: {} re-read after a failed check and healed, {} guard errors; {} bytes bounced",
-                n("reads"),
-                n("read_retries_healed"),
-                n("guard_errors"),
-                n("bytes_bounced")
+                c.reads, c.read_retries_healed, c.guard_errors, c.bytes_bounced
             );
         }
         if !j.records.is_empty() {
@@ -368,7 +358,8 @@ pub fn info(image_path: &Path, pi_meta: Option<&Path>) -> Result<InfoReport, Too
     let journal_path = journal::default_path(image_path);
     let (records, skipped) = Journal::read(&journal_path)
         .map_err(io_error(format!("cannot read {}", journal_path.display())))?;
-    // Published by a serving daemon after each session; absent if none ever served it.
+    // Published by a serving daemon when sessions start and end; absent if none ever served
+    // it (or one too old to be read).
     let daemon = std::fs::read_to_string(journal::stats_path(image_path))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());

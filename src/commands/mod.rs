@@ -1,5 +1,5 @@
-//! The commands behind the command line: `create`, `import`, `scrub`, `info`, `inject` and the
-//! set-up of `serve`, one module each. Each returns a report (text and, where asked for, JSON
+//! The commands behind the command line: `create`, `import`, `scrub`, `info`, `inject`, `stats`
+//! and the set-up of `serve`, one module each. Each returns a report (text and, where asked for, JSON
 //! rendering) or a [`ToolError`] whose message is one sentence; `main.rs` prints them.
 //!
 //! LBAs are in protection-interval units everywhere; reports give the byte offset too.
@@ -23,6 +23,7 @@ mod info;
 mod inject;
 mod scrub;
 mod serve;
+mod stats;
 
 pub use create::{create, Created};
 pub use import::{import, Imported};
@@ -30,6 +31,7 @@ pub use info::{info, InfoReport};
 pub use inject::{inject, Injected};
 pub use scrub::{scrub, ScrubReport};
 pub use serve::{open_pi, serve, ServeRequest};
+pub use stats::{fetch as fetch_stats, render as render_stats, watch as watch_stats, StatsSource};
 
 /// Why a command could not do its job; the message is one sentence.
 #[derive(Debug, Error)]

@@ -3,27 +3,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::journal::{Event, Journal, Record};
 use super::metadata::{PiMetadata, APP_TAG};
 use super::pi::{PiError, PiErrorKind, PiFormat, Tuple};
 use super::reader::is_zero;
-
-/// Counters across all queues; the daemon logs them per session and `info` shows them.
-#[derive(Debug, Default)]
-pub struct PiCounters {
-    /// Intervals whose tuple was generated on write.
-    pub tuples_written: AtomicU64,
-    /// Intervals verified on read.
-    pub intervals_verified: AtomicU64,
-    /// Real guard errors (failed again after a locked re-read).
-    pub guard_errors: AtomicU64,
-    /// Reads whose first verification failed but whose locked re-read verified (a racing
-    /// write, or the guest changing its own buffer).
-    pub read_retries_healed: AtomicU64,
-}
 
 /// Writes in flight, by LBA range: at most one write per interval at a time, so the tuple
 /// stored when a write completes describes what the disk holds. Readers that fail
@@ -61,7 +46,6 @@ pub struct PiStore {
     pub meta: PiMetadata,
     pub journal: Journal,
     pub ranges: RangeLocks,
-    pub counters: PiCounters,
     /// Guard of an all-zero interval: what an unwritten interval's data must hash to.
     zero_guard: u64,
 }
@@ -79,7 +63,6 @@ impl PiStore {
             meta,
             journal,
             ranges: RangeLocks::default(),
-            counters: PiCounters::default(),
             zero_guard,
         }
     }
@@ -124,9 +107,9 @@ impl PiStore {
         }
     }
 
-    /// Report a real guard error: one structured log line, a counter and a journal record.
+    /// Report a real guard error: one structured log line and a journal record (the caller
+    /// counts it).
     pub fn report(&self, lba: u64, error: &PiError, source: &str) {
-        self.counters.guard_errors.fetch_add(1, Ordering::Relaxed);
         let interval = self.interval();
         tracing::error!(
             lba,

@@ -29,7 +29,7 @@ use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
 use crate::requests::mutation::MutationTracker;
 use crate::requests::policy::{self, AutoPath, CostBasis, WriteCosts};
-use crate::requests::{Executor, Limits, Protection, QueueStats, UsedEntry, WritePolicy};
+use crate::requests::{Executor, Limits, Protection, QueueCounters, UsedEntry, WritePolicy};
 use crate::storage::{EngineChoice, Image, SECTOR_SIZE};
 
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -101,7 +101,7 @@ impl BlkBackend {
         tracker: &Arc<MutationTracker>,
         settings: &DeviceSettings,
         cost_basis: &CostBasis,
-        stats: &[Arc<QueueStats>],
+        counters: &[Arc<QueueCounters>],
     ) -> io::Result<BlkBackend> {
         let block_size = pi.as_ref().map_or(SECTOR_SIZE as u32, |p| p.interval());
         let config = blk_config(&image, settings, block_size);
@@ -112,7 +112,7 @@ impl BlkBackend {
                     config.limits.clone(),
                     &settings.serial,
                     settings.queue_size,
-                    Arc::clone(&stats[q]),
+                    Arc::clone(&counters[q]),
                     image.engine_for(settings.engine),
                     Protection {
                         pi: pi.clone(),
@@ -120,7 +120,7 @@ impl BlkBackend {
                         tracker: Arc::clone(tracker),
                         costs: WriteCosts::resume(
                             cost_basis,
-                            stats[q]
+                            counters[q]
                                 .write_path
                                 .each_ref()
                                 .map(|slot| policy::unpack(slot.load(Ordering::Relaxed))),

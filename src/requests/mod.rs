@@ -6,6 +6,7 @@
 //! vhost-user device (which owns vrings) and storage (which owns the image and io_uring).
 
 pub mod bounce;
+pub mod counters;
 pub mod executor;
 pub mod guest_mem;
 pub mod mutation;
@@ -13,5 +14,6 @@ pub mod parse;
 pub mod policy;
 pub mod protected;
 
-pub use executor::{Executor, Protection, QueueStats, UsedEntry, WritePolicy};
+pub use counters::{Counters, QueueCounters};
+pub use executor::{Executor, Protection, UsedEntry, WritePolicy};
 pub use parse::Limits;

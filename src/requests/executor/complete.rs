@@ -105,6 +105,9 @@ impl Executor {
         let mut status = VIRTIO_BLK_S_OK;
         if let Some(pi) = self.pi.clone() {
             if inflight.errno.is_none() && inflight.class == Class::Read {
+                if let PiWork::Read { count, .. } = &inflight.pi {
+                    self.counters.intervals_verified.add(*count);
+                }
                 let verified = match (&inflight.pi, &inflight.data) {
                     (PiWork::Read { lba, .. }, DataPath::Bounce { bounce, .. }) => {
                         let per_chunk = (CHUNK / pi.interval() as usize) as u64;
@@ -144,7 +147,7 @@ impl Executor {
             }
         }
         if let Some(errno) = inflight.errno {
-            QueueStats::bump(&self.stats.io_errors, 1);
+            self.counters.io_errors.add(1);
             tracing::warn!(
                 head = inflight.head,
                 error = %io::Error::from_raw_os_error(errno),
@@ -166,6 +169,12 @@ impl Executor {
 
     /// Write the status byte and recycle the request's buffer.
     pub(super) fn write_status(&mut self, inflight: &mut InFlight, status: u8) -> UsedEntry {
+        self.counters.complete(
+            inflight.class.operation(),
+            status == VIRTIO_BLK_S_OK,
+            inflight.bytes,
+            inflight.started.elapsed(),
+        );
         let written = inflight.mem.write_obj(status, inflight.status).is_ok();
         if let DataPath::Bounce { bounce, .. } =
             std::mem::replace(&mut inflight.data, DataPath::None)
@@ -201,9 +210,7 @@ impl Executor {
                         let l = lba + i as u64;
                         pi.meta.set_tuple(l, &pi.tuple_for(l, guard));
                     }
-                    pi.counters
-                        .tuples_written
-                        .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                    self.counters.intervals_written.add(count);
                     if inflight.sync_after_write {
                         result = pi.meta.sync_tuples(lba, count);
                     }
@@ -305,8 +312,10 @@ impl Executor {
             return false;
         }
         inflight.stage = Stage::Rewrite;
-        QueueStats::bump(&self.stats.writes_rewritten, 1);
-        QueueStats::bump(&self.stats.intervals_rewritten, rewriting.len() as u64);
+        self.counters.writes_rewritten.add(1);
+        self.counters
+            .intervals_rewritten
+            .add(rewriting.len() as u64);
         for &i in rewriting.iter() {
             let start = (i * interval) as u64;
             for byte in [start, start + interval as u64 - 1] {
@@ -394,16 +403,13 @@ impl Executor {
         let status = match protected::read_intervals(&self.image, &pi, lba, count) {
             Err(e) => {
                 tracing::warn!(lba, count, error = %e, "re-reading a block that failed verification failed");
-                QueueStats::bump(&self.stats.io_errors, 1);
+                self.counters.io_errors.add(1);
                 VIRTIO_BLK_S_IOERR
             }
             Ok(buffer) => {
                 let failures = protected::verify_buffer(&pi, buffer.as_slice(), lba);
                 if failures.is_empty() {
-                    QueueStats::bump(&self.stats.read_retries_healed, 1);
-                    pi.counters
-                        .read_retries_healed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.counters.read_retries_healed.add(1);
                     let PiWork::Read { guest, .. } = &inflight.pi else {
                         unreachable!("checked above")
                     };
@@ -416,9 +422,10 @@ impl Executor {
                 } else {
                     for (l, e) in &failures {
                         pi.report(*l, e, "read");
+                        self.counters.pi_error(e.kind);
                     }
-                    QueueStats::bump(&self.stats.guard_errors, 1);
-                    QueueStats::bump(&self.stats.io_errors, 1);
+                    self.counters.guard_errors.add(1);
+                    self.counters.io_errors.add(1);
                     VIRTIO_BLK_S_IOERR
                 }
             }

@@ -13,13 +13,13 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::bounce::{Bounce, BouncePool, CHUNK};
+use super::counters::{Operation, QueueCounters};
 use super::guest_mem;
 use super::mutation::MutationTracker;
 use super::parse::{
@@ -43,42 +43,6 @@ pub struct UsedEntry {
     pub head: u16,
     /// Bytes written into device-writable descriptors, status byte included.
     pub len: u32,
-}
-
-/// Per-queue counters; read by the daemon for its disconnect summary.
-#[derive(Debug, Default)]
-pub struct QueueStats {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub discards: AtomicU64,
-    pub write_zeroes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub bounced: AtomicU64,
-    pub rejected: AtomicU64,
-    pub io_errors: AtomicU64,
-    /// Reads completed with IOERR because data and tuple disagree.
-    pub guard_errors: AtomicU64,
-    /// Reads whose first verification failed and whose locked re-read verified (the guest
-    /// changed its buffer, or the read raced a write).
-    pub read_retries_healed: AtomicU64,
-    /// PI writes sent to disk straight from guest memory.
-    pub writes_zero_copy: AtomicU64,
-    /// PI writes copied into a bounce buffer up front (policy, or known mutation).
-    pub writes_bounced: AtomicU64,
-    /// Zero-copy writes the guest changed in flight, rewritten from a snapshot.
-    pub writes_rewritten: AtomicU64,
-    /// Intervals those rewrites covered.
-    pub intervals_rewritten: AtomicU64,
-    /// Bytes copied through bounce buffers, for any reason.
-    pub bytes_bounced: AtomicU64,
-    /// Of `writes_bounced`: those `auto` bounced because bouncing is the cheaper path here
-    /// (the rest: the guest was recently seen changing buffers there, or `--bounce always`).
-    pub writes_bounced_by_cost: AtomicU64,
-    /// `auto`'s current write path and cost estimates per size class
-    /// ([`policy::SIZE_CLASSES`]), packed by [`policy::pack`]; updated when a sample lands.
-    pub write_path: [AtomicU64; 4],
 }
 
 /// What a queue needs for PI: the store (none for a raw image), the write policy, the
@@ -105,12 +69,6 @@ pub enum WritePolicy {
     /// submission and never re-checked. A guest that changes a buffer in flight leaves a
     /// block whose guard does not match its data.
     Unchecked,
-}
-
-impl QueueStats {
-    fn bump(counter: &AtomicU64, by: u64) {
-        counter.fetch_add(by, Ordering::Relaxed);
-    }
 }
 
 /// How a request's data reaches the kernel.
@@ -210,6 +168,10 @@ struct InFlight {
     locked: Option<(u64, u64)>,
     /// Snapshot of the intervals a rewrite after detected mutation writes from.
     rewrite: Option<Bounce>,
+    /// When the request was parsed, for its latency.
+    started: std::time::Instant,
+    /// Data bytes it moves (reads and writes).
+    bytes: u64,
 }
 
 /// What kind of request an in-flight entry is; decides error handling and fallbacks.
@@ -222,6 +184,18 @@ enum Class {
     WriteZeroes,
 }
 
+impl Class {
+    fn operation(self) -> Operation {
+        match self {
+            Class::Read => Operation::Read,
+            Class::Write => Operation::Write,
+            Class::Flush => Operation::Flush,
+            Class::Discard => Operation::Discard,
+            Class::WriteZeroes => Operation::WriteZeroes,
+        }
+    }
+}
+
 pub struct Executor {
     engine: Engine,
     image: Arc<Image>,
@@ -231,7 +205,7 @@ pub struct Executor {
     free_requests: Vec<u32>,
     completions: Vec<Completion>,
     zeroes: Option<AlignedBuf>,
-    stats: Arc<QueueStats>,
+    counters: Arc<QueueCounters>,
     pi: Option<Arc<PiStore>>,
     policy: WritePolicy,
     tracker: Arc<MutationTracker>,
@@ -254,7 +228,7 @@ impl Executor {
         limits: Limits,
         serial: &str,
         queue_size: u16,
-        stats: Arc<QueueStats>,
+        counters: Arc<QueueCounters>,
         engine: EngineKind,
         protection: Protection,
     ) -> io::Result<Executor> {
@@ -279,7 +253,7 @@ impl Executor {
             free_requests: Vec::new(),
             completions: Vec::new(),
             zeroes: None,
-            stats,
+            counters,
             pi,
             policy,
             tracker,
@@ -296,7 +270,7 @@ impl Executor {
     /// nobody holding chunks waits for a lock), so this always ends, and a request never fails
     /// for want of a buffer.
     fn take_bounce(&mut self, len: usize, done: &mut Vec<UsedEntry>) -> Bounce {
-        QueueStats::bump(&self.stats.bytes_bounced, len as u64);
+        self.counters.bytes_bounced.add(len as u64);
         loop {
             if let Some(bounce) = self.pool.try_take(len) {
                 return bounce;
@@ -379,7 +353,7 @@ impl Executor {
     }
 
     fn reject(&self, rejected: Rejected, mem: &GuestMemoryMmap) -> UsedEntry {
-        QueueStats::bump(&self.stats.rejected, 1);
+        self.counters.reject(&rejected.error);
         tracing::warn!(head = rejected.head, error = %rejected.error, "rejected guest request");
         match rejected.status {
             Some(addr) if mem.write_obj(rejected.error.status(), addr).is_ok() => UsedEntry {

@@ -27,6 +27,8 @@ impl Executor {
             pi: PiWork::None,
             locked: None,
             rewrite: None,
+            started: std::time::Instant::now(),
+            bytes: 0,
         };
         let pi = self.pi.clone();
         // Each op's `tag` holds its index within the request until queue_op adds the slot.
@@ -48,8 +50,7 @@ impl Executor {
             }
             RequestKind::Read { sector, data, len } => {
                 inflight.class = Class::Read;
-                QueueStats::bump(&self.stats.reads, 1);
-                QueueStats::bump(&self.stats.bytes_read, len);
+                inflight.bytes = len;
                 inflight.used_len = (len + 1) as u32;
                 let offset = sector * SECTOR_SIZE;
                 if let Some(pi) = &pi {
@@ -72,8 +73,7 @@ impl Executor {
             }
             RequestKind::Write { sector, data, len } => {
                 inflight.class = Class::Write;
-                QueueStats::bump(&self.stats.writes, 1);
-                QueueStats::bump(&self.stats.bytes_written, len);
+                inflight.bytes = len;
                 inflight.sync_after_write = write_through;
                 let offset = sector * SECTOR_SIZE;
                 match &pi {
@@ -90,7 +90,6 @@ impl Executor {
                 }
             }
             RequestKind::Flush => {
-                QueueStats::bump(&self.stats.flushes, 1);
                 if let Some(pi) = &pi {
                     inflight.pi = PiWork::Flush {
                         ticket: pi.meta.flush_ticket(),
@@ -100,7 +99,6 @@ impl Executor {
             }
             RequestKind::Discard { segments } => {
                 inflight.class = Class::Discard;
-                QueueStats::bump(&self.stats.discards, 1);
                 let mut ops = range_ops(&segments, |_| OpKind::PunchHole);
                 if let Some(pi) = &pi {
                     if let Err(e) = self.protect_ranges(pi, &mut inflight, &segments, done) {
@@ -111,7 +109,6 @@ impl Executor {
                 ops
             }
             RequestKind::WriteZeroes { segments } => {
-                QueueStats::bump(&self.stats.write_zeroes, 1);
                 inflight.sync_after_write = write_through;
                 inflight.class = Class::WriteZeroes;
                 let mut ops = range_ops(&segments, |s| {
@@ -131,6 +128,7 @@ impl Executor {
             }
         };
 
+        self.counters.in_flight.add(1);
         if inflight.errno.is_some() {
             // Failed before any I/O (the PI metadata could not record the write intent).
             self.complete(inflight, done);
@@ -171,7 +169,7 @@ impl Executor {
             return iovecs;
         }
         // Misaligned for O_DIRECT (or too fragmented): go through an aligned buffer.
-        QueueStats::bump(&self.stats.bounced, 1);
+        self.counters.bounced.add(1);
         let bounce = self.take_bounce(len as usize, done);
         if is_write {
             let mut dst = self.pool.slices_mut(&bounce);
@@ -259,12 +257,12 @@ impl Executor {
         let (iov, guest) = match bounce {
             Some(bounce) => {
                 if direct {
-                    QueueStats::bump(&self.stats.writes_bounced, 1);
+                    self.counters.writes_bounced.add(1);
                     if by_cost {
-                        QueueStats::bump(&self.stats.writes_bounced_by_cost, 1);
+                        self.counters.writes_bounced_by_cost.add(1);
                     }
                 } else {
-                    QueueStats::bump(&self.stats.bounced, 1);
+                    self.counters.bounced.add(1);
                 }
                 let mut dst = self.pool.slices_mut(&bounce);
                 protected::gather_with_guards(
@@ -286,7 +284,7 @@ impl Executor {
                 (iov, Vec::new())
             }
             None => {
-                QueueStats::bump(&self.stats.writes_zero_copy, 1);
+                self.counters.writes_zero_copy.add(1);
                 protected::guest_digests(
                     &inflight.mem,
                     &data,
@@ -315,8 +313,8 @@ impl Executor {
     /// A sampled write's path work cost `nanos`: feed the cost model and publish its state.
     pub(super) fn record_cost(&mut self, len: u64, path: WritePath, nanos: u64) {
         self.costs.record(len, path, nanos);
-        for (slot, state) in self.stats.write_path.iter().zip(self.costs.snapshot()) {
-            slot.store(policy::pack(state), Ordering::Relaxed);
+        for (slot, state) in self.counters.write_path.iter().zip(self.costs.snapshot()) {
+            slot.store(policy::pack(state), std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -46,7 +46,7 @@ struct Rig {
     _dir: tempfile::TempDir,
     image: Arc<Image>,
     exec: Executor,
-    stats: Arc<QueueStats>,
+    stats: Arc<QueueCounters>,
     mem: Arc<GuestMemoryMmap>,
 }
 
@@ -62,7 +62,7 @@ fn rig(engine: EngineKind, pi: bool) -> Rig {
         PiMetadata::create(&meta, &Header::new(PiFormat::Type1, 4096, data)).unwrap();
         Arc::new(PiStore::open_beside(&image, None, true).unwrap().0)
     });
-    let stats = Arc::new(QueueStats::default());
+    let stats = Arc::new(QueueCounters::default());
     let basis = CostBasis {
         target: Target::Dma,
         auto_path: AutoPath::Cost,
@@ -169,8 +169,13 @@ fn writes_land_in_the_image_and_read_back_with_each_engine() {
             "{engine}: a read reports its data bytes plus the status byte"
         );
         assert_eq!(r.guest_data(8192), written, "{engine}: read-back");
-        assert_eq!(r.stats.reads.load(Ordering::Relaxed), 1);
-        assert_eq!(r.stats.writes.load(Ordering::Relaxed), 1);
+        let c = r.stats.snapshot();
+        assert_eq!((c.reads, c.writes, c.flushes), (1, 1, 1));
+        assert_eq!((c.bytes_read, c.bytes_written), (8192, 8192));
+        assert_eq!(c.in_flight, 0, "{engine}: every request completed");
+        for op in ["read", "write", "flush"] {
+            assert_eq!(c.latency.0[op].count, 1, "{engine}: one {op} timed");
+        }
     }
 }
 
@@ -199,7 +204,22 @@ fn bad_requests_complete_with_an_error_status_and_leave_the_image_alone() {
         .image_bytes(IMAGE_BYTES - 4096, 4096)
         .iter()
         .all(|&b| b == 0));
-    assert_eq!(r.stats.writes.load(Ordering::Relaxed), 0);
+    let c = r.stats.snapshot();
+    assert_eq!((c.writes, c.reads, c.rejected, c.in_flight), (0, 0, 3, 0));
+    let reasons: Vec<(&str, u64)> = c
+        .rejected_by_reason
+        .0
+        .iter()
+        .map(|(r, n)| (r.as_str(), *n))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("malformed_request", 1),
+            ("out_of_range", 1),
+            ("unsupported", 1)
+        ]
+    );
 }
 
 #[test]
@@ -241,9 +261,6 @@ fn with_pi_a_corrupted_block_fails_its_read_and_its_neighbour_does_not() {
             VIRTIO_BLK_S_OK,
             "{engine}: its neighbour"
         );
-        assert!(
-            r.stats.guard_errors.load(Ordering::Relaxed) >= 1,
-            "{engine}"
-        );
+        assert!(r.stats.guard_errors.get() >= 1, "{engine}");
     }
 }
