@@ -126,15 +126,15 @@ start_daemon() {
             "${pin[@]}" qemu-storage-daemon "${qsd_cmd[@]}" >/dev/null 2>"$log" &
             ;;
         nopi)
-            RUST_LOG=info "${pin[@]}" "$guardblk" serve "$image" --socket "$sock" --queues 1 >/dev/null 2>"$log" &
+            RUST_LOG=info "${pin[@]}" "$guardblk" serve "$image" --socket "$sock" --queues 1 --stats-file "${log%.log}.stats.json" >/dev/null 2>"$log" &
             ;;
         unchecked)
             RUST_LOG=info "${pin[@]}" "$guardblk" serve "$pi_image" --socket "$sock" --queues 1 --bounce never \
-                --no-mutation-check >/dev/null 2>"$log" &
+                --no-mutation-check --stats-file "${log%.log}.stats.json" >/dev/null 2>"$log" &
             ;;
         *)
             RUST_LOG=info "${pin[@]}" "$guardblk" serve "$pi_image" --socket "$sock" --queues 1 --bounce "$name" \
-                >/dev/null 2>"$log" &
+                --stats-file "${log%.log}.stats.json" >/dev/null 2>"$log" &
             ;;
     esac
     daemon_pid=$!
@@ -195,14 +195,16 @@ pi_check() {
     echo "$lines $scrub"
 }
 
-# session N LOG: the Nth "frontend disconnected" line's numeric fields as a JSON object.
+# session N LOG: session N's plain counters from the stats document the daemon of LOG left
+# beside it (start_daemon's --stats-file), as a JSON object ({} if it never ended).
 session() {
-    { grep "frontend disconnected" "$2" || true; } | sed -n "${1}p" |
-        { grep -oE '\b[a-z_]+=[0-9]+\b' || true; } |
-        jq -Rn '[inputs | split("=") | {(.[0]): (.[1] | tonumber)}] | add // {}'
+    jq -c --argjson n "$1" '[.recent_sessions[] | select(.number == $n) | .counters |
+        with_entries(select(.value | type == "number"))] | first // {}' "${2%.log}.stats.json" 2>/dev/null ||
+        echo '{}'
 }
 
-results=$work/results.jsonl # one JSON object per run: target, section, cell, daemon, round + loadgen + counters
+bench_results bounce
+results=$results_dir/results.jsonl # one JSON object per run: target, section, cell, daemon, round + loadgen + counters
 : >"$results"
 run_no=0
 
@@ -495,11 +497,16 @@ for tgt in "${bench_targets[@]}"; do
     row "$tgt runs that hung or failed (overlap demo excluded)" "$hangs" "$( ((hangs == 0)) && echo MET || echo 'NOT MET')"
     ((bad_lines == 0 && bad_scrubs == 0)) || all_bad=1
 done
-echo "IOPS = loadgen completions in the window; CPU = daemon utime+stime per I/O; rewritten/bounced/zerocopy from the daemon's 'frontend disconnected' line."
+echo "IOPS = loadgen completions in the window; CPU = daemon utime+stime per I/O; rewritten/bounced/zerocopy from the daemon's stats document (--stats-file)."
 for tgt in "${bench_targets[@]}"; do target_note "$tgt"; done
 echo "On tmpfs always/never compares one fused copy+guard pass against never's guard pass plus its after-completion"
 echo "re-check, not against DMA from guest memory as on a real disk."
 echo "2-core machine: the daemon (CPU $daemon_cpu) and the load generator plus the scribbler (CPU $client_cpu) already fill it;"
 echo "runs vary by +-10% and more (whole runs in a slow mode happen), so read single-round ratios with care."
+jq -c 'select(.status == "ok") | {panel: "\(.target) \(.section)", group: .cell, variant: .daemon, iops, p99_us}' \
+    "$results" >"$results_dir/plot.jsonl"
+bench_plot "$results_dir/plot.jsonl" "$results_dir/bounce.svg" \
+    "bounce.sh at $(git describe --always --dirty): medians of $rounds round(s) x ${seconds}s"
+echo "   results: $results"
 ((all_bad == 0)) || failed=1
 ((failed == 0)) || exit 1

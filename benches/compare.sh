@@ -169,6 +169,8 @@ run_one() {
 }
 
 declare -A results # "target workload daemon" -> newline-separated JSON lines, one per round
+bench_results compare
+rounds_file=$results_dir/rounds.jsonl # every round: target, workload, daemon, round + loadgen's line
 declare -A tdesc   # target -> what it was (device, mount, dio)
 for tgt in "${bench_targets[@]}"; do
     echo "== target $tgt"
@@ -205,6 +207,8 @@ for tgt in "${bench_targets[@]}"; do
             for d in "${order[@]}"; do
                 run_one "$d" "$rw" "$bs" "$qd"
                 results["$tgt $label $d"]+="$json"$'\n'
+                jq -c --arg t "$tgt" --arg w "$label" --arg d "$d" --argjson r "$round" \
+                    '. + {target: $t, workload: $w, daemon: $d, round: $r}' <<<"$json" >>"$rounds_file"
                 printf '  %s round %d  %-18s %-8s %s\n' "$tgt" "$round" "$label" "$d" \
                     "$(jq -r '"\(.iops|floor) IOPS  p50 \(.p50_us) us  p99 \(.p99_us) us  CPU \(.daemon_cpu_us_per_io) us/IO"' <<<"$json")"
             done
@@ -290,4 +294,8 @@ for tgt in "${bench_targets[@]}"; do
 done
 echo
 for tgt in "${bench_targets[@]}"; do target_note "$tgt"; done
+jq -c '{panel: .target, group: .workload, variant: .daemon, iops, p99_us}' "$rounds_file" >"$results_dir/plot.jsonl"
+bench_plot "$results_dir/plot.jsonl" "$results_dir/compare.svg" \
+    "compare.sh at $(git describe --always --dirty): $rounds round(s) x ${seconds}s"
+echo "   results: $rounds_file"
 ((status == 0)) || exit 1

@@ -47,17 +47,38 @@ bench_check_cpus() {
     [[ "$1" != "$2" ]] || echo "   warning: daemon and load generator pinned to the same CPU $1" >&2
 }
 
-# bench_build: release guardblk and the loadgen bench, honouring CARGO_TARGET_DIR (default
-# target/). Sets guardblk_built and loadgen_built to the paths cargo built.
+# bench_build: release guardblk and the loadgen and plot benches, honouring CARGO_TARGET_DIR
+# (default target/). Sets guardblk_built, loadgen_built and plot_built to the paths cargo built,
+# and bench_results_root to target/bench-results.
 bench_build() {
     cargo build --release --quiet
-    local dir
+    local dir built
     dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
     guardblk_built=$dir/release/guardblk
-    loadgen_built=$(cargo bench --bench loadgen --no-run --message-format=json --quiet |
-        jq -r 'select(.target.name == "loadgen" and .executable != null) | .executable')
-    [[ -x "$guardblk_built" && -x "$loadgen_built" ]] ||
-        { echo "build finished but $guardblk_built or the loadgen bench is missing" >&2; exit 1; }
+    built=$(cargo bench --bench loadgen --bench plot --no-run --message-format=json --quiet)
+    loadgen_built=$(jq -r 'select(.target.name == "loadgen" and .executable != null) | .executable' <<<"$built")
+    plot_built=$(jq -r 'select(.target.name == "plot" and .executable != null) | .executable' <<<"$built")
+    bench_results_root=$dir/bench-results
+    [[ -x "$guardblk_built" && -x "$loadgen_built" && -x "$plot_built" ]] ||
+        { echo "build finished but $guardblk_built or the loadgen or plot bench is missing" >&2; exit 1; }
+}
+
+# bench_results NAME: make (and set results_dir to) a fresh directory for this run's results,
+# target/bench-results/NAME-<UTC time>, where the bench leaves its JSON and SVG. Needs
+# bench_build first.
+bench_results() {
+    results_dir=$bench_results_root/$1-$(date -u +%Y%m%dT%H%M%SZ)
+    mkdir -p "$results_dir"
+}
+
+# bench_plot JSONL SVG TITLE: plot records {panel, group, variant, iops, p99_us} (one JSON object
+# per line) as SVG bar charts: IOPS and p99 per workload and daemon, median with the spread.
+bench_plot() {
+    if "$plot_built" --input "$1" --output "$2" --title "$3"; then
+        echo "   plot: $2"
+    else
+        echo "   (could not plot $1)" >&2
+    fi
 }
 
 # qsd_args IMAGE SOCKET: sets qsd_cmd to the qemu-storage-daemon arguments every bench measures

@@ -154,6 +154,8 @@ load() {
 
 # finish NAME OUT PID SCENARIO ROUND: wait for a load generator, record and print its result.
 declare -A results # "scenario daemon" -> newline-separated JSON lines, one per round
+bench_results stability
+rounds_file=$results_dir/rounds.jsonl # every round: target, scenario, daemon, round + loadgen's line
 finish() {
     local name=$1 out=$2 pid=$3 sc=$4 round=$5 json
     if ! wait "$pid"; then
@@ -164,6 +166,8 @@ finish() {
     fi
     json=$(tail -n 1 "$out")
     results["$sc $name"]+="$json"$'\n'
+    jq -c --arg t "$target" --arg s "$sc" --arg d "$name" --argjson r "$round" \
+        '. + {target: $t, scenario: $s, daemon: $d, round: $r}' <<<"$json" >>"$rounds_file"
     printf '  %-5s round %d  %-8s %s\n' "$sc" "$round" "$name" \
         "$(jq -r '"\(.iops|floor) IOPS  p50 \(.p50_us) us  p99 \(.p99_us) us  CPU \(.daemon_cpu_us_per_io) us/IO"' <<<"$json")"
 }
@@ -238,4 +242,8 @@ for sc in "${scenarios[@]}"; do
     [[ $verdict == met ]] || status=1
 done
 ((errors == 0)) || status=1
+jq -c '{panel: .target, group: .scenario, variant: .daemon, iops, p99_us}' "$rounds_file" >"$results_dir/plot.jsonl"
+bench_plot "$results_dir/plot.jsonl" "$results_dir/stability.svg" \
+    "stability.sh at $(git describe --always --dirty): $rounds rounds x ${seconds}s, 4 KiB random writes QD 32"
+echo "   results: $rounds_file"
 exit "$status"

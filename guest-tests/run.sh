@@ -152,10 +152,10 @@ trap 'exit 130' INT TERM
 require_tools() {
     local t missing=()
     for t in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get apt-cache e2fsck debugfs \
-        perl cmp timeout; do
+        perl cmp timeout jq; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
-    ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install qemu-system-x86 busybox-static cpio e2fsprogs)"
+    ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install qemu-system-x86 busybox-static cpio e2fsprogs jq)"
     BUSYBOX=$(command -v busybox)
     # A dynamic busybox (package "busybox") would not run in the initramfs.
     if ldd "$BUSYBOX" >/dev/null 2>&1; then
@@ -392,7 +392,9 @@ run_hooks() {
 launch_daemon() {
     local img=$1 sock=$2 log=$3 out=$4 i
     # NO_COLOR: tracing would otherwise put ANSI colour codes in the log file.
-    NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$img" --socket "$sock" "${SERVE_ARGS[@]}" \
+    # The stats document (per-session counters) goes beside the log: ${log%.log}-stats.json.
+    NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$img" --socket "$sock" \
+        --stats-file "${log%.log}-stats.json" "${SERVE_ARGS[@]}" \
         >"$out" 2>"$log" </dev/null &
     LAUNCHED_PID=$!
     for i in $(seq 1 300); do
@@ -437,8 +439,8 @@ stop_one() {
     sed -i "$STRIP_TERM" "$log"
     if ((rc != 0)); then
         fail "$name" "exit status $rc after SIGTERM"
-    elif [[ -e $sock ]]; then
-        fail "$name" "socket $sock left behind"
+    elif [[ -e $sock || -e $sock.stats ]]; then
+        fail "$name" "socket $sock or $sock.stats left behind"
     else
         pass "$name"
     fi
@@ -645,18 +647,26 @@ host_check_pi_corruption() {
     fi
 }
 
-# counter NAME LINE: the value of NAME=... in a daemon's "frontend disconnected" LINE (0 if absent).
-counter() {
-    local v
-    v=$(grep -oE "(^|[[:space:]])$1=[0-9]+" <<<"$2" | tail -n 1 | sed 's/.*=//')
-    echo "${v:-0}"
+# The stats documents the daemons leave (see launch_daemon).
+DAEMON_STATS=$RUN/daemon-stats.json
+DAEMON2_STATS=$RUN/daemon2-stats.json
+
+# ended STATS: did the daemon's stats document record a session that ended?
+ended() {
+    jq -e '.recent_sessions | length > 0' "$1" >/dev/null 2>&1
 }
 
-# The last session's counters of a daemon's log, as a line; the detection counters first.
+# counter NAME STATS: counter NAME of the last ended session in stats document STATS (0 if
+# absent).
+counter() {
+    jq -r --arg n "$1" '.recent_sessions[-1].counters[$n] // 0' "$2" 2>/dev/null || echo 0
+}
+
+# The last session's counters of a stats document, as a line; the detection counters first.
 session_counters() {
     local stats=$1 c out=""
     for c in writes_rewritten intervals_rewritten writes_bounced read_retries_healed bytes_bounced \
-        writes_zero_copy writes reads io_errors guard_errors; do
+        writes_zero_copy writes reads io_errors guard_errors rejected; do
         out+=" $c=$(counter "$c" "$stats")"
     done
     echo "${out# }"
@@ -694,18 +704,17 @@ host_prepare_mutating_writer() {
 # guard error (host_guard_errors) or an I/O error (host_daemon_log), and the image must
 # scrub clean: every block's guard matches the data that ended up on disk.
 host_check_mutating_writer() {
-    local stats rewritten bounced
-    stats=$(grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1)
+    local stats=$DAEMON_STATS rewritten bounced
     rewritten=$(counter writes_rewritten "$stats")
     # Bounced because the guest was seen mutating there (not because bouncing is cheaper).
     bounced=$(($(counter writes_bounced "$stats") - $(counter writes_bounced_by_cost "$stats")))
     NOTES+=("vda daemon: $(session_counters "$stats")")
-    if [[ -z $stats ]]; then
-        fail host:mutation_detected "no 'frontend disconnected' line in the daemon log"
+    if ! ended "$stats"; then
+        fail host:mutation_detected "$stats records no ended session"
     elif ((rewritten > 0 || bounced > 0)); then
         pass host:mutation_detected
     else
-        fail host:mutation_detected "writes_rewritten=0 writes_bounced=0: the daemon saw no buffer change in flight: $stats"
+        fail host:mutation_detected "writes_rewritten=0 writes_bounced=0: the daemon saw no buffer change in flight: $(session_counters "$stats")"
     fi
     scrub_clean "$IMG" scrub_clean
 }
@@ -722,18 +731,17 @@ host_prepare_swap() {
 # it saw swap pages change under writeback is reported, not judged: that depends on the
 # guest kernel, and the guest checks that it did swap.
 host_check_swap() {
-    local stats problems journal=$DISK2_IMG.pi-journal.jsonl
-    stats=$(grep "frontend disconnected" "$DAEMON2_LOG" | tail -n 1)
+    local stats=$DAEMON2_STATS problems journal=$DISK2_IMG.pi-journal.jsonl
     problems=$(grep -E "panicked|ERROR" "$DAEMON2_LOG" | head -n 3)
     if [[ -n $problems ]]; then
         fail host:swap_daemon_log "$problems"
-    elif [[ -z $stats ]]; then
-        fail host:swap_daemon_log "no 'frontend disconnected' line (session never ended cleanly)"
-    elif ! grep -Eq 'rejected=0( |$)' <<<"$stats" || (($(counter io_errors "$stats") != 0)) ||
-        (($(counter guard_errors "$stats") != 0)); then
-        fail host:swap_daemon_log "$stats"
+    elif ! ended "$stats"; then
+        fail host:swap_daemon_log "$stats records no ended session (session never ended cleanly)"
+    elif (($(counter rejected "$stats") != 0 || $(counter io_errors "$stats") != 0 ||
+        $(counter guard_errors "$stats") != 0)); then
+        fail host:swap_daemon_log "$(session_counters "$stats")"
     elif (($(counter writes "$stats") == 0)); then
-        fail host:swap_daemon_log "the swap disk was never written: $stats"
+        fail host:swap_daemon_log "the swap disk was never written: $(session_counters "$stats")"
     else
         pass host:swap_daemon_log
     fi
@@ -781,19 +789,18 @@ host_guard_errors() {
 # Guard errors are ERROR lines and I/O errors by design; host_guard_errors judges those, so
 # here every I/O error must be a guard error and no other ERROR line may appear.
 host_daemon_log() {
-    local problems stats io_errors guard_errors
+    local problems stats=$DAEMON_STATS io_errors guard_errors
     problems=$(grep -E "panicked|ERROR" "$DAEMON_LOG" | grep -v "PI guard error" | head -n 3)
-    stats=$(grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1)
-    io_errors=$(grep -oE '[[:space:]]io_errors=[0-9]+' <<<"$stats" | sed 's/.*=//')
-    guard_errors=$(grep -oE '[[:space:]]guard_errors=[0-9]+' <<<"$stats" | sed 's/.*=//')
+    io_errors=$(counter io_errors "$stats")
+    guard_errors=$(counter guard_errors "$stats")
     if [[ -n $problems ]]; then
         fail host:daemon_log "$problems"
-    elif [[ -z $stats ]]; then
-        fail host:daemon_log "no 'frontend disconnected' line (session never ended cleanly)"
-    elif [[ -z $io_errors ]] || ! grep -Eq 'rejected=0( |$)' <<<"$stats"; then
-        fail host:daemon_log "$stats"
-    elif ((io_errors != ${guard_errors:-0})); then
-        fail host:daemon_log "io_errors=$io_errors but guard_errors=${guard_errors:-0}: I/O errors other than guard errors: $stats"
+    elif ! ended "$stats"; then
+        fail host:daemon_log "$stats records no ended session (session never ended cleanly)"
+    elif (($(counter rejected "$stats") != 0)); then
+        fail host:daemon_log "requests rejected: $(session_counters "$stats")"
+    elif ((io_errors != guard_errors)); then
+        fail host:daemon_log "io_errors=$io_errors but guard_errors=$guard_errors: I/O errors other than guard errors: $(session_counters "$stats")"
     else
         pass host:daemon_log
     fi
@@ -830,7 +837,7 @@ if ((FAILED > 0)); then
     tail -n 30 "$DAEMON_LOG"
     [[ -s $RUN/qemu.err ]] && { echo "--- qemu stderr ---"; tail -n 10 "$RUN/qemu.err"; }
 else
-    grep "frontend disconnected" "$DAEMON_LOG" | tail -n 1 | sed 's/^/daemon: /'
+    echo "daemon: $(session_counters "$DAEMON_STATS")"
 fi
 summary
 ((FAILED == 0))

@@ -27,7 +27,7 @@ use crate::requests::mutation::MutationTracker;
 use crate::requests::policy::{self, Calibration, CostBasis, Target, WriteCosts};
 use crate::requests::WritePolicy;
 use crate::storage::Image;
-use crate::telemetry::{http, Telemetry};
+use crate::telemetry::{http, RecoveryStats, Telemetry};
 
 #[derive(Debug, Error)]
 pub enum DaemonError {
@@ -235,6 +235,7 @@ impl Shared {
 pub fn serve(
     image: Image,
     pi: Option<Arc<PiStore>>,
+    recovery: Option<RecoveryStats>,
     config: &ServeConfig,
 ) -> Result<(), DaemonError> {
     let shutdown = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(DaemonError::Signals)?);
@@ -245,6 +246,7 @@ pub fn serve(
     let telemetry = Arc::new(Telemetry::new(
         usize::from(config.device.num_queues),
         image.path().to_path_buf(),
+        recovery,
     ));
     let stats_socket = stats_socket_path(&config.socket);
     let (stats_listener, _stats_socket_file) = bind_socket(&stats_socket, config.socket_mode)?;

@@ -363,14 +363,13 @@ fn crash_rounds(interval: u64, size: u64, rounds: u64, seed: u64) {
             log.contains("not closed cleanly"),
             "{ctx}: restart after SIGKILL did not find write intents:\n{log}"
         );
-        if let Some(line) = log.lines().find(|l| l.contains("not closed cleanly")) {
-            report.recovered = log_field(line, "recovered")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-            report.dirty_regions = log_field(line, "regions")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
-        }
+        let recovery = &d.stats()["recovery"];
+        report.recovered = recovery["recovered"].as_u64().unwrap_or(0);
+        report.dirty_regions = recovery["dirty_regions"].as_u64().unwrap_or(0);
+        assert!(
+            report.dirty_regions > 0,
+            "{ctx}: the stats document reports no dirty regions after the kill: {recovery}"
+        );
 
         // Every block: readable, and an acceptable generation.
         let contents = read_all_blocks(&d, interval, size, &ctx);

@@ -8,6 +8,7 @@ use crate::daemon::ServeConfig;
 use crate::integrity::store::{self, PiStore};
 use crate::integrity::PiFormat;
 use crate::storage::Image;
+use crate::telemetry::RecoveryStats;
 
 use super::create::create;
 use super::ToolError;
@@ -34,7 +35,10 @@ pub fn serve(request: &ServeRequest) -> Result<(), ToolError> {
         println!("default image: {created}");
     }
     let image = Image::open(image_path, request.read_only)?;
-    let pi = open_pi(&image, pi_meta)?;
+    let (pi, recovery) = match open_pi(&image, pi_meta)? {
+        Some((store, recovery)) => (Some(store), Some(recovery)),
+        None => (None, None),
+    };
     let config = &request.config;
     println!(
         "serving {} on {}\nattach a guest with:\n{}",
@@ -42,13 +46,17 @@ pub fn serve(request: &ServeRequest) -> Result<(), ToolError> {
         config.socket.display(),
         cli::qemu_command_line(config)
     );
-    crate::daemon::serve(image, pi, config)?;
+    crate::daemon::serve(image, pi, recovery, config)?;
     Ok(())
 }
 
 /// The image's PI metadata, if it has any: opened, checked against the image, and recovered
-/// after an unclean shutdown. An explicit `--pi-meta` that does not exist is an error.
-pub fn open_pi(image: &Image, pi_meta: Option<&Path>) -> Result<Option<Arc<PiStore>>, ToolError> {
+/// after an unclean shutdown, with what that found. An explicit `--pi-meta` that does not
+/// exist is an error.
+pub fn open_pi(
+    image: &Image,
+    pi_meta: Option<&Path>,
+) -> Result<Option<(Arc<PiStore>, RecoveryStats)>, ToolError> {
     let meta_path = store::meta_path(image.path(), pi_meta);
     if pi_meta.is_none() && !meta_path.exists() {
         tracing::warn!(
@@ -72,5 +80,10 @@ pub fn open_pi(image: &Image, pi_meta: Option<&Path>) -> Result<Option<Arc<PiSto
             "PI metadata was not closed cleanly; regions with writes in flight were re-checked"
         );
     }
-    Ok(Some(Arc::new(store)))
+    let recovery = RecoveryStats {
+        dirty_regions: report.dirty_regions as u64,
+        recovered: report.recovered,
+        rebound: report.rebound,
+    };
+    Ok(Some((Arc::new(store), recovery)))
 }

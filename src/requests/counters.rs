@@ -119,8 +119,8 @@ plain_counters! {
     rejected => "rejected_requests",
     /// Requests completed with IOERR after validation.
     io_errors => "io_errors",
-    /// Requests whose data went through a bounce buffer (alignment, policy or mutation).
-    bounced => "bounced_requests",
+    /// Reads and writes bounced because their guest buffers do not meet O_DIRECT's alignment (or are too fragmented).
+    bounced => "misaligned_bounced_requests",
     /// Bytes copied through bounce buffers, for any reason.
     bytes_bounced => "bounced_bytes",
     /// PI reads completed with IOERR because data and tuple disagree after a locked re-read.

@@ -133,8 +133,25 @@ fn serve_one(mut stream: impl Read + Write, telemetry: &Arc<Telemetry>) -> io::R
         out.push_str(&response.body);
     }
     stream.write_all(out.as_bytes())?;
-    stream.flush()
+    stream.flush()?;
+    // (Not after a timeout: that client sends nothing, and waiting again only delays the next.)
+    if response.status != 200 && response.status != 408 {
+        // Closing with unread bytes makes the kernel reset the connection, which can discard
+        // the answer before the client reads it: read what the client still sends (bounded
+        // by MAX_DRAIN_BYTES and the read timeout) first.
+        let mut drained = 0;
+        while drained < MAX_DRAIN_BYTES {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    }
+    Ok(())
 }
+
+/// At most this much of a refused request is read and discarded before closing.
+const MAX_DRAIN_BYTES: usize = 1 << 20;
 
 /// Serve `listener` on a thread of its own for the daemon's lifetime.
 pub fn spawn_tcp(listener: TcpListener, telemetry: Arc<Telemetry>) -> io::Result<SocketAddr> {
@@ -176,7 +193,7 @@ mod tests {
     use super::*;
 
     fn answer(request: &str) -> Response {
-        let t = Arc::new(Telemetry::new(1, "/tmp/x.img".into()));
+        let t = Arc::new(Telemetry::new(1, "/tmp/x.img".into(), None));
         respond(request.as_bytes(), &t)
     }
 
@@ -194,7 +211,11 @@ mod tests {
         assert_eq!(answer("GET metrics HTTP/1.1").status, 400);
         assert_eq!(answer("GET /metrics SPDY/3").status, 400);
         assert_eq!(
-            respond(&[0xff, 0xfe], &Arc::new(Telemetry::new(1, "x".into()))).status,
+            respond(
+                &[0xff, 0xfe],
+                &Arc::new(Telemetry::new(1, "x".into(), None))
+            )
+            .status,
             400
         );
     }
@@ -220,7 +241,7 @@ mod tests {
     }
 
     fn exchange(input: Vec<u8>) -> String {
-        let t = Arc::new(Telemetry::new(1, "x".into()));
+        let t = Arc::new(Telemetry::new(1, "x".into(), None));
         let mut fake = Fake {
             input: io::Cursor::new(input),
             output: Vec::new(),

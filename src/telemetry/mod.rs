@@ -47,6 +47,20 @@ pub struct DaemonStats {
     pub recent_sessions: Vec<SessionStats>,
     /// `auto`'s current write path per queue and size class, with each path's cost estimate.
     pub write_path: serde_json::Value,
+    /// What opening the PI metadata found (none for an image without PI).
+    pub recovery: Option<RecoveryStats>,
+}
+
+/// What the daemon found when it opened the PI metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecoveryStats {
+    /// Regions with write intents: the previous run did not close the metadata cleanly.
+    pub dirty_regions: u64,
+    /// Tuples re-derived from the data in those regions.
+    pub recovered: u64,
+    /// The image was moved or copied since the metadata last saw it (pairing re-checked).
+    pub rebound: bool,
 }
 
 /// One frontend connection's share of the counters.
@@ -71,6 +85,7 @@ pub struct Telemetry {
     /// Number, start time and counters at the start of the session running now.
     current: Mutex<Option<(u64, SystemTime, Counters)>>,
     recent: Mutex<VecDeque<SessionStats>>,
+    recovery: Option<RecoveryStats>,
 }
 
 fn stamp(t: SystemTime) -> String {
@@ -78,7 +93,7 @@ fn stamp(t: SystemTime) -> String {
 }
 
 impl Telemetry {
-    pub fn new(num_queues: usize, image: PathBuf) -> Telemetry {
+    pub fn new(num_queues: usize, image: PathBuf, recovery: Option<RecoveryStats>) -> Telemetry {
         Telemetry {
             queues: (0..num_queues)
                 .map(|_| Arc::new(QueueCounters::default()))
@@ -90,6 +105,7 @@ impl Telemetry {
             refused: AtomicU64::new(0),
             current: Mutex::new(None),
             recent: Mutex::new(VecDeque::new()),
+            recovery,
         }
     }
 
@@ -163,6 +179,7 @@ impl Telemetry {
             current_session,
             recent_sessions: lock(&self.recent).iter().cloned().collect(),
             write_path: self.write_paths_json(),
+            recovery: self.recovery.clone(),
         }
     }
 
@@ -239,7 +256,7 @@ mod tests {
 
     #[test]
     fn sessions_get_their_share_and_the_document_round_trips() {
-        let t = Telemetry::new(2, "/tmp/x.img".into());
+        let t = Telemetry::new(2, "/tmp/x.img".into(), None);
         t.queues()[1].in_flight.add(1);
         t.queues()[1].complete(Operation::Write, true, 512, Duration::from_micros(5));
         t.session_started(1);

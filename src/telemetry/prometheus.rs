@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn exposition_has_conventional_names_and_values() {
-        let t = Arc::new(Telemetry::new(2, "/tmp/x.img".into()));
+        let t = Arc::new(Telemetry::new(2, "/tmp/x.img".into(), None));
         t.session_started(1);
         let q = &t.queues()[1];
         q.in_flight.add(3);

@@ -830,54 +830,91 @@ impl Client {
     }
 }
 
-/// The counters of one `frontend disconnected` line (every numeric `name=value` field).
+/// One session's counters, as the daemon's stats document reports them.
 #[derive(Debug, Clone)]
 pub struct SessionCounters {
+    /// The session's counters as JSON, for failure messages.
     pub line: String,
     pub values: std::collections::BTreeMap<String, u64>,
 }
 
 impl SessionCounters {
-    pub fn parse(line: &str) -> SessionCounters {
-        let values = line
-            .split_whitespace()
-            .filter_map(|field| {
-                let (name, value) = field.split_once('=')?;
-                Some((name.to_string(), value.trim_matches('"').parse().ok()?))
+    /// From a stats-document counters object: its plain (numeric) fields.
+    pub fn from_json(counters: &serde_json::Value) -> SessionCounters {
+        let values = counters
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                    .collect()
             })
-            .collect();
+            .unwrap_or_default();
         SessionCounters {
-            line: line.to_string(),
+            line: counters.to_string(),
             values,
         }
     }
 
-    /// A counter; panics (naming the line) if the line does not have it.
+    /// A counter; panics (naming the counters) if there is no such counter.
     pub fn get(&self, name: &str) -> u64 {
         *self
             .values
             .get(name)
-            .unwrap_or_else(|| panic!("no {name}= in {:?}", self.line))
+            .unwrap_or_else(|| panic!("no counter {name} in {}", self.line))
     }
 }
 
+/// GET `path` from a guardblk HTTP endpoint over `stream`: (status code, body).
+pub fn http_get(mut stream: impl std::io::Read + std::io::Write, path: &str) -> (u16, String) {
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {reply:?}"));
+    (status, body.to_string())
+}
+
 impl Daemon {
-    /// Wait (up to 20 s) until the daemon has logged `n` `frontend disconnected` lines and
-    /// return the counters of the `n`th (1-based): session `n`'s totals.
+    /// The stats socket beside the vhost-user socket.
+    pub fn stats_socket(&self) -> PathBuf {
+        let mut name = self.socket.as_os_str().to_owned();
+        name.push(".stats");
+        PathBuf::from(name)
+    }
+
+    /// The daemon's stats document now, from its stats socket.
+    pub fn stats(&self) -> serde_json::Value {
+        let stream = std::os::unix::net::UnixStream::connect(self.stats_socket())
+            .unwrap_or_else(|e| panic!("stats socket {}: {e}", self.stats_socket().display()));
+        let (status, body) = http_get(stream, "/stats");
+        assert_eq!(status, 200, "GET /stats: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Wait (up to 20 s) until session `n` (1-based) has ended and return its counters, as
+    /// the daemon's stats document reports them.
     pub fn session_counters(&self, n: usize) -> SessionCounters {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let log = self.log_text();
-            if let Some(line) = log
-                .lines()
-                .filter(|l| l.contains("frontend disconnected"))
-                .nth(n - 1)
-            {
-                return SessionCounters::parse(line);
+            let stats = self.stats();
+            let ended = stats["recent_sessions"]
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["number"] == n as u64).cloned());
+            if let Some(session) = ended {
+                return SessionCounters::from_json(&session["counters"]);
             }
             assert!(
                 Instant::now() < deadline,
-                "daemon never logged session {n}'s end; log:\n{log}"
+                "session {n} never ended; stats: {stats:#}\nlog:\n{}",
+                self.log_text()
             );
             std::thread::sleep(Duration::from_millis(10));
         }
