@@ -19,11 +19,9 @@ const PALETTE: [&str; 8] = [
     "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f",
 ];
 const BAR: f64 = 16.0;
-const GROUP_GAP: f64 = 22.0;
-const CHART_H: f64 = 220.0;
-const MARGIN_L: f64 = 64.0;
-const MARGIN_TOP: f64 = 34.0;
-const MARGIN_BOTTOM: f64 = 58.0;
+const CHART_H: f64 = 120.0;
+const MARGIN_L: f64 = 40.0;
+const MARGIN_TOP: f64 = 22.0;
 
 #[derive(Default)]
 struct Rounds {
@@ -93,17 +91,20 @@ fn spread(values: &[f64]) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
-/// A round axis maximum at or above `max`: 1, 2 or 5 times a power of ten.
-fn nice_ceiling(max: f64) -> f64 {
+/// Axis ticks for values up to `max`: a round step (1, 2, 2.5 or 5 times a power of ten)
+/// giving about four intervals, and the top tick.
+fn axis(max: f64) -> (f64, f64) {
     if max <= 0.0 {
-        return 1.0;
+        return (0.25, 1.0);
     }
-    let magnitude = 10f64.powf(max.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    let raw = max / 4.0;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
         .iter()
         .map(|m| m * magnitude)
-        .find(|&c| c >= max)
-        .unwrap_or(10.0 * magnitude)
+        .find(|&c| c >= raw)
+        .unwrap_or(10.0 * magnitude);
+    (step, (max / step).ceil() * step)
 }
 
 fn short(v: f64) -> String {
@@ -112,7 +113,7 @@ fn short(v: f64) -> String {
     } else if v >= 1e4 {
         format!("{:.0}k", v / 1e3)
     } else if v >= 1e3 {
-        format!("{:.1}k", v / 1e3)
+        format!("{:.1}k", v / 1e3).replace(".0k", "k")
     } else {
         format!("{v:.0}")
     }
@@ -125,85 +126,77 @@ fn escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// One bar chart at (x, y); returns its width.
+/// One small bar chart of `metric` for one panel and group, a bar per variant, at (x, y).
+#[allow(clippy::too_many_arguments)]
 fn chart(
     svg: &mut String,
     r: &Results,
     panel: &str,
+    group: &str,
     metric: fn(&Rounds) -> &[f64],
     title: &str,
     (x, y): (f64, f64),
-) -> f64 {
-    let groups = &r.groups[panel];
-    let nv = r.variants.len() as f64;
-    let group_w = nv * BAR + GROUP_GAP;
-    let plot_w = (groups.len() as f64 * group_w).max(200.0);
+) {
+    let plot_w = r.variants.len() as f64 * BAR + 8.0;
     let highest = r
-        .rounds
+        .variants
         .iter()
-        .filter(|((p, _, _), _)| p == panel)
-        .flat_map(|(_, rounds)| metric(rounds).iter().copied())
+        .filter_map(|v| {
+            r.rounds
+                .get(&(panel.to_string(), group.to_string(), v.clone()))
+        })
+        .flat_map(|rounds| metric(rounds).iter().copied())
         .fold(0.0, f64::max);
-    let top = nice_ceiling(highest);
+    let (step, top) = axis(highest);
     let (x0, y0) = (x + MARGIN_L, y + MARGIN_TOP);
     let scale = |v: f64| y0 + CHART_H - v / top * CHART_H;
     let _ = writeln!(
         svg,
-        r#"<text x="{:.1}" y="{:.1}" font-size="13" font-weight="bold">{}</text>"#,
-        x0,
-        y + 18.0,
+        r#"<text x="{x0:.1}" y="{:.1}" font-size="11">{}</text>"#,
+        y0 - 8.0,
         escape(title)
     );
-    for i in 0..=4 {
-        let v = top * f64::from(i) / 4.0;
-        let ty = scale(v);
+    let mut tick = 0.0;
+    while tick <= top * 1.0001 {
+        let ty = scale(tick);
         let _ = writeln!(
             svg,
-            r##"<line x1="{x0:.1}" x2="{:.1}" y1="{ty:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end">{}</text>"##,
+            r##"<line x1="{x0:.1}" x2="{:.1}" y1="{ty:.1}" y2="{ty:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" font-size="9" text-anchor="end">{}</text>"##,
             x0 + plot_w,
             x0 - 4.0,
             ty + 3.0,
-            short(v)
+            short(tick)
         );
+        tick += step;
     }
-    for (gi, group) in groups.iter().enumerate() {
-        let gx = x0 + GROUP_GAP / 2.0 + gi as f64 * group_w;
-        for (vi, variant) in r.variants.iter().enumerate() {
-            let key = (panel.to_string(), group.clone(), variant.clone());
-            let Some(rounds) = r.rounds.get(&key) else {
-                continue;
-            };
-            let (median, low, high) = spread(metric(rounds));
-            let bx = gx + vi as f64 * BAR;
-            let color = PALETTE[vi % PALETTE.len()];
-            let _ = writeln!(
-                svg,
-                r#"<rect x="{bx:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: median {median:.0}, {} rounds from {low:.0} to {high:.0}</title></rect>"#,
-                scale(median),
-                BAR - 2.0,
-                (CHART_H - (scale(median) - y0)).max(0.0),
-                escape(group),
-                escape(variant),
-                metric(rounds).len()
-            );
-            let cx = bx + (BAR - 2.0) / 2.0;
-            let _ = writeln!(
-                svg,
-                r##"<line x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="#333"/><text x="{cx:.1}" y="{:.1}" font-size="8" text-anchor="middle">{}</text>"##,
-                scale(low),
-                scale(high),
-                scale(high) - 3.0,
-                short(median)
-            );
-        }
+    for (vi, variant) in r.variants.iter().enumerate() {
+        let Some(rounds) = r
+            .rounds
+            .get(&(panel.to_string(), group.to_string(), variant.clone()))
+        else {
+            continue;
+        };
+        let (median, low, high) = spread(metric(rounds));
+        let bx = x0 + 4.0 + vi as f64 * BAR;
+        let color = PALETTE[vi % PALETTE.len()];
         let _ = writeln!(
             svg,
-            r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="end" transform="rotate(-30 {:.1} {:.1})">{}</text>"#,
-            gx + nv * BAR / 2.0,
-            y0 + CHART_H + 14.0,
-            gx + nv * BAR / 2.0,
-            y0 + CHART_H + 14.0,
-            escape(group)
+            r#"<rect x="{bx:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{color}"><title>{} {}: median {median:.0}, {} rounds from {low:.0} to {high:.0}</title></rect>"#,
+            scale(median),
+            BAR - 2.0,
+            (y0 + CHART_H - scale(median)).max(0.0),
+            escape(group),
+            escape(variant),
+            metric(rounds).len()
+        );
+        let cx = bx + (BAR - 2.0) / 2.0;
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="#333"/><text x="{cx:.1}" y="{:.1}" font-size="8" text-anchor="middle">{}</text>"##,
+            scale(low),
+            scale(high),
+            scale(high) - 3.0,
+            short(median)
         );
     }
     let _ = writeln!(
@@ -214,43 +207,52 @@ fn chart(
         y0 + CHART_H,
         y0 + CHART_H
     );
-    MARGIN_L + plot_w + 20.0
 }
 
+/// Small multiples: a row per panel, a column per group (its own scales, so a 128 KiB
+/// workload's IOPS are not flattened by a 4 KiB one's), IOPS above p99.
 fn render(r: &Results, title: &str) -> String {
+    let cell_w = (MARGIN_L + r.variants.len() as f64 * BAR + 8.0 + 16.0).max(180.0);
+    let chart_h = MARGIN_TOP + CHART_H + 14.0;
+    let row_h = 22.0 + 2.0 * chart_h;
+    let legend_h = 58.0;
+    let columns = r.groups.values().map(Vec::len).max().unwrap_or(1);
     let mut body = String::new();
-    let row_h = MARGIN_TOP + CHART_H + MARGIN_BOTTOM;
-    let mut width: f64 = 400.0;
-    let legend_h = 44.0;
     for (pi, panel) in r.panels.iter().enumerate() {
         let y = legend_h + pi as f64 * row_h;
-        let label = |what: &str| {
-            if panel.is_empty() {
-                what.to_string()
-            } else {
-                format!("{panel}: {what}")
-            }
-        };
-        let w1 = chart(
-            &mut body,
-            r,
-            panel,
-            |x| &x.iops,
-            &label("IOPS (median; whisker: lowest to highest round)"),
-            (0.0, y),
-        );
-        let w2 = chart(
-            &mut body,
-            r,
-            panel,
-            |x| &x.p99_us,
-            &label("p99 latency, µs"),
-            (w1, y),
-        );
-        width = width.max(w1 + w2);
+        if !panel.is_empty() {
+            let _ = writeln!(
+                body,
+                r#"<text x="10" y="{:.1}" font-size="13" font-weight="bold">{}</text>"#,
+                y + 14.0,
+                escape(panel)
+            );
+        }
+        for (gi, group) in r.groups[panel].iter().enumerate() {
+            let x = gi as f64 * cell_w;
+            let iops_title = format!("{group} IOPS");
+            chart(
+                &mut body,
+                r,
+                panel,
+                group,
+                |x| &x.iops,
+                &iops_title,
+                (x, y + 22.0),
+            );
+            chart(
+                &mut body,
+                r,
+                panel,
+                group,
+                |x| &x.p99_us,
+                "p99 latency, µs",
+                (x, y + 22.0 + chart_h),
+            );
+        }
     }
     let mut legend = format!(
-        r#"<text x="10" y="18" font-size="14" font-weight="bold">{}</text>"#,
+        r#"<text x="10" y="18" font-size="14" font-weight="bold">{}</text><text x="10" y="50" font-size="10">bars: median over rounds; whiskers: lowest to highest round; hover a bar for its numbers</text>"#,
         escape(title)
     );
     let mut lx = 10.0;
@@ -264,6 +266,7 @@ fn render(r: &Results, title: &str) -> String {
         );
         lx += 24.0 + 7.0 * variant.chars().count() as f64;
     }
+    let width = (columns as f64 * cell_w).max(lx).max(520.0);
     let height = legend_h + r.panels.len() as f64 * row_h;
     format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width:.0}\" height=\"{height:.0}\" font-family=\"sans-serif\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{legend}\n{body}</svg>\n"
