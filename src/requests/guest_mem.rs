@@ -1,7 +1,9 @@
 //! A request's guest memory: the host pieces its guest ranges map to (as iovecs for the
-//! kernel, as pointers for the CRC kernels), copies between those ranges and buffers, and
-//! byte offsets back to guest addresses. The one place that walks guest ranges; the ranges
-//! themselves were validated against the same memory snapshot by the parser.
+//! kernel, as pointers for the CRC kernels), copies between those ranges and buffers, a view
+//! of them one protection interval at a time ([`Intervals`], for the PI work), and byte
+//! offsets back to guest addresses. The one place that walks guest ranges and the one that
+//! turns them into host slices; the ranges themselves were validated against the same memory
+//! snapshot by the parser.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -50,7 +52,7 @@ fn pieces<'a>(
 }
 
 /// Host pieces of the guest ranges, for the CRC kernels.
-pub(crate) fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, usize)> {
+fn host_pieces(mem: &GuestMemoryMmap, ranges: &[GuestRange]) -> Vec<(*mut u8, usize)> {
     pieces(mem, ranges).collect()
 }
 
@@ -101,4 +103,89 @@ pub(crate) fn guest_address(ranges: &[GuestRange], mut offset: u64) -> Option<u6
         offset -= u64::from(r.len);
     }
     None
+}
+
+/// Walks a request's guest memory one protection interval at a time. An interval that is
+/// contiguous in host memory is handed out in place; one that straddles descriptors or
+/// memory regions is assembled in a scratch copy first (allocated on first need: most
+/// requests never straddle).
+pub(crate) struct Intervals {
+    pieces: Vec<(*mut u8, usize)>,
+    piece: usize,
+    within: usize,
+    interval: usize,
+    scratch: Vec<u8>,
+}
+
+impl Intervals {
+    pub(crate) fn new(mem: &GuestMemoryMmap, ranges: &[GuestRange], interval: usize) -> Intervals {
+        Intervals {
+            pieces: host_pieces(mem, ranges),
+            piece: 0,
+            within: 0,
+            interval,
+            scratch: Vec::new(),
+        }
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.pieces.iter().map(|p| p.1).sum::<usize>() / self.interval
+    }
+
+    /// The next interval: in place if contiguous, else assembled in the scratch buffer (the
+    /// variant tells a copying caller whether it can copy straight from the source).
+    pub(crate) fn next(&mut self) -> Option<Interval<'_>> {
+        let (ptr, len) = *self.pieces.get(self.piece)?;
+        let interval = self.interval;
+        let in_place = len - self.within >= interval;
+        if in_place {
+            // SAFETY: ptr+within..+interval lies inside a host mapping of guest memory that the
+            // request's memory snapshot keeps mapped. The guest (another process) may change
+            // these bytes meanwhile: callers compute guards over a copy they own (writes), or
+            // treat a mismatch as "re-read under the lock" (reads), or compare digests computed
+            // before and after (mutation detection) — never trust them as stable.
+            let data = unsafe { std::slice::from_raw_parts(ptr.add(self.within), interval) };
+            self.within += interval;
+            if self.within == len {
+                self.piece += 1;
+                self.within = 0;
+            }
+            return Some(Interval::InPlace(data));
+        }
+        if self.scratch.len() < interval {
+            self.scratch = vec![0u8; interval];
+        }
+        let mut filled = 0;
+        while filled < interval {
+            let Some(&(ptr, len)) = self.pieces.get(self.piece) else {
+                return None; // a trailing partial interval: not whole, not handed out
+            };
+            let n = (len - self.within).min(interval - filled);
+            // SAFETY: as above; n bytes from ptr+within stay inside this piece.
+            let src = unsafe { std::slice::from_raw_parts(ptr.add(self.within), n) };
+            self.scratch[filled..filled + n].copy_from_slice(src);
+            filled += n;
+            self.within += n;
+            if self.within == len {
+                self.piece += 1;
+                self.within = 0;
+            }
+        }
+        Some(Interval::Assembled(&self.scratch[..interval]))
+    }
+}
+
+pub(crate) enum Interval<'a> {
+    /// Straight in guest memory.
+    InPlace(&'a [u8]),
+    /// Copied from several pieces into the scratch buffer.
+    Assembled(&'a [u8]),
+}
+
+impl Interval<'_> {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            Interval::InPlace(b) | Interval::Assembled(b) => b,
+        }
+    }
 }

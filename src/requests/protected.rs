@@ -1,6 +1,7 @@
 //! The PI side of request execution: gathering guest data into a bounce buffer while
 //! computing guards, verifying read data (in guest memory or a buffer) interval by interval,
-//! and the synchronous slow paths (locked re-read, re-deriving tuples after a failed write).
+//! recording write intents before I/O and storing (or re-deriving) tuples after it, and the
+//! synchronous slow paths (locked re-read, re-deriving tuples after a failed write).
 //!
 //! The executor decides when; this module does the per-interval work against a [`PiStore`].
 
@@ -8,11 +9,12 @@ use std::io;
 
 use vm_memory::GuestMemoryMmap;
 
-use super::guest_mem;
+use super::guest_mem::{Interval, Intervals};
 use super::parse::GuestRange;
 use crate::integrity::guard::{
     copy_crc16_t10dif, copy_crc64_nvme, crc16_t10dif_and_crc64_nvme, crc64_nvme,
 };
+use crate::integrity::intent::FlushTicket;
 use crate::integrity::{PiError, PiFormat, PiStore};
 use crate::storage::{AlignedBuf, Image};
 
@@ -46,91 +48,6 @@ pub(crate) fn guard_and_digest(format: PiFormat, data: &[u8]) -> (u64, u64) {
     }
 }
 
-/// Walks a request's guest memory one protection interval at a time. An interval that is
-/// contiguous in host memory is handed out in place; one that straddles descriptors or
-/// memory regions is assembled in a scratch copy first (allocated on first need: most
-/// requests never straddle).
-struct GuestIntervals {
-    pieces: Vec<(*mut u8, usize)>,
-    piece: usize,
-    within: usize,
-    interval: usize,
-    scratch: Vec<u8>,
-}
-
-impl GuestIntervals {
-    fn new(mem: &GuestMemoryMmap, ranges: &[GuestRange], interval: usize) -> GuestIntervals {
-        GuestIntervals {
-            pieces: guest_mem::host_pieces(mem, ranges),
-            piece: 0,
-            within: 0,
-            interval,
-            scratch: Vec::new(),
-        }
-    }
-
-    fn count(&self) -> usize {
-        self.pieces.iter().map(|p| p.1).sum::<usize>() / self.interval
-    }
-
-    /// The next interval: in place if contiguous, else assembled in the scratch buffer (the
-    /// variant tells a copying caller whether it can copy straight from the source).
-    fn next(&mut self) -> Option<Interval<'_>> {
-        let (ptr, len) = *self.pieces.get(self.piece)?;
-        let interval = self.interval;
-        let in_place = len - self.within >= interval;
-        if in_place {
-            // SAFETY: ptr+within..+interval lies inside a host mapping of guest memory that the
-            // request's memory snapshot keeps mapped. The guest (another process) may change
-            // these bytes meanwhile: callers compute guards over a copy they own (writes), or
-            // treat a mismatch as "re-read under the lock" (reads), or compare digests computed
-            // before and after (mutation detection) — never trust them as stable.
-            let data = unsafe { std::slice::from_raw_parts(ptr.add(self.within), interval) };
-            self.within += interval;
-            if self.within == len {
-                self.piece += 1;
-                self.within = 0;
-            }
-            return Some(Interval::InPlace(data));
-        }
-        if self.scratch.len() < interval {
-            self.scratch = vec![0u8; interval];
-        }
-        let mut filled = 0;
-        while filled < interval {
-            let Some(&(ptr, len)) = self.pieces.get(self.piece) else {
-                return None; // a trailing partial interval: not whole, not handed out
-            };
-            let n = (len - self.within).min(interval - filled);
-            // SAFETY: as above; n bytes from ptr+within stay inside this piece.
-            let src = unsafe { std::slice::from_raw_parts(ptr.add(self.within), n) };
-            self.scratch[filled..filled + n].copy_from_slice(src);
-            filled += n;
-            self.within += n;
-            if self.within == len {
-                self.piece += 1;
-                self.within = 0;
-            }
-        }
-        Some(Interval::Assembled(&self.scratch[..interval]))
-    }
-}
-
-enum Interval<'a> {
-    /// Straight in guest memory.
-    InPlace(&'a [u8]),
-    /// Copied from several pieces into the scratch buffer.
-    Assembled(&'a [u8]),
-}
-
-impl Interval<'_> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Interval::InPlace(b) | Interval::Assembled(b) => b,
-        }
-    }
-}
-
 /// Gather the guest's write data into `dst` (the bounce buffer's chunks, in order, together
 /// exactly the request's length) and return the guard of every interval, computed over the
 /// copy — the bytes that will reach the disk — in the same pass as the copy when an interval
@@ -143,7 +60,7 @@ pub fn gather_with_guards(
     interval: usize,
     guards: &mut Vec<u64>,
 ) {
-    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut walker = Intervals::new(mem, ranges, interval);
     for chunk in dst.iter_mut() {
         for out in chunk.chunks_exact_mut(interval) {
             match walker.next() {
@@ -170,7 +87,7 @@ pub fn guest_digests(
     mut guards: Option<&mut Vec<u64>>,
     digests: &mut Vec<u64>,
 ) {
-    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut walker = Intervals::new(mem, ranges, interval);
     digests.reserve(walker.count());
     while let Some(data) = walker.next() {
         let bytes = data.bytes();
@@ -195,7 +112,7 @@ pub fn snapshot_intervals(
     format: PiFormat,
     interval: usize,
 ) -> Vec<u64> {
-    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut walker = Intervals::new(mem, ranges, interval);
     let mut out = Vec::with_capacity(which.len());
     let mut next = 0usize;
     let mut slots = dst.iter_mut().flat_map(|c| c.chunks_exact_mut(interval));
@@ -226,7 +143,7 @@ pub fn verify_guest(
     first_lba: u64,
 ) -> Result<(), (u64, PiError)> {
     let interval = store.interval() as usize;
-    let mut walker = GuestIntervals::new(mem, ranges, interval);
+    let mut walker = Intervals::new(mem, ranges, interval);
     let mut lba = first_lba;
     while let Some(data) = walker.next() {
         // A guest changing its own read buffer meanwhile can only make this check fail,
@@ -299,6 +216,96 @@ pub fn rederive_from_disk(image: &Image, store: &PiStore, lba: u64, count: u64) 
             "a write failed and the range cannot be read back; its tuples are unchanged and the region stays marked for recovery"
         ),
     }
+}
+
+/// A PI range (in intervals) a discard or write-zeroes covers, and whether the storage
+/// operation left it reading as zeros.
+#[derive(Debug, Clone, Copy)]
+pub struct RangeOutcome {
+    pub lba: u64,
+    pub count: u64,
+    pub zeroed: bool,
+}
+
+/// Record the write intents of a request before any I/O, for every `(lba, count)`; on
+/// failure end those already begun and return the error (the request then fails untouched).
+pub fn begin_writes(store: &PiStore, ranges: &[(u64, u64)]) -> io::Result<()> {
+    let mut result = Ok(());
+    for &(lba, count) in ranges {
+        result = result.and(store.meta.begin_write(lba, count));
+    }
+    if result.is_err() {
+        for &(lba, count) in ranges {
+            store.meta.end_write(lba, count);
+        }
+    }
+    result
+}
+
+/// A write of `guards.len()` intervals from `lba` finished. Succeeded: store the tuple of
+/// each guard (the guards describe exactly the bytes that reached the disk), made durable
+/// now if `durable` (write-through); returns how many were stored. Failed: the disk may
+/// hold any mix, so re-derive the tuples from what it holds. Either way the write intent
+/// ends.
+pub fn finish_write(
+    store: &PiStore,
+    image: &Image,
+    lba: u64,
+    guards: &[u64],
+    succeeded: bool,
+    durable: bool,
+) -> (u64, io::Result<()>) {
+    let count = guards.len() as u64;
+    let mut result = Ok(());
+    let mut stored = 0;
+    if succeeded {
+        for (i, &guard) in guards.iter().enumerate() {
+            let l = lba + i as u64;
+            store.meta.set_tuple(l, &store.tuple_for(l, guard));
+        }
+        stored = count;
+        if durable {
+            result = store.meta.sync_tuples(lba, count);
+        }
+    } else {
+        rederive_from_disk(image, store, lba, count);
+    }
+    store.meta.end_write(lba, count);
+    (stored, result)
+}
+
+/// A discard or write-zeroes finished. Ranges that now read as zeros become unwritten (made
+/// durable if `durable`); the others are re-derived from the disk when their content is not
+/// known (`uncertain`: a zeroing that did not complete, or a failed request), and left alone
+/// otherwise (a discard the target ignored changes nothing). The write intents end.
+pub fn finish_ranges(
+    store: &PiStore,
+    image: &Image,
+    ranges: &[RangeOutcome],
+    uncertain: bool,
+    durable: bool,
+) -> io::Result<()> {
+    let mut result = Ok(());
+    for r in ranges {
+        if r.zeroed {
+            store.meta.set_unwritten(r.lba, r.count);
+            if durable {
+                result = result.and(store.meta.sync_tuples(r.lba, r.count));
+            }
+        } else if uncertain {
+            rederive_from_disk(image, store, r.lba, r.count);
+        }
+        store.meta.end_write(r.lba, r.count);
+    }
+    result
+}
+
+/// A flush's data sync succeeded: make the tuples durable, then drop the write intents of
+/// regions that are durable and idle since `ticket` was taken.
+pub fn finish_flush(store: &PiStore, ticket: FlushTicket) -> io::Result<()> {
+    store.meta.sync()?;
+    store.meta.clear_intents(ticket);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -198,53 +198,47 @@ impl Executor {
         pi: &PiStore,
         inflight: &mut InFlight,
     ) -> io::Result<()> {
-        let interval = u64::from(pi.interval());
-        let per = interval / SECTOR_SIZE;
-        let mut result = Ok(());
-        match std::mem::replace(&mut inflight.pi, PiWork::None) {
-            PiWork::None | PiWork::Read { .. } => {}
+        let per = u64::from(pi.interval()) / SECTOR_SIZE;
+        let succeeded = inflight.errno.is_none();
+        let result = match std::mem::replace(&mut inflight.pi, PiWork::None) {
+            PiWork::None | PiWork::Read { .. } => Ok(()),
             PiWork::Write { lba, guards, .. } => {
-                let count = guards.len() as u64;
-                if inflight.errno.is_none() {
-                    for (i, &guard) in guards.iter().enumerate() {
-                        let l = lba + i as u64;
-                        pi.meta.set_tuple(l, &pi.tuple_for(l, guard));
-                    }
-                    self.counters.intervals_written.add(count);
-                    if inflight.sync_after_write {
-                        result = pi.meta.sync_tuples(lba, count);
-                    }
-                } else {
-                    protected::rederive_from_disk(&self.image, pi, lba, count);
-                }
-                pi.meta.end_write(lba, count);
+                let (stored, result) = protected::finish_write(
+                    pi,
+                    &self.image,
+                    lba,
+                    &guards,
+                    succeeded,
+                    inflight.sync_after_write,
+                );
+                self.counters.intervals_written.add(stored);
+                result
             }
             PiWork::Ranges { zeroed } => {
-                for (segment, zeroed) in inflight.segments.iter().zip(zeroed) {
-                    let (lba, count) = (segment.sector / per, u64::from(segment.sectors) / per);
-                    if zeroed {
-                        pi.meta.set_unwritten(lba, count);
-                        if inflight.sync_after_write {
-                            result = result.and(pi.meta.sync_tuples(lba, count));
-                        }
-                    } else if inflight.class == Class::WriteZeroes || inflight.errno.is_some() {
-                        // Not known to be zero, not known to be untouched.
-                        protected::rederive_from_disk(&self.image, pi, lba, count);
-                    }
-                    pi.meta.end_write(lba, count);
-                }
+                let ranges: Vec<protected::RangeOutcome> = inflight
+                    .segments
+                    .iter()
+                    .zip(zeroed)
+                    .map(|(segment, zeroed)| protected::RangeOutcome {
+                        lba: segment.sector / per,
+                        count: u64::from(segment.sectors) / per,
+                        zeroed,
+                    })
+                    .collect();
+                // A discard the target did not perform changes nothing; a zeroing that did
+                // not finish, or any failed request, leaves content not known.
+                let uncertain = inflight.class == Class::WriteZeroes || !succeeded;
+                protected::finish_ranges(
+                    pi,
+                    &self.image,
+                    &ranges,
+                    uncertain,
+                    inflight.sync_after_write,
+                )
             }
-            PiWork::Flush { ticket } => {
-                if inflight.errno.is_none() {
-                    // The data is durable (the sync op); now the tuples, then intents of
-                    // regions that are durable and idle can go.
-                    result = pi.meta.sync();
-                    if result.is_ok() {
-                        pi.meta.clear_intents(ticket);
-                    }
-                }
-            }
-        }
+            PiWork::Flush { ticket } if succeeded => protected::finish_flush(pi, ticket),
+            PiWork::Flush { .. } => Ok(()),
+        };
         if let Some((start, end)) = inflight.locked.take() {
             pi.ranges.unlock(start, end);
         }

@@ -241,8 +241,7 @@ impl Executor {
         self.lock_range(pi, lba, lba + count, done);
         inflight.locked = Some((lba, lba + count));
         let bounce = (mode == WriteMode::Bounced).then(|| self.take_bounce(len as usize, done));
-        if let Err(e) = pi.meta.begin_write(lba, count) {
-            pi.meta.end_write(lba, count);
+        if let Err(e) = protected::begin_writes(pi, &[(lba, count)]) {
             if let Some(bounce) = bounce {
                 self.pool.give_back(bounce);
             }
@@ -336,20 +335,11 @@ impl Executor {
             .unwrap_or(0);
         self.lock_range(pi, start, end, done);
         inflight.locked = Some((start, end));
-        let mut result = Ok(());
-        for s in segments {
-            let began = pi
-                .meta
-                .begin_write(s.sector / per, u64::from(s.sectors) / per);
-            result = result.and(began);
-        }
-        if result.is_err() {
-            for s in segments {
-                pi.meta
-                    .end_write(s.sector / per, u64::from(s.sectors) / per);
-            }
-            return result;
-        }
+        let ranges: Vec<(u64, u64)> = segments
+            .iter()
+            .map(|s| (s.sector / per, u64::from(s.sectors) / per))
+            .collect();
+        protected::begin_writes(pi, &ranges)?;
         inflight.pi = PiWork::Ranges {
             zeroed: vec![false; segments.len()],
         };
