@@ -198,10 +198,12 @@ impl BlkBackend {
         let write_through = !self.device.writeback.load(Ordering::Relaxed);
         let mut last_work = Instant::now();
         let mut last_spin = last_work;
+        let mut pass_started = last_work;
         if event_idx {
             let _ = vring.disable_notification();
         }
         loop {
+            worker.executor.set_clock(pass_started);
             let mut started = 0usize;
             let mut unreported_bytes = 0u64;
             loop {
@@ -241,6 +243,7 @@ impl BlkBackend {
             let completed = worker.done.len();
             self.push_used(worker, vring);
             let now = Instant::now();
+            pass_started = now;
             if started > 0 || completed > 0 {
                 last_work = now;
                 last_spin = now;

@@ -30,7 +30,8 @@ macro_rules! plain_counters {
             pub pi_errors: [Counter; PI_ERROR_KINDS.len()],
             /// Requests refused at validation, by [`RejectReason`].
             pub rejected_by_reason: [Counter; RejectReason::ALL.len()],
-            /// Request latency from parse to status byte, per [`Operation`].
+            /// Request latency from the queue pass that parsed it to the reap that completed
+            /// it, per [`Operation`] (measured with the executor's per-pass clock).
             pub latency: [LatencyHistogram; Operation::ALL.len()],
             /// `auto`'s current write path and cost estimates per size class
             /// (`policy::SIZE_CLASSES`), packed by `policy::pack`.

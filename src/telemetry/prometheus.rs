@@ -106,7 +106,7 @@ impl Collector for Scrape {
 
         let mut family = encoder.encode_descriptor(
             "request_duration_seconds",
-            "Request latency from parsing the descriptor chain to writing its status byte",
+            "Request latency from taking the descriptor chain off the virtqueue to writing its status byte",
             None,
             MetricType::Histogram,
         )?;

@@ -173,7 +173,7 @@ impl Executor {
             inflight.class.operation(),
             status == VIRTIO_BLK_S_OK,
             inflight.bytes,
-            inflight.started.elapsed(),
+            self.clock.saturating_duration_since(inflight.started),
         );
         let written = inflight.mem.write_obj(status, inflight.status).is_ok();
         if let DataPath::Bounce { bounce, .. } =
@@ -425,6 +425,7 @@ impl Executor {
             }
         };
         pi.ranges.unlock(lba, lba + count);
+        self.clock = std::time::Instant::now(); // the re-read took a while
         done.push(self.write_status(&mut inflight, status));
     }
 }

@@ -212,6 +212,10 @@ pub struct Executor {
     costs: WriteCosts,
     deferred: VecDeque<Deferred>,
     pool: BouncePool,
+    /// The time of the current pass over the queue (set by the queue thread) or of the last
+    /// reap that found completions: request latencies are measured with it, so a request
+    /// costs no clock read of its own.
+    clock: std::time::Instant,
 }
 
 fn tag(slot: u32, aux: u32) -> u64 {
@@ -261,6 +265,7 @@ impl Executor {
             deferred: VecDeque::new(),
             // A chunk per queue slot: any request the device accepts fits (see bounce.rs).
             pool: BouncePool::new(u32::from(queue_size).max(16)),
+            clock: std::time::Instant::now(),
         })
     }
 
@@ -317,6 +322,12 @@ impl Executor {
     /// See [`Engine::completion_fd`].
     pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         self.engine.completion_fd()
+    }
+
+    /// The queue thread starts a pass over its queue at `now`: requests started in it count
+    /// their latency from then.
+    pub fn set_clock(&mut self, now: std::time::Instant) {
+        self.clock = now;
     }
 
     pub fn in_flight(&self) -> usize {
@@ -423,6 +434,7 @@ impl Executor {
             if completions.is_empty() {
                 break;
             }
+            self.clock = std::time::Instant::now();
             for completion in completions.drain(..) {
                 self.on_completion(completion, done);
             }

@@ -27,7 +27,7 @@ impl Executor {
             pi: PiWork::None,
             locked: None,
             rewrite: None,
-            started: std::time::Instant::now(),
+            started: self.clock,
             bytes: 0,
         };
         let pi = self.pi.clone();
