@@ -113,7 +113,8 @@ each interval; stop it with Ctrl-C."
 
 #[derive(Debug, Args)]
 pub struct StatsArgs {
-    /// The daemon's vhost-user socket (its --socket); the stats socket SOCKET.stats is beside it.
+    /// The daemon's vhost-user socket (its --socket; default /tmp/guardblk.sock): the stats
+    /// socket SOCKET.stats is beside it.
     #[arg(long, value_name = "PATH", conflicts_with = "metrics")]
     pub socket: Option<PathBuf>,
     /// The daemon's --metrics address instead, e.g. http://127.0.0.1:9717.
