@@ -6,6 +6,7 @@
 pub mod backend;
 pub mod config_space;
 pub mod features;
+pub mod inflight;
 pub mod polling;
 
 pub use backend::{BlkBackend, DeviceSettings};
