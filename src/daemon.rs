@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::integrity::PiStore;
 use crate::protocol::{features, BlkBackend, DeviceSettings};
-use crate::requests::mutation::MutationTracker;
+use crate::requests::mutation::{MutationTracker, SavedMarks};
 use crate::requests::policy::{self, Calibration, CostBasis, Target, WriteCosts};
 use crate::requests::WritePolicy;
 use crate::storage::Image;
@@ -221,6 +221,8 @@ struct Shared {
     cost_basis: CostBasis,
     /// Where the stats document is written when a session starts and ends.
     stats_file: Option<PathBuf>,
+    /// Where the tracker's marks are kept for the next daemon (PI images only).
+    marks_file: Option<PathBuf>,
 }
 
 impl Shared {
@@ -228,6 +230,56 @@ impl Shared {
         if let Some(path) = &self.stats_file {
             self.telemetry.publish(path);
         }
+        if let Some(path) = &self.marks_file {
+            save_marks(&self.tracker, path);
+        }
+    }
+}
+
+/// How often new mutation marks are saved while serving (so a `kill -9` loses at most this
+/// much of what was learned).
+const MARKS_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Write the tracker's hot marks to `path` (atomically, by rename). Best effort.
+fn save_marks(tracker: &MutationTracker, path: &Path) {
+    let text = match serde_json::to_string(&tracker.save(unix_now())) {
+        Ok(text) => text + "\n",
+        Err(e) => return tracing::warn!(error = %e, "cannot encode the mutation marks"),
+    };
+    let tmp = path.with_extension("json.tmp");
+    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot save the mutation marks");
+    }
+}
+
+/// Put back what an earlier daemon learned about where this guest changes buffers in flight.
+fn restore_marks(tracker: &MutationTracker, path: &Path) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return; // never saved: nothing learned yet
+    };
+    match serde_json::from_str::<SavedMarks>(&text) {
+        Ok(saved) => {
+            let (pages, regions) = tracker.restore(&saved, unix_now());
+            if pages + regions > 0 {
+                tracing::info!(
+                    pages,
+                    regions,
+                    file = %path.display(),
+                    "remembered where the guest changed buffers in flight before the restart: those writes are bounced up front"
+                );
+            }
+        }
+        Err(e) => tracing::warn!(
+            file = %path.display(),
+            error = %e,
+            "ignoring unreadable mutation marks; they will be learned again"
+        ),
     }
 }
 
@@ -262,6 +314,24 @@ pub fn serve(
         }
         None => None,
     };
+    // Outlives sessions, and (saved beside a PI image) restarts: a guest that reconnects
+    // keeps its learned mutation hot spots.
+    let tracker = Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY));
+    let marks_file = pi
+        .as_ref()
+        .map(|_| crate::integrity::journal::mutations_path(image.path()));
+    if let Some(path) = &marks_file {
+        restore_marks(&tracker, path);
+        let (tracker, path) = (Arc::clone(&tracker), path.clone());
+        thread::Builder::new()
+            .name("mutation-marks".into())
+            .spawn(move || loop {
+                thread::sleep(MARKS_SAVE_INTERVAL);
+                if tracker.take_changed() {
+                    save_marks(&tracker, &path);
+                }
+            })?;
+    }
     let stats_file = config.stats_file.clone().or_else(|| {
         pi.as_ref()
             .map(|_| crate::integrity::journal::stats_path(image.path()))
@@ -271,8 +341,8 @@ pub fn serve(
         pi: pi.clone(),
         telemetry,
         stats_file,
-        // Outlives sessions: a guest that reconnects keeps its learned mutation hot spots.
-        tracker: Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY)),
+        marks_file,
+        tracker,
         cost_basis: cost_basis(&image, pi.as_deref(), &config.device),
     };
     let initial = WriteCosts::new(&shared.cost_basis).snapshot();

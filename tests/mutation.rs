@@ -876,6 +876,28 @@ fn scribbled_session(
     (stats, d.session_counters(session))
 }
 
+/// As [`scribbled_session`], with nothing changing the buffers.
+fn clean_session(
+    d: &Daemon,
+    session: usize,
+    mem: &SharedMem,
+    until: Until,
+    rng: &mut Rng,
+    pick: &mut Pick<'_>,
+) -> (WriteStats, SessionCounters) {
+    let opts = ClientOptions {
+        num_queues: 1,
+        queue_size: None,
+        buffer_len: 0,
+        memory: Some(mem),
+    };
+    let mut c = Client::connect_opts(&d.socket, opts).unwrap();
+    let stats = run_writes(&mut c, mem.addr, SLOT, DEPTH, until, rng, pick);
+    drop(c);
+    assert!(stats.failures.is_empty(), "{:?}", stats.failures);
+    (stats, d.session_counters(session))
+}
+
 fn fraction(c: &SessionCounters, name: &str) -> f64 {
     c.get(name) as f64 / c.get("writes").max(1) as f64
 }
@@ -985,6 +1007,102 @@ fn auto_learns_the_guest_pages_that_mutate_at_vm_like_addresses() {
     let _serial = one_at_a_time();
     let mem = SharedMem::new_at(1 << 40, DEPTH * SLOT);
     auto_learns_pages(&mem);
+}
+
+/// What `auto` learned survives a restart of the daemon (an upgrade: SIGTERM, start again on
+/// the same image): after it, writes from the same guest pages to disk regions never written
+/// before are bounced up front, although nothing scribbles any more. The control run removes
+/// the saved marks (IMAGE.pi-mutations.json) before the restart: the same writes then go
+/// zero-copy, so the test sees what it claims to.
+#[test]
+fn auto_remembers_the_guest_pages_that_mutate_across_a_restart() {
+    let _serial = one_at_a_time();
+    let mem = SharedMem::new(DEPTH * SLOT);
+    let mut rng = Rng(seed());
+    let size = 1024 * MIB;
+    let serve = [
+        "--queues",
+        "1",
+        "--bounce",
+        "auto",
+        "--auto-path",
+        "zero-copy",
+    ];
+    for keep_marks in [true, false] {
+        let d = Daemon::start_created(
+            &std::env::temp_dir(),
+            size,
+            &["--pi", "nvme64", "--interval", "4096"],
+            &serve,
+        );
+        // SAFETY: our own live mapping; no scribbler or request uses it yet.
+        fill_random(
+            unsafe { std::slice::from_raw_parts_mut(mem.addr as *mut u8, mem.len) },
+            &mut rng,
+        );
+        let until = |writes| Until {
+            duration: Duration::from_secs(4),
+            writes,
+        };
+        let (_, warm) = scribbled_session(
+            &d,
+            1,
+            &mem,
+            until(4000),
+            &mut rng,
+            &mut striped_write(0, size / 2, DEPTH),
+        );
+        assert!(
+            warm.get("writes_rewritten") > 0,
+            "warm-up saw no mutation: {}",
+            warm.line
+        );
+        let mut d = d;
+        assert!(d.terminate().success());
+        let marks = d.image.with_extension("img.pi-mutations.json");
+        assert!(marks.exists(), "no marks saved at {}", marks.display());
+        if !keep_marks {
+            std::fs::remove_file(&marks).unwrap();
+        }
+        let d = d.restart_after_exit(&serve);
+        let (_, after) = clean_session(
+            &d,
+            1,
+            &mem,
+            until(1000),
+            &mut rng,
+            &mut striped_write(size / 2, size, DEPTH),
+        );
+        let up_front = after.get("writes_bounced") - after.get("writes_bounced_by_cost");
+        let share = up_front as f64 / after.get("writes").max(1) as f64;
+        eprintln!(
+            "restart {} the marks: {} of {} writes bounced up front ({:.0}%), warm-up had {} rewrites",
+            if keep_marks { "keeping" } else { "without" },
+            up_front,
+            after.get("writes"),
+            share * 100.0,
+            warm.get("writes_rewritten")
+        );
+        if keep_marks {
+            assert!(
+                d.log_text()
+                    .contains("remembered where the guest changed buffers"),
+                "{}",
+                d.log_text()
+            );
+            assert!(
+                share >= 0.5,
+                "the restarted daemon forgot the pages: {}",
+                after.line
+            );
+        } else {
+            assert_eq!(up_front, 0, "nothing to remember, yet: {}", after.line);
+        }
+        assert!(!d.log_text().contains("PI guard error"));
+        let mut d = d;
+        assert!(d.terminate().success());
+        assert_scrub_clean(&d.image, "auto marks across a restart");
+    }
 }
 
 /// Disk regions: the measured session writes to the same few MiB as the warm-up (as a page

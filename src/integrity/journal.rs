@@ -81,6 +81,14 @@ pub fn stats_path(image: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Where a serving daemon keeps the places its guest was seen changing buffers in flight, for
+/// the next daemon: `IMAGE.pi-mutations.json`.
+pub fn mutations_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".pi-mutations.json");
+    PathBuf::from(name)
+}
+
 /// An open journal, shared by every queue.
 #[derive(Debug)]
 pub struct Journal {

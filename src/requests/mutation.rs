@@ -11,8 +11,15 @@
 //! Memory is bounded and small: one byte per 4 KiB guest page, allocated per GiB of guest
 //! physical address space only once a mutation is seen there, and one byte per 1 MiB of disk.
 //! A byte holds a coarse timestamp (2 s units, wrapping); 0 means never marked.
+//!
+//! The marks outlive a daemon restart: [`MutationTracker::save`] lists the hot ones with their
+//! age ([`SavedMarks`], which the daemon keeps beside the image), [`MutationTracker::restore`]
+//! puts them back with the time that passed meanwhile added, so a guest known to scribble is
+//! bounced from its first write after an upgrade or a crash.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -43,6 +50,20 @@ pub struct MutationTracker {
     /// Set by the first mark: until then every query answers "no" without reading a clock,
     /// so guests that never mutate pay nothing for the tracking.
     any_marks: AtomicBool,
+    /// A mark was set since the last [`MutationTracker::take_changed`].
+    changed: AtomicBool,
+}
+
+/// A tracker's hot marks with their age, to carry across a restart.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SavedMarks {
+    /// When they were taken, in seconds since the Unix epoch.
+    pub taken_unix: u64,
+    /// Guest page addresses (4 KiB-aligned), each with how many seconds ago it was marked.
+    pub pages: Vec<(u64, u64)>,
+    /// Disk byte offsets of 1 MiB regions, each with how many seconds ago it was marked.
+    pub regions: Vec<(u64, u64)>,
 }
 
 impl MutationTracker {
@@ -55,7 +76,90 @@ impl MutationTracker {
             pages: (0..TOP_ENTRIES).map(|_| OnceLock::new()).collect(),
             regions: (0..regions).map(|_| AtomicU8::new(0)).collect(),
             any_marks: AtomicBool::new(false),
+            changed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether anything was marked since the last call (for saving only when needed).
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::Relaxed)
+    }
+
+    /// Ticks since `stamp`, if it is still hot at `now`.
+    fn age_if_hot(&self, stamp: u8, now: u8) -> Option<u64> {
+        self.hot(stamp, now)
+            .then(|| u64::from((u16::from(now) + 255 - u16::from(stamp)) % 255))
+    }
+
+    /// The stamp that makes a mark `age` ticks old at `now`.
+    fn stamp_aged(now: u8, age: u64) -> u8 {
+        ((u64::from(now) - 1 + 255 - age % 255) % 255) as u8 + 1
+    }
+
+    /// Every hot mark with its age, taken at `now_unix` (seconds since the epoch).
+    pub fn save(&self, now_unix: u64) -> SavedMarks {
+        let now = self.now();
+        let secs = |age: u64| age * TICK.as_secs();
+        let mut saved = SavedMarks {
+            taken_unix: now_unix,
+            ..SavedMarks::default()
+        };
+        if !self.any_marks.load(Ordering::Relaxed) {
+            return saved;
+        }
+        for (t, top) in self.pages.iter().enumerate() {
+            let Some(blocks) = top.get() else { continue };
+            for (b, block) in blocks.iter().enumerate() {
+                let Some(marks) = block.get() else { continue };
+                let base = ((t * BLOCKS_PER_TOP + b) as u64) << BLOCK_SHIFT;
+                for (i, m) in marks.iter().enumerate() {
+                    if let Some(age) = self.age_if_hot(m.load(Ordering::Relaxed), now) {
+                        saved
+                            .pages
+                            .push((base | ((i as u64) << PAGE_SHIFT), secs(age)));
+                    }
+                }
+            }
+        }
+        for (r, m) in self.regions.iter().enumerate() {
+            if let Some(age) = self.age_if_hot(m.load(Ordering::Relaxed), now) {
+                saved.regions.push(((r as u64) << REGION_SHIFT, secs(age)));
+            }
+        }
+        saved
+    }
+
+    /// Put back the marks of `saved` that are still hot at `now_unix`, aged by the time that
+    /// passed since they were taken. Returns (pages, regions) restored.
+    pub fn restore(&self, saved: &SavedMarks, now_unix: u64) -> (usize, usize) {
+        let now = self.now();
+        let since = now_unix.saturating_sub(saved.taken_unix);
+        let decay_secs = u64::from(self.decay_ticks) * TICK.as_secs();
+        let aged = |age_secs: u64| {
+            let age = age_secs.saturating_add(since);
+            (age < decay_secs).then(|| Self::stamp_aged(now, age / TICK.as_secs()))
+        };
+        let mut restored = (0, 0);
+        for &(gpa, age) in &saved.pages {
+            let Some(stamp) = aged(age) else { continue };
+            if let Some((block, index)) = self.page_slot(gpa, true) {
+                let marks =
+                    block.get_or_init(|| (0..PAGES_PER_BLOCK).map(|_| AtomicU8::new(0)).collect());
+                marks[index].store(stamp, Ordering::Relaxed);
+                restored.0 += 1;
+            }
+        }
+        for &(offset, age) in &saved.regions {
+            let Some(stamp) = aged(age) else { continue };
+            if let Some(r) = self.regions.get((offset >> REGION_SHIFT) as usize) {
+                r.store(stamp, Ordering::Relaxed);
+                restored.1 += 1;
+            }
+        }
+        if restored != (0, 0) {
+            self.any_marks.store(true, Ordering::Relaxed);
+        }
+        restored
     }
 
     /// Current timestamp, never 0. `Instant` reads the precise clock; one read per write
@@ -114,6 +218,7 @@ impl MutationTracker {
                 block.get_or_init(|| (0..PAGES_PER_BLOCK).map(|_| AtomicU8::new(0)).collect());
             marks[index].store(self.now(), Ordering::Relaxed);
             self.any_marks.store(true, Ordering::Relaxed);
+            self.changed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -122,6 +227,7 @@ impl MutationTracker {
         if let Some(r) = self.regions.get((byte_offset >> REGION_SHIFT) as usize) {
             r.store(self.now(), Ordering::Relaxed);
             self.any_marks.store(true, Ordering::Relaxed);
+            self.changed.store(true, Ordering::Relaxed);
         }
     }
 
@@ -216,6 +322,48 @@ mod tests {
         assert!(t.hot(stamp, stamp.wrapping_add(4)));
         assert!(!t.hot(stamp, stamp.wrapping_add(5)));
         assert!(!t.hot(0, stamp), "0 means never marked");
+    }
+
+    #[test]
+    fn hot_marks_survive_a_save_and_restore_with_their_age() {
+        let t = MutationTracker::new(64 << 20, Duration::from_secs(30));
+        assert_eq!(t.save(1000).pages, vec![], "nothing marked");
+        assert!(!t.take_changed());
+        t.mark_page(0x7f00_0000_3000);
+        t.mark_page(1 << 40);
+        t.mark_region(7 << 20);
+        assert!(t.take_changed() && !t.take_changed());
+        let saved = t.save(1000);
+        assert_eq!(saved.pages, vec![(1 << 40, 0), (0x7f00_0000_3000, 0)]);
+        assert_eq!(saved.regions, vec![(7 << 20, 0)]);
+        let json = serde_json::to_string(&saved).unwrap();
+        let saved: SavedMarks = serde_json::from_str(&json).unwrap();
+
+        // A restart 10 s later: everything is still hot, 10 s older.
+        let after = MutationTracker::new(64 << 20, Duration::from_secs(30));
+        assert_eq!(after.restore(&saved, 1010), (2, 1));
+        assert!(after.pages_hot(0x7f00_0000_3000, 4096) && after.pages_hot(1 << 40, 4096));
+        assert!(after.region_hot(7 << 20, 4096));
+        assert!(!after.pages_hot(0x7f00_0000_4000, 4096));
+        assert!(!after.take_changed(), "restoring is not news worth saving");
+        let again = after.save(1010);
+        assert!(again.regions.iter().all(|&(_, age)| age == 10), "{again:?}");
+        // A restart after the decay period: nothing comes back.
+        let late = MutationTracker::new(64 << 20, Duration::from_secs(30));
+        assert_eq!(late.restore(&saved, 1031), (0, 0));
+        assert!(!late.write_expects_mutation([(1 << 40, 4096)].into_iter(), 7 << 20, 4096));
+    }
+
+    #[test]
+    fn aged_stamps_read_back_as_their_age() {
+        let t = MutationTracker::new(1 << 20, Duration::from_secs(500));
+        for now in [1u8, 2, 100, 255] {
+            for age in [0u64, 1, 7, 200] {
+                let stamp = MutationTracker::stamp_aged(now, age);
+                assert_ne!(stamp, 0);
+                assert_eq!(t.age_if_hot(stamp, now), Some(age), "now {now} age {age}");
+            }
+        }
     }
 
     #[test]
