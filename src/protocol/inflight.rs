@@ -378,6 +378,84 @@ impl QueueRegion<'_> {
     }
 }
 
+/// The descriptors of the chain whose head is `head`, read again from the descriptor table,
+/// for resubmitting a request after a restart (the queue's own iterator only starts from the
+/// avail ring). Follows `next` links and one indirect table the way a device must; stops
+/// early (the last descriptor yielded still says "next", which the parser rejects as a
+/// malformed chain) at a loop, a link out of the table, a nested or misaligned indirect table,
+/// unreadable memory, or more than 4 GiB of buffers.
+pub struct ChainWalk<'m> {
+    mem: &'m vm_memory::GuestMemoryMmap,
+    table: u64,
+    table_len: u16,
+    next: Option<u16>,
+    /// Descriptors this table may still yield (bounds a loop).
+    budget: u16,
+    in_indirect: bool,
+    bytes: u64,
+}
+
+impl<'m> ChainWalk<'m> {
+    pub fn new(
+        mem: &'m vm_memory::GuestMemoryMmap,
+        desc_table: u64,
+        queue_size: u16,
+        head: u16,
+    ) -> ChainWalk<'m> {
+        ChainWalk {
+            mem,
+            table: desc_table,
+            table_len: queue_size,
+            next: (head < queue_size).then_some(head),
+            budget: queue_size,
+            in_indirect: false,
+            bytes: 0,
+        }
+    }
+
+    fn read(&self, index: u16) -> Option<virtio_queue::desc::split::Descriptor> {
+        use vm_memory::Bytes;
+        let at = self.table.checked_add(u64::from(index) * 16)?;
+        self.mem.read_obj(vm_memory::GuestAddress(at)).ok()
+    }
+}
+
+impl Iterator for ChainWalk<'_> {
+    type Item = virtio_queue::desc::split::Descriptor;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let index = self.next.take()?;
+            if index >= self.table_len || self.budget == 0 {
+                return None;
+            }
+            self.budget -= 1;
+            let desc = self.read(index)?;
+            if desc.refers_to_indirect_table() {
+                // One level only, 16-byte entries, at most 65535 of them.
+                let entries = desc.len() / 16;
+                if self.in_indirect || desc.len() % 16 != 0 || entries == 0 || entries > 0xffff {
+                    return None;
+                }
+                self.in_indirect = true;
+                self.table = desc.addr().0;
+                self.table_len = entries as u16;
+                self.budget = entries as u16;
+                self.next = Some(0);
+                continue;
+            }
+            self.bytes = self.bytes.checked_add(u64::from(desc.len()))?;
+            if self.bytes > u64::from(u32::MAX) {
+                return None;
+            }
+            if desc.has_next() {
+                self.next = Some(desc.next());
+            }
+            return Some(desc);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,5 +618,86 @@ mod tests {
         ));
         q.mark_popped(QUEUE_SIZE, 1); // out of range: ignored, never written
         assert!(!q.is_in_flight(QUEUE_SIZE));
+    }
+
+    #[test]
+    fn a_chain_read_again_by_head_is_the_chain_the_queue_popped() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+        let d = |addr: u64, len: u32, flags: u16, next: u16| {
+            RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+        };
+        use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+        let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+        // Two chains: header + data + status, and header + status.
+        vq.add_desc_chains(
+            &[
+                d(0x10_0000, 16, next, 1),
+                d(0x11_0000, 4096, next | write, 2),
+                d(0x12_0000, 1, write, 0),
+                d(0x13_0000, 16, next, 4),
+                d(0x14_0000, 1, write, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let table = queue.desc_table();
+        for chain in queue.iter(&mem).unwrap() {
+            let head = chain.head_index();
+            let fields = |d: SplitDescriptor| (d.addr(), d.len(), d.flags(), d.next());
+            let popped: Vec<_> = chain.map(fields).collect();
+            let walked: Vec<_> = ChainWalk::new(&mem, table, QUEUE_SIZE, head)
+                .map(fields)
+                .collect();
+            assert_eq!(walked, popped, "head {head}");
+            assert_eq!(walked.last().unwrap().2 & VRING_DESC_F_NEXT as u16, 0);
+        }
+    }
+
+    #[test]
+    fn indirect_tables_are_followed_once_and_loops_end_the_walk() {
+        use virtio_bindings::virtio_ring::{
+            VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        };
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let table = 0x1000u64;
+        let put = |at: u64, desc: SplitDescriptor| {
+            mem.write_obj(RawDescriptor::from(desc), GuestAddress(at))
+                .unwrap()
+        };
+        let (next, write, indirect) = (
+            VRING_DESC_F_NEXT as u16,
+            VRING_DESC_F_WRITE as u16,
+            VRING_DESC_F_INDIRECT as u16,
+        );
+        // Head 0 points at an indirect table of two descriptors.
+        put(table, SplitDescriptor::new(0x8000, 32, indirect, 0));
+        put(0x8000, SplitDescriptor::new(0x20_0000, 16, next, 1));
+        put(0x8010, SplitDescriptor::new(0x21_0000, 1, write, 0));
+        let walked: Vec<_> = ChainWalk::new(&mem, table, QUEUE_SIZE, 0).collect();
+        assert_eq!(walked.len(), 2);
+        assert_eq!(walked[1].addr(), GuestAddress(0x21_0000));
+        // Head 1 loops onto itself: the walk stops with a descriptor that still says "next".
+        put(table + 16, SplitDescriptor::new(0x30_0000, 16, next, 1));
+        let walked: Vec<_> = ChainWalk::new(&mem, table, QUEUE_SIZE, 1).collect();
+        assert_eq!(walked.len(), usize::from(QUEUE_SIZE));
+        assert!(walked.last().unwrap().has_next());
+        // Head 2 links out of the table; head 3 nests an indirect table in an indirect one.
+        put(
+            table + 32,
+            SplitDescriptor::new(0x30_0000, 16, next, QUEUE_SIZE + 5),
+        );
+        let walked: Vec<_> = ChainWalk::new(&mem, table, QUEUE_SIZE, 2).collect();
+        assert!(walked.len() == 1 && walked[0].has_next());
+        put(table + 48, SplitDescriptor::new(0x9000, 16, indirect, 0));
+        put(0x9000, SplitDescriptor::new(0x8000, 32, indirect, 0));
+        assert_eq!(ChainWalk::new(&mem, table, QUEUE_SIZE, 3).count(), 0);
+        // A head beyond the queue yields nothing.
+        assert_eq!(
+            ChainWalk::new(&mem, table, QUEUE_SIZE, QUEUE_SIZE).count(),
+            0
+        );
     }
 }
