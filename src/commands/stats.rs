@@ -153,7 +153,9 @@ pub fn render(now: &DaemonStats, earlier: Option<(&DaemonStats, Duration)>) -> S
         out,
         "{}",
         match seconds {
-            Some(s) => format!("over the last {s:.1} s, per second:"),
+            Some(s) => format!(
+                "over the last {s:.1} s, per second (inflight: now; guard err, rejected: counts):"
+            ),
             None => "since the daemon started:".to_string(),
         }
     );
