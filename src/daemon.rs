@@ -300,9 +300,19 @@ pub fn serve(
         image.path().to_path_buf(),
         recovery,
     ));
+    // The stats socket is a convenience: a daemon that cannot have one (a socket path too
+    // long for the extra ".stats", say) serves anyway and says so.
     let stats_socket = stats_socket_path(&config.socket);
-    let (stats_listener, _stats_socket_file) = bind_socket(&stats_socket, config.socket_mode)?;
-    http::spawn_unix(stats_listener, Arc::clone(&telemetry))?;
+    let _stats_socket_file = match bind_socket(&stats_socket, config.socket_mode) {
+        Ok((stats_listener, file)) => {
+            http::spawn_unix(stats_listener, Arc::clone(&telemetry))?;
+            Some(file)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no stats socket: `guardblk stats --socket` will not reach this daemon (--metrics still works)");
+            None
+        }
+    };
     let metrics = match config.metrics {
         Some(addr) => {
             let listener = std::net::TcpListener::bind(addr)

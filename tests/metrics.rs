@@ -301,3 +301,20 @@ fn a_taken_metrics_port_is_refused_in_one_sentence() {
     );
     assert!(!socket.exists(), "the vhost-user socket is removed again");
 }
+
+#[test]
+fn a_socket_path_too_long_for_the_stats_socket_still_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    // sun_path holds 107 bytes: room for this socket, not for it plus ".stats".
+    let base = dir.path().to_str().unwrap().len() + 1;
+    let name = "s".repeat(104 - base);
+    let socket = dir.path().join(name);
+    assert_eq!(socket.as_os_str().len(), 104);
+    let image = dir.path().join("d.img");
+    std::fs::write(&image, vec![0u8; MIB as usize]).unwrap();
+    let socket_arg = socket.to_str().unwrap().to_string();
+    let d = Daemon::serve(dir, image, &["--socket", &socket_arg]);
+    assert!(d.log_text().contains("no stats socket"), "{}", d.log_text());
+    let mut c = Client::connect(&d.socket, 1, 4096).unwrap();
+    assert_eq!(write(&mut c, 0, 0, 0, 4096), 0);
+}

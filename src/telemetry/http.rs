@@ -153,6 +153,13 @@ fn serve_one(mut stream: impl Read + Write, telemetry: &Arc<Telemetry>) -> io::R
 /// At most this much of a refused request is read and discarded before closing.
 const MAX_DRAIN_BYTES: usize = 1 << 20;
 
+/// An accept that failed (out of descriptors, say) is retried after a pause, so a lasting
+/// failure cannot turn the listener thread into a busy loop.
+fn accept_failed(e: &io::Error) {
+    tracing::debug!(error = %e, "cannot accept a metrics connection");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+}
+
 /// Serve `listener` on a thread of its own for the daemon's lifetime.
 pub fn spawn_tcp(listener: TcpListener, telemetry: Arc<Telemetry>) -> io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
@@ -160,7 +167,9 @@ pub fn spawn_tcp(listener: TcpListener, telemetry: Arc<Telemetry>) -> io::Result
         .name("metrics-http".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+                let Ok(stream) = stream.inspect_err(accept_failed) else {
+                    continue;
+                };
                 let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
                 if let Err(e) = serve_one(stream, &telemetry) {
@@ -177,7 +186,9 @@ pub fn spawn_unix(listener: UnixListener, telemetry: Arc<Telemetry>) -> io::Resu
         .name("stats-socket".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+                let Ok(stream) = stream.inspect_err(accept_failed) else {
+                    continue;
+                };
                 let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
                 let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
                 if let Err(e) = serve_one(stream, &telemetry) {
