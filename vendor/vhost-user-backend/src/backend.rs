@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -196,6 +196,27 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// GET_INFLIGHT_FD (guardblk patch): allocate the shared in-flight region for the queue
+    /// count and size in `request`, and return its description and the fd that holds it.
+    fn get_inflight_fd(&self, _request: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight tracking",
+        ))
+    }
+
+    /// SET_INFLIGHT_FD (guardblk patch): use the in-flight region the frontend hands over.
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight tracking",
+        ))
+    }
+
+    /// Queue `index` started (guardblk patch): it is ready and enabled and its kick fd is
+    /// being watched. A backend resubmits requests left in flight by its predecessor here.
+    fn queue_started(&self, _index: u16, _vring: &Self::Vring) {}
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -354,6 +375,27 @@ pub trait VhostUserBackendMut: Send + Sync {
             "back end does not support shared memory regions",
         ))
     }
+
+    /// GET_INFLIGHT_FD (guardblk patch): allocate the shared in-flight region for the queue
+    /// count and size in `request`, and return its description and the fd that holds it.
+    fn get_inflight_fd(&self, _request: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight tracking",
+        ))
+    }
+
+    /// SET_INFLIGHT_FD (guardblk patch): use the in-flight region the frontend hands over.
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight tracking",
+        ))
+    }
+
+    /// Queue `index` started (guardblk patch): it is ready and enabled and its kick fd is
+    /// being watched. A backend resubmits requests left in flight by its predecessor here.
+    fn queue_started(&mut self, _index: u16, _vring: &Self::Vring) {}
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -450,6 +492,18 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.deref().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, request: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(request)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn queue_started(&self, index: u16, vring: &Self::Vring) {
+        self.deref().queue_started(index, vring)
     }
 }
 
@@ -551,6 +605,18 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.lock().unwrap().get_shmem_config()
     }
+
+    fn get_inflight_fd(&self, request: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(request)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn queue_started(&self, index: u16, vring: &Self::Vring) {
+        self.lock().unwrap().queue_started(index, vring)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -650,6 +716,18 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         self.read().unwrap().get_shmem_config()
+    }
+
+    fn get_inflight_fd(&self, request: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.read().unwrap().get_inflight_fd(request)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn queue_started(&self, index: u16, vring: &Self::Vring) {
+        self.write().unwrap().queue_started(index, vring)
     }
 }
 

@@ -258,6 +258,7 @@ where
     /// Ensures that notifications are handled only while the vring is both started and enabled
     /// and that no notifications are lost.
     fn update_vring_registration(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
+        let mut started = false;
         let vring_state = vring.get_ref();
         if let Some(fd) = vring_state.get_kick() {
             for (thread_index, queues_mask) in self.queues_per_thread.iter().enumerate() {
@@ -265,15 +266,20 @@ where
                 if shifted_queues_mask & 1u64 == 1u64 {
                     let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
                     if vring_state.get_queue().ready() && vring_state.is_enabled() {
-                        if let Err(e) = self.handlers[thread_index].register_event(
+                        match self.handlers[thread_index].register_event(
                             fd.as_raw_fd(),
                             EventSet::IN,
                             u64::from(evt_idx),
                         ) {
-                            if e.kind() != io::ErrorKind::AlreadyExists {
-                                // This could happen if we're asked by the frontend to enable an
-                                // already enabled queue, don't fail in that case.
-                                return Err(VhostUserError::ReqHandlerError(e));
+                            // guardblk patch: tell the backend once per start of the queue
+                            // (outside the vring lock, which the hook may take).
+                            Ok(()) => started = true,
+                            Err(e) => {
+                                if e.kind() != io::ErrorKind::AlreadyExists {
+                                    // This could happen if we're asked by the frontend to
+                                    // enable an already enabled queue, don't fail in that case.
+                                    return Err(VhostUserError::ReqHandlerError(e));
+                                }
                             }
                         }
                     } else {
@@ -286,6 +292,10 @@ where
                     break;
                 }
             }
+        }
+        drop(vring_state);
+        if started {
+            self.backend.queue_started(u16::from(index), vring);
         }
         Ok(())
     }
@@ -665,20 +675,23 @@ where
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // Assume the backend hasn't negotiated the inflight feature; it
-        // wouldn't be correct for the backend to do so, as we don't (yet)
-        // provide a way for it to handle such requests.
-        Err(VhostUserError::InvalidOperation("not supported"))
+        // guardblk patch: the backend owns the in-flight region (the stock crate refuses).
+        self.backend
+            .get_inflight_fd(inflight)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_inflight_fd(
         &mut self,
-        _inflight: &vhost::vhost_user::message::VhostUserInflight,
-        _file: File,
+        inflight: &vhost::vhost_user::message::VhostUserInflight,
+        file: File,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation("not supported"))
+        // guardblk patch: as above.
+        self.backend
+            .set_inflight_fd(inflight, file)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn get_max_mem_slots(&mut self) -> VhostUserResult<u64> {
