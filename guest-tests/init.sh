@@ -320,6 +320,38 @@ test_mutating_writer() {
     [ -z "$errs" ] || { DETAIL="kernel reported: $(echo "$errs" | tr '\n' ' ')"; return 1; }
 }
 
+# The daemon dies under the guest's feet: run.sh kills it with SIGKILL three times and stops
+# it once with SIGTERM while this runs, restarting it each time (QEMU reconnects, reconnect=1).
+# Two O_DIRECT writers (one per CPU) keep rewriting their own MiB of
+# [RESTART_OFFSET_MIB, +2) with rotating slices of the pattern and read each back; every
+# write and read must succeed and every read-back must match, across all the restarts.
+test_restart() {
+    d0=$(dmesg | wc -l)
+    say "START restart"
+    end=$(($(date +%s) + RESTART_SECONDS))
+    i=0
+    while [ "$(date +%s)" -lt "$end" ]; do
+        for w in 0 1; do
+            src=$(((i + w) % PATTERN_MIB))
+            seek=$(((RESTART_OFFSET_MIB + w) * 16))
+            taskset $((w + 1)) sh -c "dd if=/pattern.bin of=$DISK bs=64k count=16 skip=$((src * 16)) seek=$seek oflag=direct conv=notrunc 2>/dev/null &&
+                dd if=$DISK of=/tmp/restart.$w bs=64k count=16 skip=$seek iflag=direct 2>/dev/null &&
+                dd if=/pattern.bin of=/tmp/expect.$w bs=64k count=16 skip=$((src * 16)) 2>/dev/null &&
+                cmp /tmp/expect.$w /tmp/restart.$w" >>"$TEST_LOG" 2>&1 &
+            eval "pid$w=\$!"
+        done
+        # shellcheck disable=SC2154 # set by the eval above
+        wait "$pid0" || { DETAIL="round $i: writer 0 failed (write, read or compare)"; return 1; }
+        # shellcheck disable=SC2154
+        wait "$pid1" || { DETAIL="round $i: writer 1 failed (write, read or compare)"; return 1; }
+        i=$((i + 1))
+    done
+    rm -f /tmp/restart.* /tmp/expect.*
+    log "restart: $i rounds of 2 x 1 MiB O_DIRECT write + read-back, all verified"
+    errs=$(io_errors_since "$d0")
+    [ -z "$errs" ] || { DETAIL="kernel reported: $(echo "$errs" | tr '\n' ' ')"; return 1; }
+}
+
 # Swap on the second guardblk disk (vdb, its own daemon and image), then a program that
 # uses SWAP_EXTRA_MIB more memory than the guest has available, sweeping over it from two
 # threads (every page verified, then rewritten) for SWAP_SECONDS, then verifying every page

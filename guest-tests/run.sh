@@ -28,6 +28,11 @@
 # may fail and `guardblk scrub` must find every block intact. swap runs on a second disk
 # (vdb) with a daemon and image of its own.
 #
+# restart: while the guest's writers verify every block they write, the host kills the
+# daemon with SIGKILL seven times and stops it once with SIGTERM, starting it again each time
+# on the same socket and image; QEMU reconnects (reconnect=1) and hands back the in-flight
+# region, and the daemon resubmits what was left in flight (docs/RESTART.md).
+#
 # Adding a scenario: a test_<name> function in init.sh, <name> in the default
 # GUARDBLK_TESTS below, and optionally host_prepare_<name> (runs after the image is
 # created, before the daemon starts; may append to SERVE_ARGS) and host_check_<name>
@@ -49,7 +54,7 @@ WORK=$HERE/work
 RUN=$WORK/run
 QEMU_TIMEOUT=${GUARDBLK_QEMU_TIMEOUT:-240}
 # pi_corruption last: it reads back the whole disk, verifying what the others wrote.
-GUARDBLK_TESTS=${GUARDBLK_TESTS:-block_size,o_direct_pattern,filesystem,write_cache,mutating_writer,swap,pi_corruption}
+GUARDBLK_TESTS=${GUARDBLK_TESTS:-block_size,o_direct_pattern,filesystem,write_cache,mutating_writer,swap,restart,pi_corruption}
 
 # Disk layout (MiB), shared with the guest through /etc/guardblk-test.env. The gaps
 # between regions must stay zero: a misdirected write lands there and is caught.
@@ -63,6 +68,12 @@ SCRATCH_OFFSET_MIB=224 # scenarios' throwaway writes on [224, 256)
 MUT_OFFSET_MIB=228
 MUT_MIB=8
 MUT_SECONDS=5
+# restart's region, inside the scratch region past pi_corruption's block; its writers run
+# this long while run.sh kills and restarts the daemon at RESTART_AT seconds after it starts
+# (SIGKILL at every one but the last, SIGTERM at the last).
+RESTART_OFFSET_MIB=244
+RESTART_SECONDS=24
+RESTART_AT=(3 5 7 9 11 13 15 17)
 # swap's disk: a second guardblk daemon serving an image of its own (the guest's vdb),
 # only when swap is selected. Bigger than the guest's RAM, so swap space never runs out.
 DISK2_MIB=512
@@ -323,6 +334,8 @@ QUEUES=$QUEUES
 MUT_OFFSET_MIB=$MUT_OFFSET_MIB
 MUT_MIB=$MUT_MIB
 MUT_SECONDS=$MUT_SECONDS
+RESTART_OFFSET_MIB=$RESTART_OFFSET_MIB
+RESTART_SECONDS=$RESTART_SECONDS
 DISK2_MIB=$DISK2_MIB
 SWAP_SECONDS=$SWAP_SECONDS
 SWAP_EXTRA_MIB=$SWAP_EXTRA_MIB
@@ -480,7 +493,17 @@ run_guest() {
     local tail_pid=$!
     # With reconnect=1 QEMU stalls the guest's I/O instead of failing it when the daemon
     # dies, so a dead daemon would only show up as a timeout: stop early instead.
+    local restart_start="" next_restart=0
     while kill -0 "$QEMU_PID" 2>/dev/null; do
+        if [[ ,$GUARDBLK_TESTS, == *,restart,* ]] && ((next_restart < ${#RESTART_AT[@]})); then
+            if [[ -z $restart_start ]] && grep -q "GUARDBLK-TEST START restart" "$RUN/serial.raw"; then
+                restart_start=$SECONDS
+            fi
+            if [[ -n $restart_start ]] && ((SECONDS - restart_start >= RESTART_AT[next_restart])); then
+                next_restart=$((next_restart + 1))
+                restart_daemon "$next_restart" "$( ((next_restart < ${#RESTART_AT[@]})) && echo KILL || echo TERM)"
+            fi
+        fi
         if ! kill -0 "$DAEMON_PID" 2>/dev/null ||
             { [[ -n $DAEMON2_PID ]] && ! kill -0 "$DAEMON2_PID" 2>/dev/null; }; then
             daemon_died=1
@@ -507,6 +530,37 @@ run_guest() {
         pass qemu_exit
     fi
     say "guest ran ${GUEST_SECONDS}s"
+}
+
+# restart_daemon N SIGNAL: stop the vda daemon with SIGNAL (KILL: a crash; TERM: an upgrade)
+# and start it again on the same socket and image, logging to daemon-restart-N.log; the
+# earlier incarnation's log is kept as DAEMON_LOG was. A killed daemon's image lock can
+# outlive it for a moment (io_uring teardown), so the start is retried for 5 s.
+RESTART_LOGS=()
+RESTART_EVENTS=()
+restart_daemon() {
+    local n=$1 sig=$2 t0=$SECONDS log tries
+    kill -"$sig" "$DAEMON_PID" 2>/dev/null
+    wait "$DAEMON_PID" 2>/dev/null
+    RESTART_LOGS+=("$DAEMON_LOG")
+    log=$RUN/daemon-restart-$n.log
+    for tries in $(seq 1 25); do
+        if NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$IMG" --socket "$SOCK" \
+            --stats-file "$DAEMON_STATS" "${SERVE_ARGS[@]}" >>"$RUN/daemon.out" 2>"$log" </dev/null &
+        then
+            DAEMON_PID=$!
+        fi
+        local i
+        for i in $(seq 1 50); do
+            grep -q "guardblk ready" "$log" && break 2
+            kill -0 "$DAEMON_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        sleep 0.2
+    done
+    DAEMON_LOG=$log
+    RESTART_EVENTS+=("$sig after $((SECONDS - t0))s, $tries start(s)")
+    say "restart $n: SIG$sig, daemon serving again (pid $DAEMON_PID) after $((SECONDS - t0))s"
 }
 
 collect_guest_results() {
@@ -717,6 +771,36 @@ host_check_mutating_writer() {
         fail host:mutation_detected "writes_rewritten=0 writes_bounced=0: the daemon saw no buffer change in flight: $(session_counters "$stats")"
     fi
     scrub_clean "$IMG" scrub_clean
+}
+
+# restart: every incarnation of the vda daemon came back, none panicked or logged an
+# error, each restart was followed by a reconnect, and the guest's verifying writers saw
+# nothing (guest:restart). What the in-flight region gave back is reported, not judged:
+# under TCG the guest rarely has more than a request or two in flight at a kill.
+host_check_restart() {
+    local problems resubmitted=0 recovered_lines=0 f n
+    if ((${#RESTART_EVENTS[@]} != ${#RESTART_AT[@]})); then
+        fail host:restart_daemon "only ${#RESTART_EVENTS[@]} of ${#RESTART_AT[@]} restarts happened (did the guest start the scenario?)"
+        return
+    fi
+    # Guard errors are judged by LBA (pi_corruption's block is expected), other errors not at all.
+    problems=$(grep -hE "panicked|ERROR" "${RESTART_LOGS[@]}" "$DAEMON_LOG" | grep -v "PI guard error" | head -n 3)
+    while IFS= read -r n; do
+        [[ " ${EXPECTED_GUARD_LBAS[*]} " == *" $n "* ]] || problems+=" guard error at LBA $n before a restart;"
+    done < <(grep -h "PI guard error" "${RESTART_LOGS[@]}" | grep -oE "[[:space:]]lba=[0-9]+" | sed 's/.*=//')
+    for f in "${RESTART_LOGS[@]:1}" "$DAEMON_LOG"; do
+        grep -q "frontend connected" "$f" || problems+=" no reconnect in $(basename "$f");"
+        while IFS= read -r n; do
+            resubmitted=$((resubmitted + n))
+            recovered_lines=$((recovered_lines + 1))
+        done < <(grep "recovered the requests" "$f" | grep -oE "resubmitted=[0-9]+" | sed 's/.*=//')
+    done
+    if [[ -n $problems ]]; then
+        fail host:restart_daemon "$problems"
+    else
+        pass host:restart_daemon
+    fi
+    NOTES+=("restart: ${RESTART_EVENTS[*]}; in-flight region: $recovered_lines queue recoveries, $resubmitted requests resubmitted")
 }
 
 # swap: vdb is the guest's swap device, served by a second daemon. Prepared here: its image.

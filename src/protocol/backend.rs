@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -24,6 +24,7 @@ use vmm_sys_util::event::{
 
 use super::config_space::{parse_wce_write, BlkConfig};
 use super::features;
+use super::inflight::{ChainWalk, InflightRegion};
 use super::polling::PollGovernor;
 use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
@@ -69,11 +70,18 @@ pub struct DeviceSettings {
 }
 
 struct QueueWorker {
+    index: u16,
     executor: Executor,
     /// Captured on the first event so GET_VRING_BASE can complete requests without one.
     vring: Option<Vring>,
     done: Vec<UsedEntry>,
     polling: PollGovernor,
+    /// The frontend's in-flight region (SET_INFLIGHT_FD), once it sent one.
+    inflight: Option<Arc<InflightRegion>>,
+    /// The region came with this session and has not been recovered for this queue yet.
+    recover_pending: bool,
+    /// Pop order of the next request, recorded in the region.
+    pop_counter: u64,
 }
 
 struct Device {
@@ -128,10 +136,14 @@ impl BlkBackend {
                     },
                 )?;
                 Ok(Mutex::new(QueueWorker {
+                    index: q as u16,
                     executor,
                     vring: None,
                     done: Vec::new(),
                     polling: PollGovernor::new(settings.poll_window),
+                    inflight: None,
+                    recover_pending: false,
+                    pop_counter: 0,
                 }))
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -194,6 +206,11 @@ impl BlkBackend {
     /// [`PollGovernor`] decides how long. Then notifications are re-enabled and the thread
     /// sleeps in epoll until a kick or a completion.
     fn process_queue(&self, worker: &mut QueueWorker, vring: &Vring) {
+        // A kick can beat the queue-started hook to the worker lock: recover before popping
+        // anything, or requests still in flight would be taken again as new ones.
+        if worker.recover_pending {
+            self.recover_in_flight(worker, vring);
+        }
         let event_idx = self.device.event_idx.load(Ordering::Relaxed);
         let write_through = !self.device.writeback.load(Ordering::Relaxed);
         let mut last_work = Instant::now();
@@ -221,6 +238,12 @@ impl BlkBackend {
                 let Some(chain) = popped else { break };
                 let mem = self.device.mem.memory().into_inner();
                 let head = chain.head_index();
+                if let Some(region) = &worker.inflight {
+                    if let Some(q) = region.queue(worker.index) {
+                        q.mark_popped(head, worker.pop_counter);
+                        worker.pop_counter = worker.pop_counter.wrapping_add(1);
+                    }
+                }
                 unreported_bytes +=
                     worker
                         .executor
@@ -276,13 +299,115 @@ impl BlkBackend {
         }
     }
 
+    /// A queue started with an in-flight region from the frontend: finish what a crashed
+    /// predecessor left half done, and resubmit the requests it never answered, oldest
+    /// first, before the queue takes new ones (protocol/inflight.rs, docs/RESTART.md).
+    fn recover_in_flight(&self, worker: &mut QueueWorker, vring: &Vring) {
+        if !std::mem::take(&mut worker.recover_pending) {
+            return;
+        }
+        let Some(region) = worker.inflight.clone() else {
+            return;
+        };
+        let Some(q) = region.queue(worker.index) else {
+            return;
+        };
+        worker.vring.get_or_insert_with(|| vring.clone());
+        let used = match vring.queue_used_idx() {
+            Ok(used) => used,
+            Err(e) => {
+                tracing::warn!(queue = worker.index, error = ?e, "cannot read the used index; in-flight requests not recovered");
+                return;
+            }
+        };
+        let recovery = match q.recover(used) {
+            Ok(r) => r,
+            Err(e) => {
+                // Never trust a region that makes no sense: stop recording in it.
+                tracing::warn!(queue = worker.index, error = %e, "in-flight region unusable; the queue runs without it");
+                worker.inflight = None;
+                return;
+            }
+        };
+        worker.pop_counter = recovery.next_counter;
+        // The region, not SET_VRING_BASE, says where the queue is: QEMU sets the base to the
+        // used index it read when the connection dropped, but a daemon stopping with SIGTERM
+        // completes what it still holds after that, so the used index (and the avail
+        // position after every request ever popped) may be further on. Starting at QEMU's
+        // base would run those requests, already answered, a second time.
+        vring.set_queue_next_avail(recovery.next_avail);
+        if recovery.resubmit.is_empty() && !recovery.finished_interrupted_completion {
+            tracing::debug!(
+                queue = worker.index,
+                next_avail = recovery.next_avail,
+                "in-flight region: nothing was left in flight"
+            );
+            return;
+        }
+        let (desc_table, size) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.desc_table(), queue.size())
+        };
+        let mem = self.device.mem.memory().into_inner();
+        let write_through = !self.device.writeback.load(Ordering::Relaxed);
+        let mut resubmitted = 0u64;
+        for &head in &recovery.resubmit {
+            if head >= size {
+                tracing::warn!(
+                    queue = worker.index,
+                    head,
+                    size,
+                    "in-flight head beyond the ring; skipped"
+                );
+                continue;
+            }
+            let chain = ChainWalk::new(&mem, desc_table, size, head);
+            worker
+                .executor
+                .start(head, chain, &mem, write_through, &mut worker.done);
+            resubmitted += 1;
+        }
+        worker
+            .executor
+            .counters()
+            .requests_resubmitted
+            .add(resubmitted);
+        worker.executor.reap(&mut worker.done);
+        self.push_used(worker, vring);
+        tracing::info!(
+            queue = worker.index,
+            resubmitted,
+            finished_interrupted_completion = recovery.finished_interrupted_completion,
+            next_avail = recovery.next_avail,
+            "recovered the requests a previous daemon left in flight"
+        );
+    }
+
     fn push_used(&self, worker: &mut QueueWorker, vring: &Vring) {
         if worker.done.is_empty() {
             return;
         }
+        let region = worker.inflight.as_ref().and_then(|r| r.queue(worker.index));
+        // With an in-flight region, each entry is retired there around its used-ring update,
+        // in the order a restarted daemon's recovery expects (protocol/inflight.rs).
+        let mut used_idx = region
+            .as_ref()
+            .map(|_| vring.get_ref().get_queue().next_used());
         for entry in worker.done.drain(..) {
-            if let Err(e) = vring.add_used(entry.head, entry.len) {
-                tracing::error!(head = entry.head, error = ?e, "cannot add used-ring entry");
+            if let Some(q) = &region {
+                q.before_used(entry.head);
+            }
+            match vring.add_used(entry.head, entry.len) {
+                Ok(()) => {
+                    if let (Some(q), Some(idx)) = (&region, used_idx.as_mut()) {
+                        *idx = idx.wrapping_add(1);
+                        q.after_used(entry.head, *idx);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(head = entry.head, error = ?e, "cannot add used-ring entry")
+                }
             }
         }
         if vring.needs_notification().unwrap_or(true) {
@@ -403,6 +528,82 @@ impl VhostUserBackend for BlkBackend {
             );
         }
         Ok(())
+    }
+
+    fn get_inflight_fd(
+        &self,
+        request: &VhostUserInflight,
+    ) -> io::Result<(VhostUserInflight, std::fs::File)> {
+        let (queues, size) = (request.num_queues, request.queue_size);
+        if usize::from(queues) > self.device.queues.len() || size > self.device.queue_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "in-flight region for {queues} queues of {size}: more than this device offers"
+                ),
+            ));
+        }
+        let (region, file) = InflightRegion::create(queues, size).map_err(io::Error::other)?;
+        let mmap_size = region.len() as u64;
+        tracing::debug!(
+            queues,
+            queue_size = size,
+            bytes = mmap_size,
+            "allocated the in-flight region"
+        );
+        Ok((
+            VhostUserInflight {
+                mmap_size,
+                mmap_offset: 0,
+                num_queues: queues,
+                queue_size: size,
+            },
+            file,
+        ))
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: std::fs::File) -> io::Result<()> {
+        let region = InflightRegion::map(
+            &file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(io::Error::other)?;
+        let region = Arc::new(region);
+        for queue in &self.device.queues {
+            let mut worker = lock(queue);
+            worker.inflight = Some(Arc::clone(&region));
+            worker.recover_pending = true;
+        }
+        tracing::debug!(
+            queues = inflight.num_queues,
+            queue_size = inflight.queue_size,
+            "frontend handed over the in-flight region"
+        );
+        Ok(())
+    }
+
+    fn queue_started(&self, index: u16, vring: &Vring) {
+        if let Some(queue) = self.device.queues.get(usize::from(index)) {
+            self.recover_in_flight(&mut lock(queue), vring);
+        }
+        // Kick ourselves once: requests the guest queued while no daemon was connected were
+        // announced to QEMU, not to us, and the guest will not kick again for them.
+        if let Some(kick) = vring.get_ref().get_kick() {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writing 8 bytes from a live buffer to the kick eventfd the vring owns
+            // (an eventfd takes exactly one u64); the result is ignored, a full counter
+            // already means "kicked".
+            let _ = unsafe {
+                libc::write(
+                    std::os::fd::AsRawFd::as_raw_fd(kick),
+                    one.as_ptr().cast(),
+                    one.len(),
+                )
+            };
+        }
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {

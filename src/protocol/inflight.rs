@@ -16,12 +16,9 @@
 //!   the used-ring update and `after_used`, and lists the heads still in flight, oldest first,
 //!   for resubmission before any new request.
 //!
-//! Not yet wired to the vhost-user messages (vhost-user-backend 0.24 refuses them; see
-//! docs/RESTART.md): this module is the region and its rules, unit-tested on mock queues.
-
-// Only the unit tests use it until the GET/SET_INFLIGHT_FD handling lands (issue 12); this
-// allow goes with that change.
-#![cfg_attr(not(test), allow(dead_code))]
+//! `protocol/backend.rs` drives it: GET/SET_INFLIGHT_FD (through the patched
+//! vhost-user-backend in vendor/), marks on pop and around `add_used`, recovery when a queue
+//! starts.
 
 use std::fs::File;
 use std::io;
@@ -96,6 +93,11 @@ unsafe impl Send for InflightRegion {}
 unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// A new, zeroed region for `queues` queues of `queue_size` descriptors (GET_INFLIGHT_FD),
     /// and the sealed memfd holding it, to hand to the frontend.
     pub fn create(queues: u16, queue_size: u16) -> Result<(InflightRegion, File), InflightError> {

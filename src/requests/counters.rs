@@ -142,6 +142,8 @@ plain_counters! {
     writes_rewritten => "writes_rewritten",
     /// PI intervals those rewrites covered.
     intervals_rewritten => "pi_intervals_rewritten",
+    /// Requests a previous daemon left in flight (in-flight region), resubmitted after a restart.
+    requests_resubmitted => "requests_resubmitted",
 }
 
 /// The PI error kinds, in `QueueCounters::pi_errors` order.

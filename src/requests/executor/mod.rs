@@ -330,6 +330,11 @@ impl Executor {
         self.clock = now;
     }
 
+    /// This queue's counters (for the few the queue thread keeps itself).
+    pub fn counters(&self) -> &QueueCounters {
+        &self.counters
+    }
+
     pub fn in_flight(&self) -> usize {
         self.requests.len() - self.free_requests.len()
     }

@@ -577,6 +577,14 @@ where
             self.initialize_vring(vring, index)?;
         }
 
+        // guardblk patch: a frontend that reconnects sends the call fd after the ring has
+        // started, and completions of requests resubmitted at the start may already have
+        // been signalled to no one; one interrupt now makes the guest look (a spurious one
+        // is harmless), as libvhost-user does.
+        if vring.get_ref().get_queue().ready() {
+            let _ = vring.signal_used_queue();
+        }
+
         Ok(())
     }
 
