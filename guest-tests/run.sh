@@ -538,8 +538,13 @@ run_guest() {
 # outlive it for a moment (io_uring teardown), so the start is retried for 5 s.
 RESTART_LOGS=()
 RESTART_EVENTS=()
+# The stats document of each incarnation taken just before it was stopped (a SIGKILLed daemon
+# never ends its session, so its counters live only there); `counter` adds them up.
+INCARNATION_STATS=()
 restart_daemon() {
     local n=$1 sig=$2 t0=$SECONDS log tries
+    "$GUARDBLK_BIN" stats --socket "$SOCK" --json >"$RUN/daemon-stats-incarnation-$n.json" 2>/dev/null &&
+        INCARNATION_STATS+=("$RUN/daemon-stats-incarnation-$n.json")
     kill -"$sig" "$DAEMON_PID" 2>/dev/null
     wait "$DAEMON_PID" 2>/dev/null
     RESTART_LOGS+=("$DAEMON_LOG")
@@ -639,7 +644,8 @@ host_check_filesystem() {
 # cache_type writes are config-space writes; the daemon logs each mode change.
 host_check_write_cache() {
     local modes
-    modes=$(grep "guest changed the write-cache mode" "$DAEMON_LOG" | grep -o 'mode="\?[a-z]*' | sed 's/mode="\?//' | tr '\n' ' ')
+    # Every incarnation of the daemon (restart restarts it), in order.
+    modes=$(cat "${RESTART_LOGS[@]}" "$DAEMON_LOG" | grep "guest changed the write-cache mode" | grep -o 'mode="\?[a-z]*' | sed 's/mode="\?//' | tr '\n' ' ')
     if [[ $modes == "writethrough writeback " ]]; then
         pass host:wce_reached_daemon
     else
@@ -710,10 +716,20 @@ ended() {
     jq -e '.recent_sessions | length > 0' "$1" >/dev/null 2>&1
 }
 
-# counter NAME STATS: counter NAME of the last ended session in stats document STATS (0 if
-# absent).
+# counter NAME STATS: counter NAME summed over the sessions of stats document STATS (0 if
+# absent); for the vda daemon's document, also over the earlier incarnations that restart
+# stopped (their documents as taken just before, running session included).
 counter() {
-    jq -r --arg n "$1" '.recent_sessions[-1].counters[$n] // 0' "$2" 2>/dev/null || echo 0
+    local total f v
+    total=$(jq -r --arg n "$1" '[.recent_sessions[].counters[$n] // 0] | add // 0' "$2" 2>/dev/null || echo 0)
+    if [[ $2 == "$DAEMON_STATS" ]]; then
+        for f in "${INCARNATION_STATS[@]}"; do
+            v=$(jq -r --arg n "$1" '([.recent_sessions[].counters[$n] // 0] | add // 0) +
+                (.current_session.counters[$n] // 0)' "$f" 2>/dev/null || echo 0)
+            total=$((total + v))
+        done
+    fi
+    echo "$total"
 }
 
 # The last session's counters of a stats document, as a line; the detection counters first.
