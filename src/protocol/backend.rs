@@ -320,7 +320,8 @@ impl BlkBackend {
                 return;
             }
         };
-        let recovery = match q.recover(used) {
+        let ring_size = vring.get_ref().get_queue().size();
+        let recovery = match q.recover(used, ring_size) {
             Ok(r) => r,
             Err(e) => {
                 // Never trust a region that makes no sense: stop recording in it.
@@ -352,16 +353,8 @@ impl BlkBackend {
         let mem = self.device.mem.memory().into_inner();
         let write_through = !self.device.writeback.load(Ordering::Relaxed);
         let mut resubmitted = 0u64;
+        // `recover` checked every head against the ring's size.
         for &head in &recovery.resubmit {
-            if head >= size {
-                tracing::warn!(
-                    queue = worker.index,
-                    head,
-                    size,
-                    "in-flight head beyond the ring; skipped"
-                );
-                continue;
-            }
             let chain = ChainWalk::new(&mem, desc_table, size, head);
             worker
                 .executor

@@ -66,6 +66,12 @@ pub enum InflightError {
         found: u16,
         expected: u16,
     },
+    #[error("in-flight region of queue {queue} marks head {head} in flight, beyond the ring's {ring_size} descriptors")]
+    HeadBeyondRing {
+        queue: u16,
+        head: u16,
+        ring_size: u16,
+    },
     #[error("in-flight region of queue {queue}: last batch of {count} from head {head} is not a valid chain of its descriptors")]
     BadLastBatch { queue: u16, head: u16, count: u16 },
     #[error("cannot allocate or map the in-flight region: {0}")]
@@ -296,10 +302,11 @@ impl QueueRegion<'_> {
         self.u16_at(USED_IDX_AT).store(used_idx, Ordering::Release);
     }
 
-    /// At (re)connection, with the ring's used index as the guest sees it: initialise a fresh
-    /// region, or finish an interrupted completion and list what is still in flight. Safe to
-    /// run twice. A region whose contents make no sense is refused, never trusted.
-    pub fn recover(&self, ring_used_idx: u16) -> Result<Recovery, InflightError> {
+    /// At (re)connection, with the ring's used index as the guest sees it and the ring's size
+    /// (at most the region's): initialise a fresh region, or finish an interrupted completion
+    /// and list what is still in flight. Safe to run twice. A region whose contents make no
+    /// sense is refused, never trusted.
+    pub fn recover(&self, ring_used_idx: u16, ring_size: u16) -> Result<Recovery, InflightError> {
         let queue = self.index;
         match self.version() {
             0 => {
@@ -369,6 +376,13 @@ impl QueueRegion<'_> {
                 (counter, h)
             })
             .collect();
+        if let Some(&(_, head)) = in_flight.iter().find(|&&(_, h)| h >= ring_size) {
+            return Err(InflightError::HeadBeyondRing {
+                queue,
+                head,
+                ring_size,
+            });
+        }
         in_flight.sort_unstable();
         let next_counter = in_flight.last().map_or(0, |&(c, _)| c.wrapping_add(1));
         Ok(Recovery {
@@ -544,7 +558,7 @@ mod tests {
         let (region, _file) = InflightRegion::create(1, QUEUE_SIZE).unwrap();
         let q = region.queue(0).unwrap();
         assert_eq!(
-            q.recover(0).unwrap().resubmit,
+            q.recover(0, QUEUE_SIZE).unwrap().resubmit,
             Vec::<u16>::new(),
             "fresh region"
         );
@@ -563,7 +577,7 @@ mod tests {
         // avail slots 3, 4, 5 (heads 3, 4, 5): 4 and 5 completed twice, 0 and 2 never.
         let used = ring_used_idx(&queue, &mem);
         assert_eq!(used, 3);
-        let r = q.recover(used).unwrap();
+        let r = q.recover(used, QUEUE_SIZE).unwrap();
         assert_eq!(r.resubmit, [0, 2, 3], "the unanswered heads, oldest first");
         assert_eq!(
             r.next_avail, 6,
@@ -571,7 +585,11 @@ mod tests {
         );
         assert_eq!(r.next_counter, 4);
         assert!(!r.finished_interrupted_completion);
-        assert_eq!(q.recover(used).unwrap(), r, "recovery is idempotent");
+        assert_eq!(
+            q.recover(used, QUEUE_SIZE).unwrap(),
+            r,
+            "recovery is idempotent"
+        );
     }
 
     #[test]
@@ -580,7 +598,7 @@ mod tests {
         let (_vq, mut queue) = queue_with_chains(&mem, 3);
         let (region, _file) = InflightRegion::create(1, QUEUE_SIZE).unwrap();
         let q = region.queue(0).unwrap();
-        q.recover(0).unwrap();
+        q.recover(0, QUEUE_SIZE).unwrap();
         for (counter, chain) in queue.iter(&mem).unwrap().enumerate() {
             q.mark_popped(chain.head_index(), counter as u64);
         }
@@ -590,7 +608,7 @@ mod tests {
         queue.add_used(&mem, 0, 1).unwrap();
         assert!(q.is_in_flight(0));
         let used = ring_used_idx(&queue, &mem);
-        let r = q.recover(used).unwrap();
+        let r = q.recover(used, QUEUE_SIZE).unwrap();
         assert!(r.finished_interrupted_completion);
         assert_eq!(r.resubmit, [1], "0 was answered; only 1 is outstanding");
         assert!(!q.is_in_flight(0));
@@ -602,24 +620,34 @@ mod tests {
     fn nonsense_in_the_region_is_refused() {
         let (region, _file) = InflightRegion::create(1, QUEUE_SIZE).unwrap();
         let q = region.queue(0).unwrap();
-        q.recover(0).unwrap();
+        q.recover(0, QUEUE_SIZE).unwrap();
         // The ring claims 40 completions the region never saw: more than the queue holds.
         assert!(matches!(
-            q.recover(40),
+            q.recover(40, QUEUE_SIZE),
             Err(InflightError::BadLastBatch { .. })
         ));
         q.u16_at(DESC_NUM_AT).store(8, Ordering::Release);
         assert!(matches!(
-            q.recover(0),
+            q.recover(0, QUEUE_SIZE),
             Err(InflightError::DescNumMismatch { .. })
         ));
         q.u16_at(VERSION_AT).store(9, Ordering::Release);
         assert!(matches!(
-            q.recover(0),
+            q.recover(0, QUEUE_SIZE),
             Err(InflightError::UnknownVersion { version: 9, .. })
         ));
         q.mark_popped(QUEUE_SIZE, 1); // out of range: ignored, never written
         assert!(!q.is_in_flight(QUEUE_SIZE));
+        // A ring smaller than the region (the guest chose a smaller queue): a head beyond it
+        // cannot have been popped from it.
+        q.u16_at(VERSION_AT).store(VERSION, Ordering::Release);
+        q.u16_at(DESC_NUM_AT).store(QUEUE_SIZE, Ordering::Release);
+        q.mark_popped(12, 1);
+        assert!(matches!(
+            q.recover(0, 8),
+            Err(InflightError::HeadBeyondRing { head: 12, .. })
+        ));
+        assert_eq!(q.recover(0, QUEUE_SIZE).unwrap().resubmit, [12]);
     }
 
     #[test]
