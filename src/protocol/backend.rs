@@ -582,6 +582,11 @@ impl VhostUserBackend for BlkBackend {
         if let Some(queue) = self.device.queues.get(usize::from(index)) {
             self.recover_in_flight(&mut lock(queue), vring);
         }
+        // Interrupt the guest once: completions a predecessor pushed while QEMU was
+        // disconnected (a SIGTERM'd daemon finishes what it holds after the socket closed)
+        // were signalled to no one, and the guest waits for them. A spurious interrupt is
+        // harmless. (If the call fd comes after this, the vendor patch signals then.)
+        let _ = vring.signal_used_queue();
         // Kick ourselves once: requests the guest queued while no daemon was connected were
         // announced to QEMU, not to us, and the guest will not kick again for them.
         if let Some(kick) = vring.get_ref().get_kick() {
