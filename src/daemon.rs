@@ -252,8 +252,7 @@ fn save_marks(tracker: &MutationTracker, path: &Path) {
         Ok(text) => text + "\n",
         Err(e) => return tracing::warn!(error = %e, "cannot encode the mutation marks"),
     };
-    let tmp = path.with_extension("json.tmp");
-    if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+    if let Err(e) = crate::storage::files::replace(path, text.as_bytes()) {
         tracing::warn!(path = %path.display(), error = %e, "cannot save the mutation marks");
     }
 }

@@ -1,6 +1,6 @@
 //! The few operations on files and block devices that more than one layer needs, each in one
-//! place: the size of a file or device, the exclusive advisory lock that says "in use", and
-//! zeroing a byte range.
+//! place: the size of a file or device, the exclusive advisory lock that says "in use",
+//! zeroing a byte range, and replacing a small file whole.
 
 use std::fs::File;
 use std::io;
@@ -9,6 +9,15 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 
 /// ioctl: the size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Replace `path` with `contents` so a reader sees the old file or the new one, never a part
+/// (written beside it, then renamed over it).
+pub fn replace(path: &std::path::Path, contents: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
 
 /// Size of a regular file or block device.
 pub fn size(file: &File) -> io::Result<u64> {
@@ -89,5 +98,16 @@ mod tests {
         assert!(back[..1024].iter().all(|&b| b == 0xAB));
         assert!(back[1024..3072].iter().all(|&b| b == 0));
         assert!(back[3072..].iter().all(|&b| b == 0xAB));
+    }
+
+    #[test]
+    fn replace_swaps_the_whole_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("doc.json");
+        replace(&path, b"first").unwrap();
+        replace(&path, b"second, longer").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"second, longer");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no .tmp left behind");
     }
 }

@@ -229,7 +229,6 @@ impl Telemetry {
     /// Write the stats document to `path` (atomically, by rename). Best effort: a failure
     /// is logged, never fatal.
     pub fn publish(&self, path: &std::path::Path) {
-        let tmp = path.with_extension("json.tmp");
         let text = match serde_json::to_string_pretty(&self.stats()) {
             Ok(text) => text + "\n",
             Err(e) => {
@@ -237,8 +236,7 @@ impl Telemetry {
                 return;
             }
         };
-        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = written {
+        if let Err(e) = crate::storage::files::replace(path, text.as_bytes()) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
         }
     }
