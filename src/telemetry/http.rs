@@ -153,50 +153,66 @@ fn serve_one(mut stream: impl Read + Write, telemetry: &Arc<Telemetry>) -> io::R
 /// At most this much of a refused request is read and discarded before closing.
 const MAX_DRAIN_BYTES: usize = 1 << 20;
 
-/// An accept that failed (out of descriptors, say) is retried after a pause, so a lasting
-/// failure cannot turn the listener thread into a busy loop.
-fn accept_failed(e: &io::Error) {
-    tracing::debug!(error = %e, "cannot accept a metrics connection");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+/// A connected client of either listener: what the accept loop needs of it.
+trait Client: Read + Write {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()>;
 }
 
-/// Serve `listener` on a thread of its own for the daemon's lifetime.
-pub fn spawn_tcp(listener: TcpListener, telemetry: Arc<Telemetry>) -> io::Result<SocketAddr> {
-    let addr = listener.local_addr()?;
+impl Client for std::net::TcpStream {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+impl Client for std::os::unix::net::UnixStream {
+    fn set_timeouts(&self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))?;
+        self.set_write_timeout(Some(timeout))
+    }
+}
+
+/// Answer `connections` one at a time, on a thread named `name`, for the daemon's lifetime.
+/// An accept that fails (out of descriptors, say) is retried after a pause, so a lasting
+/// failure cannot turn the thread into a busy loop.
+fn spawn_accept_loop<C: Client>(
+    name: &str,
+    connections: impl Iterator<Item = io::Result<C>> + Send + 'static,
+    telemetry: Arc<Telemetry>,
+) -> io::Result<()> {
     std::thread::Builder::new()
-        .name("metrics-http".into())
+        .name(name.into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream.inspect_err(accept_failed) else {
-                    continue;
+            for connection in connections {
+                let stream = match connection {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot accept a metrics connection");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
                 };
-                let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-                let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+                let _ = stream.set_timeouts(IO_TIMEOUT);
                 if let Err(e) = serve_one(stream, &telemetry) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
         })?;
+    Ok(())
+}
+
+/// Serve `listener` (`--metrics`) on a thread of its own for the daemon's lifetime.
+pub fn spawn_tcp(listener: TcpListener, telemetry: Arc<Telemetry>) -> io::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    let connections = std::iter::repeat_with(move || listener.accept().map(|(s, _)| s));
+    spawn_accept_loop("metrics-http", connections, telemetry)?;
     Ok(addr)
 }
 
-/// The same on a Unix socket.
+/// The same on the stats socket.
 pub fn spawn_unix(listener: UnixListener, telemetry: Arc<Telemetry>) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("stats-socket".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream.inspect_err(accept_failed) else {
-                    continue;
-                };
-                let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-                let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-                if let Err(e) = serve_one(stream, &telemetry) {
-                    tracing::debug!(error = %e, "stats request failed");
-                }
-            }
-        })?;
-    Ok(())
+    let connections = std::iter::repeat_with(move || listener.accept().map(|(s, _)| s));
+    spawn_accept_loop("stats-socket", connections, telemetry)
 }
 
 #[cfg(test)]
