@@ -852,7 +852,34 @@ fn auto_by_cost_on_a_dma_target_takes_either_path_and_stays_exact() {
 /// Largest fraction of writes that may still need a rewrite after warm-up.
 const MAX_REWRITE_FRACTION: f64 = 0.01;
 
-/// One scribbled write session on `mem` (DEPTH slots) writing with `pick`; its counters.
+/// One write session on `mem` (DEPTH slots) writing with `pick`, with a scribbler on the
+/// buffers if `scribble`; its counters.
+fn session_on(
+    d: &Daemon,
+    session: usize,
+    mem: &SharedMem,
+    until: Until,
+    rng: &mut Rng,
+    pick: &mut Pick<'_>,
+    scribble: bool,
+) -> (WriteStats, SessionCounters) {
+    let opts = ClientOptions {
+        num_queues: 1,
+        queue_size: None,
+        buffer_len: 0,
+        memory: Some(mem),
+    };
+    let mut c = Client::connect_opts(&d.socket, opts).unwrap();
+    let scribbler = scribble.then(|| Scribbler::start(mem.addr, DEPTH * SLOT, rng.next_u64()));
+    let stats = run_writes(&mut c, mem.addr, SLOT, DEPTH, until, rng, pick);
+    if let Some(scribbler) = scribbler {
+        scribbler.stop();
+    }
+    drop(c);
+    assert!(stats.failures.is_empty(), "{:?}", stats.failures);
+    (stats, d.session_counters(session))
+}
+
 fn scribbled_session(
     d: &Daemon,
     session: usize,
@@ -861,41 +888,7 @@ fn scribbled_session(
     rng: &mut Rng,
     pick: &mut Pick<'_>,
 ) -> (WriteStats, SessionCounters) {
-    let opts = ClientOptions {
-        num_queues: 1,
-        queue_size: None,
-        buffer_len: 0,
-        memory: Some(mem),
-    };
-    let mut c = Client::connect_opts(&d.socket, opts).unwrap();
-    let scribbler = Scribbler::start(mem.addr, DEPTH * SLOT, rng.next_u64());
-    let stats = run_writes(&mut c, mem.addr, SLOT, DEPTH, until, rng, pick);
-    scribbler.stop();
-    drop(c);
-    assert!(stats.failures.is_empty(), "{:?}", stats.failures);
-    (stats, d.session_counters(session))
-}
-
-/// As [`scribbled_session`], with nothing changing the buffers.
-fn clean_session(
-    d: &Daemon,
-    session: usize,
-    mem: &SharedMem,
-    until: Until,
-    rng: &mut Rng,
-    pick: &mut Pick<'_>,
-) -> (WriteStats, SessionCounters) {
-    let opts = ClientOptions {
-        num_queues: 1,
-        queue_size: None,
-        buffer_len: 0,
-        memory: Some(mem),
-    };
-    let mut c = Client::connect_opts(&d.socket, opts).unwrap();
-    let stats = run_writes(&mut c, mem.addr, SLOT, DEPTH, until, rng, pick);
-    drop(c);
-    assert!(stats.failures.is_empty(), "{:?}", stats.failures);
-    (stats, d.session_counters(session))
+    session_on(d, session, mem, until, rng, pick, true)
 }
 
 fn fraction(c: &SessionCounters, name: &str) -> f64 {
@@ -1065,13 +1058,14 @@ fn auto_remembers_the_guest_pages_that_mutate_across_a_restart() {
             std::fs::remove_file(&marks).unwrap();
         }
         let d = d.restart_after_exit(&serve);
-        let (_, after) = clean_session(
+        let (_, after) = session_on(
             &d,
             1,
             &mem,
             until(1000),
             &mut rng,
             &mut striped_write(size / 2, size, DEPTH),
+            false,
         );
         let up_front = after.get("writes_bounced") - after.get("writes_bounced_by_cost");
         let share = up_front as f64 / after.get("writes").max(1) as f64;

@@ -1,7 +1,8 @@
 //! Every figure the data path counts, with one owner: a queue's [`QueueCounters`].
 //!
-//! The executor of a queue is the only writer of that queue's counters, so a bump is a
-//! relaxed load and store (no locked read-modify-write on the I/O path), and readers (the
+//! A queue's counters are written only by whoever holds that queue's worker mutex (its
+//! thread, or the vhost-user thread draining or recovering it), one at a time, so a bump is
+//! a relaxed load and store (no locked read-modify-write on the I/O path), and readers (the
 //! metrics endpoint, the stats file, the session log line) take a [`Counters`] snapshot at
 //! any time without stopping I/O. A snapshot is plain data with serde: per queue, summed per
 //! session or daemon ([`Counters::add`]), differenced ([`Counters::since`]), written to
@@ -20,7 +21,7 @@ use crate::integrity::pi::PiErrorKind;
 /// ([`Counters::PLAIN`]) the metrics endpoint and the `stats` table are generated from.
 macro_rules! plain_counters {
     ($( $(#[doc = $doc:literal])+ $field:ident => $metric:literal, )+) => {
-        /// One queue's counters, written only by that queue's executor.
+        /// One queue's counters, written only under that queue's worker mutex.
         #[derive(Debug, Default)]
         pub struct QueueCounters {
             $( $(#[doc = $doc])+ pub $field: Counter, )+
@@ -155,11 +156,11 @@ pub const PI_ERROR_KINDS: [PiErrorKind; 3] =
 pub struct Counter(AtomicU64);
 
 impl Counter {
-    /// Add `by`. Only the owning queue's thread calls this.
+    /// Add `by`. Callers hold the owning queue's worker mutex (see the module doc).
     #[inline]
     pub fn add(&self, by: u64) {
-        // Not fetch_add: one writer, so a plain load and store cannot lose an update, and
-        // readers see every value whole.
+        // Not fetch_add: one writer at a time (the mutex orders them), so a plain load and
+        // store cannot lose an update, and readers see every value whole.
         self.0.store(
             self.0.load(Ordering::Relaxed).wrapping_add(by),
             Ordering::Relaxed,
