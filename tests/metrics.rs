@@ -58,6 +58,27 @@ fn monotonic(series: &str) -> bool {
         || name.ends_with("_sum")
 }
 
+/// The stats file at `path` once it records `ended` ended sessions (waits up to 10 s).
+fn stats_file_with_sessions(path: &std::path::Path, ended: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let file: serde_json::Value = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let recorded = file["recent_sessions"].as_array().map_or(0, Vec::len);
+        if recorded >= ended {
+            return file;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never recorded {ended} ended session(s): {file}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[derive(Default, Debug)]
 struct Load {
     writes: u64,
@@ -136,10 +157,8 @@ fn metrics_follow_a_libblkio_load_and_end_equal_to_the_stats_file() {
     // After the session ends, the stats file, the stats socket and /metrics agree, and all
     // of them count exactly what the client did.
     let session = d.session_counters(1);
-    let file: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(d.image.with_extension("img.pi-stats.json")).unwrap(),
-    )
-    .unwrap();
+    // The daemon writes the file just after the session's end shows on the stats socket.
+    let file = stats_file_with_sessions(&d.image.with_extension("img.pi-stats.json"), 1);
     let end = scrape(port);
     let counters = &file["counters"];
     for (family, field) in [
