@@ -22,6 +22,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::integrity::PiStore;
+use crate::protocol::handover::DeviceLedger;
 use crate::protocol::{features, BlkBackend, DeviceSettings};
 use crate::requests::mutation::{MutationTracker, SavedMarks};
 use crate::requests::policy::{self, Calibration, CostBasis, Target, WriteCosts};
@@ -384,19 +385,7 @@ pub fn serve(
         "guardblk ready"
     );
 
-    let mut session_number = 0u64;
-    loop {
-        let ready = poll_readable(&[listener.as_raw_fd(), shutdown.as_raw_fd()])?;
-        if ready[1] {
-            break;
-        }
-        session_number += 1;
-        let stop = run_session(session_number, &shared, config, &mut listener, &shutdown)?;
-        shared.publish();
-        if stop {
-            break;
-        }
-    }
+    serve_sessions(&shared, config, &mut listener, &shutdown)?;
     if let Some(pi) = &pi {
         let c = shared.telemetry.totals();
         tracing::info!(
@@ -418,17 +407,111 @@ pub fn serve(
     Ok(())
 }
 
-/// How long a newcomer waits for the current session to end before being refused.
+/// How long a newcomer waits for the current session to end before it is served beside it.
 const RECONNECT_GRACE_MS: i32 = 2000;
 
-/// Accept one frontend and serve it until it leaves. Returns true if shutdown was requested.
-fn run_session(
+/// Frontends served at once: the guest's, and during a live migration on this host the
+/// destination QEMU's. A third is refused.
+const MAX_SESSIONS: usize = 2;
+
+/// One connected frontend.
+struct Session {
     number: u64,
+    backend: BlkBackend,
+    shutdown: Option<vhost_user_backend::ShutdownHandle>,
+    /// Written when the connection ends.
+    ended: Arc<EventFd>,
+    waiter: thread::JoinHandle<(
+        VhostUserDaemon<BlkBackend>,
+        vhost_user_backend::Result<()>,
+    )>,
+}
+
+/// Accept frontends until SIGINT/SIGTERM and every session has ended. Usually one is
+/// connected at a time; a frontend that connects while one is (after a grace period for a
+/// reconnecting QEMU's old connection to close) gets a session beside it: that is how a
+/// live migration's destination attaches. The ledger keeps their I/O apart
+/// (protocol/handover.rs).
+fn serve_sessions(
     shared: &Shared,
     config: &ServeConfig,
     listener: &mut Listener,
     shutdown: &EventFd,
-) -> Result<bool, DaemonError> {
+) -> Result<(), DaemonError> {
+    let ledger = Arc::new(DeviceLedger::default());
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut session_number = 0u64;
+    let mut shutdown_requested = false;
+    loop {
+        let mut fds = vec![listener.as_raw_fd(), shutdown.as_raw_fd()];
+        fds.extend(sessions.iter().map(|s| s.ended.as_raw_fd()));
+        let ready = poll_readable(&fds)?;
+        let ended: Vec<usize> = (0..sessions.len()).filter(|&i| ready[2 + i]).collect();
+        for index in ended.into_iter().rev() {
+            finish_session(sessions.remove(index), shared)?;
+        }
+        if ready[1] && !shutdown_requested {
+            shutdown_requested = true;
+            for session in &sessions {
+                if let Some(h) = &session.shutdown {
+                    h.shutdown();
+                }
+            }
+        }
+        if shutdown_requested {
+            if sessions.is_empty() {
+                return Ok(());
+            }
+            continue;
+        }
+        if !ready[0] {
+            continue;
+        }
+        if sessions.len() == 1 {
+            // A frontend that restarts (or reconnects) often connects before we have seen
+            // its old connection close: give the current session a moment to end first.
+            if poll_readable_timeout(&[sessions[0].ended.as_raw_fd()], RECONNECT_GRACE_MS)?[0] {
+                finish_session(sessions.remove(0), shared)?;
+            }
+        }
+        if sessions.len() >= MAX_SESSIONS {
+            if let Ok(Some(stream)) = listener.accept() {
+                shared.telemetry.frontend_refused();
+                tracing::warn!(
+                    sessions = ?sessions.iter().map(|s| s.number).collect::<Vec<_>>(),
+                    "refused a third frontend: two are connected (a guest and its migration destination)"
+                );
+                drop(stream);
+            }
+            continue;
+        }
+        session_number += 1;
+        if let Some(current) = sessions.first() {
+            tracing::info!(
+                session = session_number,
+                connected = current.number,
+                "a second frontend connected while session {} is attached: serving it beside it (a live migration's destination); only one of them does I/O at a time",
+                current.number
+            );
+        }
+        sessions.push(start_session(
+            session_number,
+            &ledger,
+            shared,
+            config,
+            listener,
+        )?);
+    }
+}
+
+/// Accept one frontend and start serving it on threads of its own.
+fn start_session(
+    number: u64,
+    ledger: &Arc<DeviceLedger>,
+    shared: &Shared,
+    config: &ServeConfig,
+    listener: &mut Listener,
+) -> Result<Session, DaemonError> {
     let Shared {
         image,
         pi,
@@ -438,6 +521,8 @@ fn run_session(
         ..
     } = shared;
     let backend = BlkBackend::new(
+        number,
+        Arc::clone(ledger),
         Arc::clone(image),
         pi.clone(),
         tracker,
@@ -454,51 +539,34 @@ fn run_session(
     telemetry.session_started(number);
     shared.publish();
     tracing::info!(session = number, "frontend connected");
-    let handle = daemon.shutdown_handle();
-
-    // Wait for the session's end on a helper so this thread can keep refusing intruders.
+    let shutdown = daemon.shutdown_handle();
+    // Wait for the connection's end on a helper, so the main thread keeps accepting.
     let ended = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
     let ended_signal = Arc::clone(&ended);
     let waiter = thread::Builder::new()
-        .name("session".into())
+        .name(format!("session-{number}"))
         .spawn(move || {
             let result = daemon.wait();
             let _ = ended_signal.write(1);
             (daemon, result)
         })?;
+    Ok(Session {
+        number,
+        backend,
+        shutdown,
+        ended,
+        waiter,
+    })
+}
 
-    let mut shutdown_requested = false;
-    loop {
-        let ready = poll_readable(&[
-            ended.as_raw_fd(),
-            listener.as_raw_fd(),
-            shutdown.as_raw_fd(),
-        ])?;
-        if ready[0] {
-            break;
-        }
-        if ready[1] {
-            // A frontend that restarts (or reconnects) often connects before we have seen
-            // its old connection close: give the current session a moment to end first.
-            if poll_readable_timeout(&[ended.as_raw_fd()], RECONNECT_GRACE_MS)?[0] {
-                break;
-            }
-            if let Ok(Some(stream)) = listener.accept() {
-                telemetry.frontend_refused();
-                tracing::warn!(
-                    session = number,
-                    "refused a second frontend: one is already connected"
-                );
-                drop(stream);
-            }
-        }
-        if ready[2] && !shutdown_requested {
-            shutdown_requested = true;
-            if let Some(h) = &handle {
-                h.shutdown();
-            }
-        }
-    }
+/// A session's connection ended: stop its queues, finish its I/O, give back the image.
+fn finish_session(session: Session, shared: &Shared) -> Result<(), DaemonError> {
+    let Session {
+        number,
+        backend,
+        waiter,
+        ..
+    } = session;
     let (daemon, result) = waiter
         .join()
         .map_err(|_| DaemonError::Session("session thread panicked".into()))?;
@@ -514,18 +582,20 @@ fn run_session(
     }
     // Dropping the daemon stops its queue threads; then finish whatever the kernel still holds.
     drop(daemon);
-    backend.drain();
-    let session = telemetry.session_ended();
+    let refused = backend.end_session();
+    let telemetry = &shared.telemetry;
+    let stats = telemetry.session_ended(number);
     tracing::info!(
         session = number,
         features = %features::describe(backend.acked_features()),
-        counters = %session.counters,
+        counters = %stats.counters,
         write_path = %telemetry.describe_write_paths(),
+        refused_while_another_guest_ran = refused,
         "frontend disconnected"
     );
-    Ok(shutdown_requested)
+    shared.publish();
+    Ok(())
 }
-
 /// What `--bounce auto` decides from: the target's kind, the operator's `--auto-path`, and
 /// (for a PI image served with `auto`) each path's CPU cost measured on scratch memory now.
 fn cost_basis(image: &Image, pi: Option<&PiStore>, device: &DeviceSettings) -> CostBasis {

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -23,13 +26,16 @@ use vmm_sys_util::event::{
 };
 
 use super::config_space::{parse_wce_write, BlkConfig};
+use super::dirty_log::{DirtyLog, DirtyMarker};
 use super::features;
+use super::handover::{Claim, DeviceLedger};
 use super::inflight::{ChainWalk, InflightRegion};
 use super::polling::PollGovernor;
 use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
 use crate::requests::mutation::MutationTracker;
 use crate::requests::policy::{self, AutoPath, CostBasis, WriteCosts};
+use crate::requests::parse::parse_request;
 use crate::requests::{Executor, Limits, Protection, QueueCounters, UsedEntry, WritePolicy};
 use crate::storage::{EngineChoice, Image, SECTOR_SIZE};
 
@@ -85,6 +91,19 @@ struct QueueWorker {
 }
 
 struct Device {
+    /// This connection's number (the daemon counts them), as the ledger knows it.
+    session: u64,
+    /// Which session's device may do I/O (protocol/handover.rs).
+    ledger: Arc<DeviceLedger>,
+    /// This device holds the image in the ledger (fast path for every event).
+    holds_image: AtomicBool,
+    /// Queues started and not stopped since (bit per queue).
+    started_queues: AtomicU64,
+    /// Requests answered IOERR because another guest held the image.
+    refused: AtomicU64,
+    /// "Waiting for the migration source" was logged.
+    wait_logged: AtomicBool,
+    dirty_log: DirtyLog,
     config: BlkConfig,
     queue_size: u16,
     queues: Vec<Mutex<QueueWorker>>,
@@ -103,7 +122,10 @@ pub struct BlkBackend {
 }
 
 impl BlkBackend {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
+        session: u64,
+        ledger: Arc<DeviceLedger>,
         image: Arc<Image>,
         pi: Option<Arc<PiStore>>,
         tracker: &Arc<MutationTracker>,
@@ -149,6 +171,13 @@ impl BlkBackend {
             .collect::<io::Result<Vec<_>>>()?;
         Ok(BlkBackend {
             device: Arc::new(Device {
+                session,
+                ledger,
+                holds_image: AtomicBool::new(false),
+                started_queues: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                wait_logged: AtomicBool::new(false),
+                dirty_log: DirtyLog::default(),
                 config,
                 queue_size: settings.queue_size,
                 queues,
@@ -188,14 +217,106 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Wait for every accepted request on every queue to complete (session teardown).
-    pub fn drain(&self) {
+    /// Session teardown: wait for every accepted request on every queue to complete, then
+    /// give the image back to the ledger. Returns how many requests were refused because
+    /// another session held the image.
+    pub fn end_session(&self) -> u64 {
         for queue in &self.device.queues {
             let mut worker = lock(queue);
             let worker = &mut *worker;
             worker.executor.drain(&mut worker.done);
             if let Some(vring) = worker.vring.clone() {
                 self.push_used(worker, &vring);
+            }
+        }
+        self.device.holds_image.store(false, Ordering::SeqCst);
+        self.device.ledger.release(self.device.session);
+        self.device.refused.load(Ordering::Relaxed)
+    }
+
+    /// May this session's device do I/O now? Claims the image on first use.
+    fn claim_image(&self) -> Claim {
+        let device = &self.device;
+        if device.holds_image.load(Ordering::Acquire) {
+            return Claim::Granted;
+        }
+        let weak = Arc::downgrade(&self.device);
+        let claim = device.ledger.claim(device.session, move || {
+            if let Some(device) = weak.upgrade() {
+                device.kick_started_queues();
+            }
+        });
+        match claim {
+            Claim::Granted => {
+                device.holds_image.store(true, Ordering::Release);
+                device
+                    .ledger
+                    .set_migrating(device.session, device.dirty_log.enabled());
+                if device.wait_logged.load(Ordering::Relaxed) {
+                    tracing::info!(
+                        session = device.session,
+                        "the migration source stopped its device: this session serves the image now"
+                    );
+                }
+            }
+            Claim::Wait => {
+                if !device.wait_logged.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        session = device.session,
+                        holder = ?device.ledger.holder(),
+                        "device started while the session it migrates from still runs: its requests wait for the hand-over"
+                    );
+                }
+            }
+            Claim::Refused { holder } => {
+                if device.refused.load(Ordering::Relaxed) == 0 {
+                    tracing::error!(
+                        session = device.session,
+                        holder,
+                        "a second guest started its device while session {holder}'s guest uses this image (and is not migrating): its requests fail with IOERR until that guest stops"
+                    );
+                }
+            }
+        }
+        claim
+    }
+
+    /// Answer every queued request with IOERR, touching nothing but each status byte: another
+    /// guest holds the image.
+    fn refuse_queued(&self, worker: &mut QueueWorker, vring: &Vring) {
+        let limits = &self.device.config.limits;
+        loop {
+            let table = self.device.mem.memory().into_inner();
+            let popped = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(&*table);
+            let Some(chain) = popped else {
+                self.push_used(worker, vring);
+                // With EVENT_IDX the guest kicks only past the avail event we publish: re-arm
+                // it, and look again if more came meanwhile, or later requests would go
+                // unanswered.
+                if vring.enable_notification().unwrap_or(false) {
+                    continue;
+                }
+                return;
+            };
+            let head = chain.head_index();
+            let status = match parse_request(head, chain, &table, limits) {
+                Ok(request) => Some(request.status),
+                Err(rejected) => rejected.status,
+            };
+            let len = match status {
+                Some(at) => {
+                    use vm_memory::Bytes;
+                    u32::from(table.write_obj(VIRTIO_BLK_S_IOERR, at).is_ok())
+                }
+                None => 0,
+            };
+            worker.done.push(UsedEntry { head, len });
+            self.device.refused.fetch_add(1, Ordering::Relaxed);
+            if worker.done.len() >= usize::from(self.device.queue_size) {
+                self.push_used(worker, vring);
             }
         }
     }
@@ -208,6 +329,11 @@ impl BlkBackend {
     fn process_queue(&self, worker: &mut QueueWorker, vring: &Vring) {
         // A kick can beat the queue-started hook to the worker lock: recover before popping
         // anything, or requests still in flight would be taken again as new ones.
+        match self.claim_image() {
+            Claim::Granted => {}
+            Claim::Wait => return,
+            Claim::Refused { .. } => return self.refuse_queued(worker, vring),
+        }
         if worker.recover_pending {
             self.recover_in_flight(worker, vring);
         }
@@ -290,7 +416,13 @@ impl BlkBackend {
             if !event_idx {
                 break;
             }
-            match vring.enable_notification() {
+            let rearmed = vring.enable_notification();
+            // The avail event it wrote is in the used ring: the migration must see it, or
+            // the destination's guest may hold back its next kick.
+            if let Some(marker) = self.device.dirty_log.marker() {
+                mark_used_ring(&marker, vring);
+            }
+            match rearmed {
                 Ok(true) => {
                     let _ = vring.disable_notification();
                 }
@@ -387,6 +519,10 @@ impl BlkBackend {
         let mut used_idx = region
             .as_ref()
             .map(|_| vring.get_ref().get_queue().next_used());
+        let marker = self.device.dirty_log.marker();
+        if let Some(marker) = &marker {
+            self.mark_written(marker, vring, &worker.done);
+        }
         for entry in worker.done.drain(..) {
             if let Some(q) = &region {
                 q.before_used(entry.head);
@@ -403,11 +539,73 @@ impl BlkBackend {
                 }
             }
         }
+        if let Some(marker) = &marker {
+            mark_used_ring(marker, vring);
+        }
         if vring.needs_notification().unwrap_or(true) {
             if let Err(e) = vring.signal_used_queue() {
                 tracing::debug!(error = %e, "cannot signal the guest (frontend gone?)");
             }
         }
+    }
+}
+
+impl BlkBackend {
+    /// Mark in the dirty log everything the device may have written for these requests:
+    /// every device-writable buffer of each chain (data, GET_ID string, status byte), walked
+    /// again from the descriptor table. Runs only while a migration logs, before the used
+    /// entries are published, so QEMU copies each page again after our write.
+    fn mark_written(&self, marker: &DirtyMarker, vring: &Vring, done: &[UsedEntry]) {
+        let (desc_table, size) = {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            (queue.desc_table(), queue.size())
+        };
+        let mem = self.device.mem.memory().into_inner();
+        for entry in done {
+            for desc in ChainWalk::new(&mem, desc_table, size, entry.head) {
+                if desc.is_write_only() {
+                    marker.mark(desc.addr().0, u64::from(desc.len()));
+                }
+            }
+        }
+    }
+}
+
+/// Mark the whole used ring (flags, index, entries, avail event): small, and every part of
+/// it may have changed.
+fn mark_used_ring(marker: &DirtyMarker, vring: &Vring) {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    marker.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
+}
+
+impl Device {
+    /// Kick every started queue of this device (its claim on the image was granted after a
+    /// wait: requests the guest queued meanwhile need a thread to look at them).
+    fn kick_started_queues(&self) {
+        for queue in &self.queues {
+            if let Some(vring) = lock(queue).vring.clone() {
+                kick(&vring);
+            }
+        }
+    }
+}
+
+/// Wake a queue's thread as the guest's kick would.
+fn kick(vring: &Vring) {
+    if let Some(kick) = vring.get_ref().get_kick() {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes from a live buffer to the kick eventfd the vring owns (an
+        // eventfd takes exactly one u64); the result is ignored, a full counter already
+        // means "kicked".
+        let _ = unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(kick),
+                one.as_ptr().cast(),
+                one.len(),
+            )
+        };
     }
 }
 
@@ -468,6 +666,21 @@ impl VhostUserBackend for BlkBackend {
         self.device
             .acked_features
             .store(features, Ordering::Relaxed);
+        let logging = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        if self.device.dirty_log.set_enabled(logging) {
+            self.device
+                .ledger
+                .set_migrating(self.device.session, logging);
+            if logging {
+                tracing::info!(
+                    session = self.device.session,
+                    "live migration started: every write into guest memory is logged"
+                );
+            } else {
+                tracing::info!(session = self.device.session, "dirty logging stopped");
+            }
+            return;
+        }
         tracing::info!(features = %features::describe(features), "frontend negotiated virtio features");
     }
 
@@ -578,9 +791,30 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    fn set_log_base(&self, log: &VhostUserLog, file: &std::fs::File) -> io::Result<()> {
+        self.device
+            .dirty_log
+            .set_base(file, log.mmap_offset, log.mmap_size)
+            .map_err(io::Error::other)?;
+        tracing::debug!(
+            bytes = log.mmap_size,
+            "frontend handed over its dirty log"
+        );
+        Ok(())
+    }
+
     fn queue_started(&self, index: u16, vring: &Vring) {
         if let Some(queue) = self.device.queues.get(usize::from(index)) {
-            self.recover_in_flight(&mut lock(queue), vring);
+            self.device
+                .started_queues
+                .fetch_or(1 << index, Ordering::SeqCst);
+            let mut worker = lock(queue);
+            worker.vring.get_or_insert_with(|| vring.clone());
+            // Resubmitting is I/O: only once this session holds the image (otherwise the
+            // queue's first event after the hand-over recovers).
+            if self.claim_image() == Claim::Granted {
+                self.recover_in_flight(&mut worker, vring);
+            }
         }
         // Interrupt the guest once: completions a predecessor pushed while QEMU was
         // disconnected (a SIGTERM'd daemon finishes what it holds after the socket closed)
@@ -589,19 +823,7 @@ impl VhostUserBackend for BlkBackend {
         let _ = vring.signal_used_queue();
         // Kick ourselves once: requests the guest queued while no daemon was connected were
         // announced to QEMU, not to us, and the guest will not kick again for them.
-        if let Some(kick) = vring.get_ref().get_kick() {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writing 8 bytes from a live buffer to the kick eventfd the vring owns
-            // (an eventfd takes exactly one u64); the result is ignored, a full counter
-            // already means "kicked".
-            let _ = unsafe {
-                libc::write(
-                    std::os::fd::AsRawFd::as_raw_fd(kick),
-                    one.as_ptr().cast(),
-                    one.len(),
-                )
-            };
-        }
+        kick(vring);
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
@@ -616,14 +838,27 @@ impl VhostUserBackend for BlkBackend {
         let Some(queue) = self.device.queues.get(queue_index as usize) else {
             return Ok(());
         };
-        let mut worker = lock(queue);
-        let worker = &mut *worker;
-        let in_flight = worker.executor.in_flight();
-        worker.executor.drain(&mut worker.done);
-        if let Some(vring) = worker.vring.clone() {
-            self.push_used(worker, &vring);
+        {
+            let mut worker = lock(queue);
+            let worker = &mut *worker;
+            let in_flight = worker.executor.in_flight();
+            worker.executor.drain(&mut worker.done);
+            if let Some(vring) = worker.vring.clone() {
+                self.push_used(worker, &vring);
+            }
+            tracing::debug!(queue = queue_index, drained = in_flight, "queue stopped");
         }
-        tracing::debug!(queue = queue_index, drained = in_flight, "queue stopped");
+        // The frontend stopped every queue (a VM stop, a reboot, the end of a migration): its
+        // requests are drained and answered, so the image may pass to another session.
+        let left = self
+            .device
+            .started_queues
+            .fetch_and(!(1u64 << queue_index), Ordering::SeqCst)
+            & !(1u64 << queue_index);
+        if left == 0 && self.device.holds_image.swap(false, Ordering::SeqCst) {
+            self.device.ledger.release(self.device.session);
+            tracing::debug!(session = self.device.session, "device stopped: image released");
+        }
         Ok(())
     }
 

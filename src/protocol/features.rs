@@ -23,6 +23,7 @@ const NAMED_FEATURES: &[(u32, &str)] = &[
     (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
     (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
     (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+    (26, "LOG_ALL"),
     (30, "PROTOCOL_FEATURES"),
     (VIRTIO_F_VERSION_1, "VERSION_1"),
 ];
@@ -39,7 +40,9 @@ pub fn device_features(read_only: bool) -> u64 {
         | bit(VIRTIO_BLK_F_FLUSH)
         | bit(VIRTIO_BLK_F_CONFIG_WCE)
         | bit(VIRTIO_BLK_F_MQ)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        // Live migration: every device write into guest memory is logged (dirty_log.rs).
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if read_only {
         features |= bit(VIRTIO_BLK_F_RO);
     } else {
@@ -54,6 +57,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// "VERSION_1 EVENT_IDX ..." for the bits in `features`; unknown bits as "bit N".

@@ -5,7 +5,9 @@
 
 pub mod backend;
 pub mod config_space;
+pub mod dirty_log;
 pub mod features;
+pub mod handover;
 pub mod inflight;
 pub mod polling;
 

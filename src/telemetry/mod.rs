@@ -41,7 +41,8 @@ pub struct DaemonStats {
     pub counters: Counters,
     /// Per queue, since the daemon started.
     pub queues: Vec<Counters>,
-    /// The connected frontend's session so far.
+    /// The connected frontend's session so far (the newest, while a live migration has two
+    /// connected).
     pub current_session: Option<SessionStats>,
     /// The last sessions that ended, oldest first (at most [`RECENT_SESSIONS`]).
     pub recent_sessions: Vec<SessionStats>,
@@ -82,8 +83,10 @@ pub struct Telemetry {
     sessions: AtomicU64,
     connected: AtomicBool,
     refused: AtomicU64,
-    /// Number, start time and counters at the start of the session running now.
-    current: Mutex<Option<(u64, SystemTime, Counters)>>,
+    /// Number, start time and counters at the start of each connected session, oldest
+    /// first (two only during a live migration's hand-over; each session's counters then
+    /// include what the other's device did while both were connected).
+    current: Mutex<Vec<(u64, SystemTime, Counters)>>,
     recent: Mutex<VecDeque<SessionStats>>,
     recovery: Option<RecoveryStats>,
 }
@@ -103,7 +106,7 @@ impl Telemetry {
             sessions: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             refused: AtomicU64::new(0),
-            current: Mutex::new(None),
+            current: Mutex::new(Vec::new()),
             recent: Mutex::new(VecDeque::new()),
             recovery,
         }
@@ -126,17 +129,21 @@ impl Telemetry {
     pub fn session_started(&self, number: u64) {
         self.sessions.store(number, Ordering::Relaxed);
         self.connected.store(true, Ordering::Relaxed);
-        *lock(&self.current) = Some((number, SystemTime::now(), self.totals()));
+        lock(&self.current).push((number, SystemTime::now(), self.totals()));
     }
 
     /// The session ended (its I/O drained): returns its counters and keeps them in the
     /// recent sessions.
-    pub fn session_ended(&self) -> SessionStats {
-        self.connected.store(false, Ordering::Relaxed);
-        let (number, started, before) =
-            lock(&self.current)
-                .take()
-                .unwrap_or((0, self.started, Counters::default()));
+    pub fn session_ended(&self, number: u64) -> SessionStats {
+        let (number, started, before) = {
+            let mut current = lock(&self.current);
+            let found = current.iter().position(|(n, ..)| *n == number);
+            let session = found.map_or((number, self.started, Counters::default()), |i| {
+                current.remove(i)
+            });
+            self.connected.store(!current.is_empty(), Ordering::Relaxed);
+            session
+        };
         let ended = SessionStats {
             number,
             started: stamp(started),
@@ -159,7 +166,7 @@ impl Telemetry {
         let queues = self.per_queue();
         let counters = Counters::sum(&queues);
         let current_session = lock(&self.current)
-            .as_ref()
+            .last()
             .map(|(number, started, before)| SessionStats {
                 number: *number,
                 started: stamp(*started),
@@ -264,7 +271,7 @@ mod tests {
         assert!(live.frontend_connected);
         let current = live.current_session.as_ref().unwrap();
         assert_eq!((current.counters.reads, current.counters.writes), (1, 0));
-        let ended = t.session_ended();
+        let ended = t.session_ended(1);
         assert_eq!((ended.number, ended.counters.reads), (1, 1));
         let doc = t.stats();
         assert_eq!((doc.counters.reads, doc.counters.writes), (1, 1));

@@ -24,7 +24,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserLog,
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
@@ -217,6 +217,13 @@ pub trait VhostUserBackend: Send + Sync {
     /// Queue `index` started (guardblk patch): it is ready and enabled and its kick fd is
     /// being watched. A backend resubmits requests left in flight by its predecessor here.
     fn queue_started(&self, _index: u16, _vring: &Self::Vring) {}
+
+    /// SET_LOG_BASE (guardblk patch): the frontend's dirty log for live migration, before the
+    /// crate installs its own bitmaps. A backend that writes guest memory other than through
+    /// vm-memory maps the log here and marks those writes itself.
+    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Trait without interior mutability for vhost user backend servers to implement concrete services.
@@ -396,6 +403,13 @@ pub trait VhostUserBackendMut: Send + Sync {
     /// Queue `index` started (guardblk patch): it is ready and enabled and its kick fd is
     /// being watched. A backend resubmits requests left in flight by its predecessor here.
     fn queue_started(&mut self, _index: u16, _vring: &Self::Vring) {}
+
+    /// SET_LOG_BASE (guardblk patch): the frontend's dirty log for live migration, before the
+    /// crate installs its own bitmaps. A backend that writes guest memory other than through
+    /// vm-memory maps the log here and marks those writes itself.
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
@@ -504,6 +518,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn queue_started(&self, index: u16, vring: &Self::Vring) {
         self.deref().queue_started(index, vring)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+        self.deref().set_log_base(log, file)
     }
 }
 
@@ -617,6 +635,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
     fn queue_started(&self, index: u16, vring: &Self::Vring) {
         self.lock().unwrap().queue_started(index, vring)
     }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+        self.lock().unwrap().set_log_base(log, file)
+    }
 }
 
 impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
@@ -728,6 +750,10 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
 
     fn queue_started(&self, index: u16, vring: &Self::Vring) {
         self.write().unwrap().queue_started(index, vring)
+    }
+
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+        self.write().unwrap().set_log_base(log, file)
     }
 }
 

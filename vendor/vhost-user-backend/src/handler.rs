@@ -484,6 +484,23 @@ where
             let used_ring = self
                 .vmm_va_to_gpa(used)
                 .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
+
+            // guardblk patch: at the start and end of a live migration QEMU resends
+            // SET_VRING_ADDR to *running* rings, only to flip VHOST_VRING_F_LOG. Reading the
+            // used index and writing it back below races with the worker's add_used (two lock
+            // acquisitions): a completion landing in between would be overwritten. A ready
+            // ring whose addresses are unchanged keeps its state.
+            {
+                let state = vring.get_ref();
+                let queue = state.get_queue();
+                if queue.ready()
+                    && queue.desc_table() == desc_table
+                    && queue.avail_ring() == avail_ring
+                    && queue.used_ring() == used_ring
+                {
+                    return Ok(());
+                }
+            }
             vring
                 .set_queue_info(desc_table, avail_ring, used_ring)
                 .map_err(|_| VhostUserError::InvalidParam)?;
@@ -914,6 +931,11 @@ where
     // dirty even if the migration fails. We need to disable the logging after receiving  a
     // `SET_FEATURE` without the `LOG_ALL` flag.
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
+        // guardblk patch: let the backend map the log itself (it writes guest memory through
+        // raw pointers and io_uring, which no vm-memory bitmap sees).
+        self.backend
+            .set_log_base(log, &file)
+            .map_err(VhostUserError::ReqHandlerError)?;
         let mem = self.atomic_mem.memory();
 
         let logmem = Arc::new(
