@@ -254,25 +254,41 @@ fn read_only_disk_refuses_writes_but_serves_reads() {
 }
 
 #[test]
-fn daemon_serves_a_second_client_after_the_first_leaves_and_refuses_two_at_once() {
+fn a_second_guest_gets_io_errors_while_the_first_runs_and_a_third_is_refused() {
     let d = Daemon::start(8 * MIB, &[]);
     let mut first = Client::connect(&d.socket, 1, 65536).unwrap();
     fill_pattern(&mut first.buf()[..65536], MIB, 6);
     assert_eq!(write(&mut first, 0, MIB, 0, 65536), 0);
 
-    // While the first is attached, a second frontend is turned away...
+    // A second frontend is served beside the first (that is how a live migration's
+    // destination attaches), but while the first guest runs and is not migrating, every
+    // request of the second fails and nothing of it reaches the image...
+    let mut second = Client::connect(&d.socket, 1, 65536).unwrap();
+    d.wait_for_log("a second frontend connected while session 1 is attached");
+    second.buf().fill(0x77);
+    assert!(
+        write(&mut second, 0, MIB, 0, 65536) < 0,
+        "a second guest wrote the disk while the first ran"
+    );
+    assert!(read(&mut second, 0, MIB, 0, 65536) < 0);
+    d.wait_for_log("a second guest started its device while session 1");
+    // ...a third is turned away...
     assert!(
         Client::connect(&d.socket, 1, 4096).is_err(),
-        "a second concurrent frontend was accepted"
+        "a third concurrent frontend was accepted"
     );
-    d.wait_for_log("refused a second frontend");
-    // ...and the first keeps working.
+    d.wait_for_log("refused a third frontend");
+    // ...and the first keeps working, its data intact.
     assert_eq!(read(&mut first, 0, MIB, 0, 65536), 0);
     check_pattern(&first.buf()[..65536], MIB, 6).unwrap();
     drop(first);
     d.wait_for_log("frontend disconnected");
 
-    for round in 0..3 {
+    // Once the first has left, the second has the disk.
+    assert_eq!(read(&mut second, 0, MIB, 0, 65536), 0);
+    check_pattern(&second.buf()[..65536], MIB, 6).unwrap();
+    drop(second);
+    for round in 0..2 {
         let mut next = Client::connect(&d.socket, 1, 65536).unwrap();
         assert_eq!(read(&mut next, 0, MIB, 0, 65536), 0, "round {round}");
         check_pattern(&next.buf()[..65536], MIB, 6).unwrap();
@@ -280,6 +296,14 @@ fn daemon_serves_a_second_client_after_the_first_leaves_and_refuses_two_at_once(
     let stats = d.stats();
     assert_eq!(stats["sessions"], 4, "{stats}");
     assert_eq!(stats["frontends_refused"], 1, "{stats}");
+    let second_session = &stats["recent_sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["number"] == 2)
+        .cloned()
+        .unwrap();
+    assert!(second_session["ended"].is_string(), "{stats}");
 }
 
 #[test]

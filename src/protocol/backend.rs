@@ -857,7 +857,14 @@ impl VhostUserBackend for BlkBackend {
             & !(1u64 << queue_index);
         if left == 0 && self.device.holds_image.swap(false, Ordering::SeqCst) {
             self.device.ledger.release(self.device.session);
-            tracing::debug!(session = self.device.session, "device stopped: image released");
+            if self.device.dirty_log.enabled() {
+                tracing::info!(
+                    session = self.device.session,
+                    "the migrating guest stopped: its requests are answered and logged, and the image passes to the destination"
+                );
+            } else {
+                tracing::debug!(session = self.device.session, "device stopped: image released");
+            }
         }
         Ok(())
     }

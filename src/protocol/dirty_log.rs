@@ -104,12 +104,28 @@ impl Drop for LogMap {
     }
 }
 
+/// Test control only: with this set in the environment the device offers dirty logging but
+/// marks nothing, so that guest-tests/run.sh can show its migration check fails without the
+/// log. Never set it in production: a migrated guest would read stale buffers.
+pub const UNSAFE_SKIP_ENV: &str = "GUARDBLK_UNSAFE_SKIP_DIRTY_LOG";
+
 /// One session's dirty log: the frontend's bitmap once it sent one, and whether logging is
 /// on (VHOST_F_LOG_ALL in the last SET_FEATURES). Cheap when off: one relaxed load.
-#[derive(Default)]
 pub struct DirtyLog {
     enabled: AtomicBool,
     map: RwLock<Option<Arc<LogMap>>>,
+    /// [`UNSAFE_SKIP_ENV`] was set when the session started.
+    unsafe_skip: bool,
+}
+
+impl Default for DirtyLog {
+    fn default() -> DirtyLog {
+        DirtyLog {
+            enabled: AtomicBool::new(false),
+            map: RwLock::new(None),
+            unsafe_skip: std::env::var_os(UNSAFE_SKIP_ENV).is_some_and(|v| v == "1"),
+        }
+    }
 }
 
 impl DirtyLog {
@@ -117,6 +133,11 @@ impl DirtyLog {
     /// log when guest memory grows).
     pub fn set_base(&self, file: &File, offset: u64, size: u64) -> Result<(), DirtyLogError> {
         let map = Arc::new(LogMap::map(file, offset, size)?);
+        if self.unsafe_skip {
+            tracing::error!(
+                "{UNSAFE_SKIP_ENV}=1: the dirty log is ignored, so this migration will leave the guest with stale memory (a test control; never set it in production)"
+            );
+        }
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Some(map);
         Ok(())
     }
@@ -133,7 +154,7 @@ impl DirtyLog {
 
     /// The marker to use for a batch of writes, if logging is on and a log was given.
     pub fn marker(&self) -> Option<DirtyMarker> {
-        if !self.enabled() {
+        if !self.enabled() || self.unsafe_skip {
             return None;
         }
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());

@@ -5,6 +5,7 @@
 //! ```text
 //! gbtool mutate-write DEV OFFSET_MIB LEN_MIB SECONDS
 //! gbtool swap-churn MIB SECONDS THREADS
+//! gbtool migrate-verify DEV OFFSET_MIB LEN_MIB SECONDS SLOTS
 //! ```
 //!
 //! `mutate-write` is fstests generic/761's idea against a raw device: O_DIRECT writes (so the
@@ -22,6 +23,15 @@
 //! rewritten at once, while their swap-out is still in flight: Linux maps a page under swap
 //! writeback writable again (on a device without stable writes, like virtio-blk), so the
 //! process changes it while the device reads it.
+//!
+//! `migrate-verify` runs while the host live-migrates the guest. It stamps every 4 KiB block
+//! of the region (a version per block), then for SECONDS two threads read random blocks with
+//! O_DIRECT into SLOTS page-sized read buffers in turn (the daemon writes those pages; the
+//! guest's CPUs never do), checking each block's stamp and remembering a checksum of each
+//! buffer, and now and then rewrite a block with its next version. Then every buffer must
+//! still hold what was read into it: a page the daemon wrote that QEMU's dirty log did not
+//! learn of arrives at the destination as it was before, and its checksum no longer matches
+//! ("stale"). Last, every block must read back its latest version ("lost").
 //!
 //! Output: lines starting with "gbtool:"; exit status 0 on success, 1 on any failure (with the
 //! reason on stderr), 2 on bad usage.
@@ -48,7 +58,7 @@ fn fail(msg: String) -> ! {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gbtool mutate-write DEV OFFSET_MIB LEN_MIB SECONDS\n       gbtool swap-churn MIB SECONDS THREADS"
+        "usage: gbtool mutate-write DEV OFFSET_MIB LEN_MIB SECONDS\n       gbtool swap-churn MIB SECONDS THREADS\n       gbtool migrate-verify DEV OFFSET_MIB LEN_MIB SECONDS SLOTS"
     );
     exit(2)
 }
@@ -514,11 +524,210 @@ fn swap_churn(args: &[String]) {
     );
 }
 
+/// Checksum of one page (FNV-style over words; any change of a word changes it).
+fn page_sum(page: &[u64]) -> u64 {
+    page.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &w| {
+        (h ^ w).wrapping_mul(0x0100_0000_01b3).rotate_left(7)
+    })
+}
+
+/// One thread's share of migrate-verify: blocks `[first, first + blocks)` of the region (it
+/// alone writes them) and read buffers `slots` of the shared arena.
+struct VerifyShare {
+    first: u64,
+    blocks: u64,
+    slots: std::ops::Range<usize>,
+}
+
+#[derive(Default)]
+struct VerifyTally {
+    reads: u64,
+    writes: u64,
+    stale: u64,
+    lost: u64,
+    first_problem: Option<String>,
+}
+
+impl VerifyTally {
+    fn problem(&mut self, what: String) {
+        self.first_problem.get_or_insert(what);
+    }
+}
+
+fn migrate_verify(args: &[String]) {
+    let dev: String = arg(args, 2);
+    let offset = arg::<u64>(args, 3) * MIB;
+    let len = arg::<u64>(args, 4) * MIB;
+    let seconds: u64 = arg(args, 5);
+    let slots: usize = arg(args, 6);
+    let blocks = len / PAGE as u64;
+    if blocks < 2 || slots < 2 {
+        usage();
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .unwrap_or_else(|e| fail(format!("open {dev}: {e}")));
+    let fd = file.as_raw_fd();
+    // Version of each block, and what each read buffer should hold (block, version, sum).
+    let versions: Arc<Vec<AtomicU64>> = Arc::new((0..blocks).map(|_| AtomicU64::new(0)).collect());
+    let arena = Arc::new(Buf::new(slots * PAGE));
+    let stamp = Buf::new(64 * 1024);
+
+    // Version 0 everywhere, written in 64 KiB pieces.
+    let per_chunk = stamp.len / PAGE;
+    let mut block = 0u64;
+    while block < blocks {
+        let n = per_chunk.min((blocks - block) as usize);
+        // SAFETY: stamp is a live page-aligned buffer of per_chunk pages; no other thread has it.
+        let words = unsafe { std::slice::from_raw_parts_mut(stamp.ptr as *mut u64, n * PAGE / 8) };
+        for (i, page) in words.chunks_mut(PAGE / 8).enumerate() {
+            fill_page(page, block + i as u64, 0);
+        }
+        pwrite_all(fd, stamp.ptr, n * PAGE, offset + block * PAGE as u64)
+            .unwrap_or_else(|e| fail(e));
+        block += n as u64;
+    }
+    println!("gbtool: migrate-verify: {blocks} blocks stamped; reading into {slots} buffers for {seconds}s");
+
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let half = blocks / 2;
+    let shares = [
+        VerifyShare {
+            first: 0,
+            blocks: half,
+            slots: 0..slots / 2,
+        },
+        VerifyShare {
+            first: half,
+            blocks: blocks - half,
+            slots: slots / 2..slots,
+        },
+    ];
+    let threads: Vec<_> = shares
+        .into_iter()
+        .enumerate()
+        .map(|(t, share)| {
+            let (versions, arena) = (Arc::clone(&versions), Arc::clone(&arena));
+            thread::spawn(move || {
+                verify_share(fd, offset, &share, &versions, &arena, deadline, t as u64)
+            })
+        })
+        .collect();
+    let mut tally = VerifyTally::default();
+    for t in threads {
+        let part = t
+            .join()
+            .unwrap_or_else(|_| fail("a verify thread panicked".into()));
+        tally.reads += part.reads;
+        tally.writes += part.writes;
+        tally.stale += part.stale;
+        if let Some(p) = part.first_problem {
+            tally.problem(p);
+        }
+    }
+    // Every block must read back its last version.
+    // SAFETY: stamp is live, one page is enough for a block; no other thread uses it now.
+    let page = unsafe { std::slice::from_raw_parts_mut(stamp.ptr as *mut u64, PAGE / 8) };
+    for b in 0..blocks {
+        if let Err(e) = pread_all(fd, stamp.ptr, PAGE, offset + b * PAGE as u64) {
+            fail(e);
+        }
+        let v = versions[b as usize].load(Ordering::Relaxed);
+        if let Err(e) = check_page(page, b, v) {
+            tally.lost += 1;
+            tally.problem(format!("block {b} (version {v}) read back wrong: {e}"));
+        }
+    }
+    println!(
+        "gbtool: migrate-verify: {} reads, {} writes; {} stale read buffers, {} lost writes",
+        tally.reads, tally.writes, tally.stale, tally.lost
+    );
+    if let Some(p) = tally.first_problem {
+        fail(format!(
+            "{} stale read buffers, {} lost writes; first: {p}",
+            tally.stale, tally.lost
+        ));
+    }
+    println!("gbtool: migrate-verify: every read buffer and every block verified");
+}
+
+fn verify_share(
+    fd: i32,
+    offset: u64,
+    share: &VerifyShare,
+    versions: &[AtomicU64],
+    arena: &Buf,
+    deadline: Instant,
+    seed: u64,
+) -> VerifyTally {
+    let mut tally = VerifyTally::default();
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (seed + 1));
+    let write_buf = Buf::new(PAGE);
+    // What each of this share's buffers holds: (block, version, checksum), once read into.
+    let mut held: Vec<Option<(u64, u64, u64)>> = vec![None; share.slots.len()];
+    let mut next_slot = 0usize;
+    while Instant::now() < deadline {
+        let b = share.first + rng.below(share.blocks);
+        if rng.below(4) == 0 {
+            let v = versions[b as usize].load(Ordering::Relaxed) + 1;
+            // SAFETY: write_buf is this thread's own live page.
+            let page =
+                unsafe { std::slice::from_raw_parts_mut(write_buf.ptr as *mut u64, PAGE / 8) };
+            fill_page(page, b, v);
+            pwrite_all(fd, write_buf.ptr, PAGE, offset + b * PAGE as u64)
+                .unwrap_or_else(|e| fail(e));
+            versions[b as usize].store(v, Ordering::Relaxed);
+            tally.writes += 1;
+            continue;
+        }
+        let slot = share.slots.start + next_slot;
+        // SAFETY: slot < slots, so the page lies inside the arena; only this thread uses it.
+        let ptr = unsafe { arena.ptr.add(slot * PAGE) };
+        pread_all(fd, ptr, PAGE, offset + b * PAGE as u64).unwrap_or_else(|e| fail(e));
+        // SAFETY: the read has completed; the page is this thread's alone.
+        let page = unsafe { std::slice::from_raw_parts(ptr as *const u64, PAGE / 8) };
+        let v = versions[b as usize].load(Ordering::Relaxed);
+        if let Err(e) = check_page(page, b, v) {
+            fail(format!(
+                "block {b} (version {v}) read wrong during the run: {e}"
+            ));
+        }
+        held[next_slot] = Some((b, v, page_sum(page)));
+        tally.reads += 1;
+        next_slot = (next_slot + 1) % held.len();
+    }
+    for (i, h) in held.iter().enumerate() {
+        let Some((b, v, sum)) = *h else { continue };
+        // SAFETY: as above; no I/O is in flight into the arena any more.
+        let page = unsafe {
+            std::slice::from_raw_parts(
+                arena.ptr.add((share.slots.start + i) * PAGE) as *const u64,
+                PAGE / 8,
+            )
+        };
+        if page_sum(page) != sum {
+            tally.stale += 1;
+            let detail = check_page(page, b, v)
+                .err()
+                .unwrap_or_else(|| "checksum differs".into());
+            tally.problem(format!(
+                "read buffer {} (block {b} version {v}) changed since its read: {detail}",
+                share.slots.start + i
+            ));
+        }
+    }
+    tally
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("mutate-write") => mutate_write(&args),
         Some("swap-churn") => swap_churn(&args),
+        Some("migrate-verify") => migrate_verify(&args),
         _ => usage(),
     }
 }
