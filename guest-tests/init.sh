@@ -352,6 +352,22 @@ test_restart() {
     [ -z "$errs" ] || { DETAIL="kernel reported: $(echo "$errs" | tr '\n' ' ')"; return 1; }
 }
 
+# Live migration (a boot of its own: run.sh boots the guest with guardblk.tests=migrate and
+# migrates it to a second QEMU while this runs). gbtool migrate-verify reads into thousands
+# of buffers the daemon fills and the guest never writes, and checks after the migration
+# that each still holds what was read into it, and that every block written reads back.
+test_migrate() {
+    d0=$(dmesg | wc -l)
+    say "START migrate"
+    if ! gbtool migrate-verify $DISK "$MIGRATE_OFFSET_MIB" "$MIGRATE_MIB" "$MIGRATE_SECONDS" "$MIGRATE_SLOTS" >>"$TEST_LOG" 2>&1; then
+        DETAIL="gbtool migrate-verify: $(grep 'gbtool: FAIL' "$TEST_LOG" | tail -n 1)"
+        return 1
+    fi
+    show_tool_output
+    errs=$(io_errors_since "$d0")
+    [ -z "$errs" ] || { DETAIL="kernel reported: $(echo "$errs" | tr '\n' ' ')"; return 1; }
+}
+
 # Swap on the second guardblk disk (vdb, its own daemon and image), then a program that
 # uses SWAP_EXTRA_MIB more memory than the guest has available, sweeping over it from two
 # threads (every page verified, then rewritten) for SWAP_SECONDS, then verifying every page

@@ -15,6 +15,7 @@
 #                             with "--bounce always" every write counts as bounced, so
 #                             host:mutation_detected passes without proving detection
 #   GUARDBLK_SWAP_SECONDS=s, GUARDBLK_SWAP_EXTRA_MIB=n   tune the swap scenario (see below)
+#   GUARDBLK_MIGRATE=0        skip the live-migration boots (see below)
 #
 # Needs (Debian): qemu-system-x86 busybox-static cpio e2fsprogs, plus apt/dpkg, perl and
 # GNU coreutils/diffutils, which every Debian has. xz-utils/zstd only if the kernel's
@@ -32,6 +33,14 @@
 # daemon with SIGKILL seven times and stops it once with SIGTERM, starting it again each time
 # on the same socket and image; QEMU reconnects (reconnect=1) and hands back the in-flight
 # region, and the daemon resubmits what was left in flight (docs/RESTART.md).
+#
+# migrate (two more boots after the main one): the guest runs gbtool migrate-verify while the
+# host live-migrates it (QMP `migrate`) to a second QEMU started with -incoming on the same
+# daemon socket; the daemon serves both frontends and hands the image over when the source
+# stops. The destination guest must find every read buffer as read and every block as
+# written. The second boot is the control: the same with GUARDBLK_UNSAFE_SKIP_DIRTY_LOG=1
+# (the daemon marks nothing in QEMU's dirty log), which must find stale buffers, or the
+# check proves nothing. Needs socat for QMP.
 #
 # Adding a scenario: a test_<name> function in init.sh, <name> in the default
 # GUARDBLK_TESTS below, and optionally host_prepare_<name> (runs after the image is
@@ -74,6 +83,14 @@ MUT_SECONDS=5
 RESTART_OFFSET_MIB=244
 RESTART_SECONDS=24
 RESTART_AT=(3 5 7 9 11 13 15 17)
+# migrate's region, past restart's; its buffers (4 KiB each) and how long it reads. The
+# migration starts MIGRATE_START_DELAY s after the scenario does and must be over before
+# the MIGRATE_SECONDS are.
+MIGRATE_OFFSET_MIB=248
+MIGRATE_MIB=4
+MIGRATE_SLOTS=4096
+MIGRATE_SECONDS=30
+MIGRATE_START_DELAY=4
 # swap's disk: a second guardblk daemon serving an image of its own (the guest's vdb),
 # only when swap is selected. Bigger than the guest's RAM, so swap space never runs out.
 DISK2_MIB=512
@@ -95,6 +112,8 @@ GUARD_SUMMARY=""
 
 # swap makes the guest use more memory than it has: the less it has, the sooner it swaps.
 GUEST_MEM=256M
+# Extra environment for the daemons launch_daemon starts (the migration control's knob).
+DAEMON_ENV=()
 # Extra daemon options a host_prepare_<name> hook may append to.
 QUEUES=2
 SERVE_ARGS=(--queues "$QUEUES")
@@ -163,10 +182,10 @@ trap 'exit 130' INT TERM
 require_tools() {
     local t missing=()
     for t in qemu-system-x86_64 busybox cpio gzip dpkg-deb apt-get apt-cache e2fsck debugfs \
-        perl cmp timeout jq; do
+        perl cmp timeout jq socat; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
-    ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install qemu-system-x86 busybox-static cpio e2fsprogs jq)"
+    ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (apt-get install qemu-system-x86 busybox-static cpio e2fsprogs jq socat)"
     BUSYBOX=$(command -v busybox)
     # A dynamic busybox (package "busybox") would not run in the initramfs.
     if ldd "$BUSYBOX" >/dev/null 2>&1; then
@@ -339,6 +358,10 @@ RESTART_SECONDS=$RESTART_SECONDS
 DISK2_MIB=$DISK2_MIB
 SWAP_SECONDS=$SWAP_SECONDS
 SWAP_EXTRA_MIB=$SWAP_EXTRA_MIB
+MIGRATE_OFFSET_MIB=$MIGRATE_OFFSET_MIB
+MIGRATE_MIB=$MIGRATE_MIB
+MIGRATE_SLOTS=$MIGRATE_SLOTS
+MIGRATE_SECONDS=$MIGRATE_SECONDS
 EOF
     install -m 0755 "$HERE/init.sh" "$INITRD_ROOT/init"
     (cd "$INITRD_ROOT" && find . -print0 | LC_ALL=C sort -z |
@@ -406,7 +429,7 @@ launch_daemon() {
     local img=$1 sock=$2 log=$3 out=$4 i
     # NO_COLOR: tracing would otherwise put ANSI colour codes in the log file.
     # The stats document (per-session counters) goes beside the log: ${log%.log}-stats.json.
-    NO_COLOR=1 RUST_LOG=${GUARDBLK_LOG:-info} "$GUARDBLK_BIN" serve "$img" --socket "$sock" \
+    env "${DAEMON_ENV[@]}" NO_COLOR=1 RUST_LOG="${GUARDBLK_LOG:-info}" "$GUARDBLK_BIN" serve "$img" --socket "$sock" \
         --stats-file "${log%.log}-stats.json" "${SERVE_ARGS[@]}" \
         >"$out" 2>"$log" </dev/null &
     LAUNCHED_PID=$!
@@ -906,6 +929,137 @@ host_daemon_log() {
     fi
 }
 
+# --- live migration ------------------------------------------------------------------------
+
+# qmp SOCKET COMMAND [ARGUMENTS-JSON]: one QMP command; prints QEMU's answer line.
+qmp() {
+    local sock=$1 cmd=$2 args=${3:-}
+    local request="{\"execute\":\"$cmd\"${args:+,\"arguments\":$args}}"
+    printf '%s\n%s\n' '{"execute":"qmp_capabilities"}' "$request" |
+        socat -t 2 - UNIX-CONNECT:"$sock" 2>/dev/null | grep -v '"QMP"' | tail -n 1
+}
+
+# migrate_vm SERIAL QMP [QEMU OPTIONS...]: start a guest that runs only the migrate scenario,
+# with a QMP socket; sets VM_PID.
+migrate_vm() {
+    local serial=$1 qmp_sock=$2
+    shift 2
+    timeout --kill-after=10 "$QEMU_TIMEOUT" \
+        qemu-system-x86_64 -accel tcg -machine q35 -cpu max -smp 2 -m "$GUEST_MEM" \
+        -nographic -no-reboot -nic none \
+        -object memory-backend-memfd,id=mem,size="$GUEST_MEM",share=on -numa node,memdev=mem \
+        -kernel "$VMLINUZ" -initrd "$RUN/initrd.gz" \
+        -append "console=ttyS0 panic=-1 quiet guardblk.tests=migrate" \
+        -chardev socket,id=disk0,path="$SOCK",reconnect=1 \
+        -device vhost-user-blk-pci,chardev=disk0,num-queues="$QUEUES" \
+        -qmp unix:"$qmp_sock",server=on,wait=off "$@" \
+        </dev/null >"$serial" 2>"${serial%.raw}.err" &
+    VM_PID=$!
+}
+
+# wait_for PATTERN FILE SECONDS: until FILE contains PATTERN; false on timeout.
+wait_for() {
+    local i
+    for i in $(seq 1 $(($3 * 5))); do
+        grep -q "$1" "$2" 2>/dev/null && return 0
+        sleep 0.2
+    done
+    return 1
+}
+
+# run_migration NAME CONTROL: boot a guest, live-migrate it to a second QEMU while
+# migrate-verify runs, and record the destination's verdict (CONTROL=1: dirty log skipped).
+run_migration() {
+    local name=$1 control=$2 src_pid dst_pid status="" i t0 src=$RUN/$1-source dst=$RUN/$1-destination
+    say "$name: booting the migration source (TCG)"
+    DAEMON_ENV=()
+    ((control)) && DAEMON_ENV=(GUARDBLK_UNSAFE_SKIP_DIRTY_LOG=1)
+    DAEMON_LOG=$RUN/daemon-$name.log
+    launch_daemon "$IMG" "$SOCK" "$DAEMON_LOG" "$RUN/daemon-$name.out"
+    DAEMON_PID=$LAUNCHED_PID
+    DAEMON_ENV=()
+    migrate_vm "$src.raw" "$SOCK_DIR/qmp-src"
+    src_pid=$VM_PID
+    QEMU_PID=$src_pid
+    if ! wait_for "GUARDBLK-TEST START migrate" "$src.raw" 180; then
+        fail "$name:migrated" "the source guest never started the scenario: $(tail -n 3 "$src.raw" | tr '\n' ' ')"
+        kill -TERM "$src_pid" 2>/dev/null
+        wait "$src_pid" 2>/dev/null
+        stop_one "$DAEMON_PID" "$SOCK" "$DAEMON_LOG" "$name:daemon_clean_stop"
+        return
+    fi
+    sleep "$MIGRATE_START_DELAY"
+    migrate_vm "$dst.raw" "$SOCK_DIR/qmp-dst" -incoming unix:"$SOCK_DIR/migration"
+    dst_pid=$VM_PID
+    # The destination attaches to the daemon (after its grace period for a reconnecting
+    # frontend) before it listens for the migration stream.
+    for i in $(seq 1 150); do
+        [[ -S $SOCK_DIR/migration ]] && break
+        sleep 0.2
+    done
+    t0=$SECONDS
+    qmp "$SOCK_DIR/qmp-src" migrate-set-parameters '{"max-bandwidth":1073741824,"downtime-limit":1000}' >/dev/null
+    qmp "$SOCK_DIR/qmp-src" migrate "{\"uri\":\"unix:$SOCK_DIR/migration\"}" >"$RUN/$name-migrate.json"
+    for i in $(seq 1 300); do
+        status=$(qmp "$SOCK_DIR/qmp-src" query-migrate | jq -r '.return.status // empty' 2>/dev/null)
+        [[ $status == completed || $status == failed || $status == cancelled ]] && break
+        sleep 0.2
+    done
+    qmp "$SOCK_DIR/qmp-src" query-migrate >"$RUN/$name-query-migrate.json"
+    say "$name: migration $status after $((SECONDS - t0))s: $(jq -c '.return | {"total-time","downtime","ram":{transferred:.ram.transferred,"dirty-sync-count":.ram."dirty-sync-count"}}' "$RUN/$name-query-migrate.json" 2>/dev/null)"
+    qmp "$SOCK_DIR/qmp-src" quit >/dev/null
+    wait "$src_pid" 2>/dev/null
+    QEMU_PID=$dst_pid
+    wait "$dst_pid"
+    QEMU_PID=""
+    sed "$STRIP_TERM" "$src.raw" >"$src.log"
+    sed "$STRIP_TERM" "$dst.raw" >"$dst.log"
+    stop_one "$DAEMON_PID" "$SOCK" "$DAEMON_LOG" "$name:daemon_clean_stop"
+    DAEMON_PID=""
+    local verdict
+    verdict=$(grep -Em1 "GUARDBLK-TEST (PASS|FAIL) migrate" "$dst.log")
+    if [[ $status != completed ]]; then
+        fail "$name:migrated" "migration status '$status' (source stderr: $(tail -n 2 "$src.err" | tr '\n' ' '); destination: $(tail -n 2 "$dst.err" | tr '\n' ' '))"
+    elif grep -q "GUARDBLK-TEST .* migrate" <(grep -v START "$src.log"); then
+        fail "$name:migrated" "the scenario ended on the source: the migration came after the workload"
+    elif [[ -z $verdict ]]; then
+        fail "$name:migrated" "no verdict from the destination guest: $(tail -n 3 "$dst.log" | tr '\n' ' ')"
+    else
+        pass "$name:migrated"
+    fi
+    if ((control)); then
+        if [[ $verdict == *"FAIL migrate"*"stale read buffers"* ]] && ! [[ $verdict == *" 0 stale read buffers"* ]]; then
+            pass "$name:stale_buffers_seen_without_the_log"
+            NOTES+=("$name (dirty log skipped): ${verdict#*FAIL migrate }")
+        else
+            fail "$name:stale_buffers_seen_without_the_log" "without the dirty log the destination should find stale buffers; it said: ${verdict:-nothing}"
+        fi
+    else
+        if [[ $verdict == *"PASS migrate"* ]]; then
+            pass "$name:guest_verified_every_buffer"
+            NOTES+=("$name: $(grep -m1 'gbtool: migrate-verify: .* reads' "$dst.log" | sed 's/.*migrate-verify: //')")
+        else
+            fail "$name:guest_verified_every_buffer" "${verdict:-no verdict}"
+        fi
+        local io_errors
+        io_errors=$(jq '[.recent_sessions[].counters.io_errors // 0] | add // 0' "${DAEMON_LOG%.log}-stats.json" 2>/dev/null)
+        if [[ $io_errors == 0 ]]; then
+            pass "$name:no_io_errors"
+        else
+            fail "$name:no_io_errors" "daemon counted io_errors=${io_errors:-unknown} (${DAEMON_LOG%.log}-stats.json)"
+        fi
+        if grep -q "frontend connection ended with an error" "$DAEMON_LOG"; then
+            fail "$name:daemon_handed_over" "a frontend connection broke: $(grep -m1 "ended with an error" "$DAEMON_LOG" | cut -c1-300)"
+        elif ! grep -q "live migration started" "$DAEMON_LOG"; then
+            fail "$name:daemon_handed_over" "QEMU never turned dirty logging on (no 'live migration started' in $DAEMON_LOG)"
+        elif grep -q "image passes to the destination" "$DAEMON_LOG"; then
+            pass "$name:daemon_handed_over"
+        else
+            fail "$name:daemon_handed_over" "no hand-over line in $DAEMON_LOG"
+        fi
+    fi
+}
+
 # --- main ------------------------------------------------------------------------------
 
 require_tools
@@ -930,6 +1084,15 @@ host_untouched_regions
 run_hooks host_check
 host_guard_errors
 host_daemon_log
+MAIN_DAEMON_LOG=$DAEMON_LOG
+MAIN_DAEMON_STATS=$DAEMON_STATS
+if [[ ${GUARDBLK_MIGRATE:-1} != 0 ]]; then
+    run_migration migrate 0
+    run_migration migrate_control 1
+    scrub_clean "$IMG" migrate_scrub_clean
+fi
+DAEMON_LOG=$MAIN_DAEMON_LOG
+DAEMON_STATS=$MAIN_DAEMON_STATS
 
 if ((FAILED > 0)); then
     echo

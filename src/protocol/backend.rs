@@ -791,7 +791,7 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn set_log_base(&self, log: &VhostUserLog, file: &std::fs::File) -> io::Result<()> {
+    fn set_log_base(&self, log: &VhostUserLog, file: &std::fs::File) -> io::Result<bool> {
         self.device
             .dirty_log
             .set_base(file, log.mmap_offset, log.mmap_size)
@@ -800,7 +800,7 @@ impl VhostUserBackend for BlkBackend {
             bytes = log.mmap_size,
             "frontend handed over its dirty log"
         );
-        Ok(())
+        Ok(true)
     }
 
     fn queue_started(&self, index: u16, vring: &Vring) {

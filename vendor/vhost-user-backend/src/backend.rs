@@ -218,11 +218,12 @@ pub trait VhostUserBackend: Send + Sync {
     /// being watched. A backend resubmits requests left in flight by its predecessor here.
     fn queue_started(&self, _index: u16, _vring: &Self::Vring) {}
 
-    /// SET_LOG_BASE (guardblk patch): the frontend's dirty log for live migration, before the
-    /// crate installs its own bitmaps. A backend that writes guest memory other than through
-    /// vm-memory maps the log here and marks those writes itself.
-    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<()> {
-        Ok(())
+    /// SET_LOG_BASE (guardblk patch): the frontend's dirty log for live migration. A backend
+    /// that writes guest memory other than through vm-memory maps the log here, marks those
+    /// writes itself and returns `true`; `false` (the default) lets the crate install its
+    /// bitmaps as before.
+    fn set_log_base(&self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -404,11 +405,12 @@ pub trait VhostUserBackendMut: Send + Sync {
     /// being watched. A backend resubmits requests left in flight by its predecessor here.
     fn queue_started(&mut self, _index: u16, _vring: &Self::Vring) {}
 
-    /// SET_LOG_BASE (guardblk patch): the frontend's dirty log for live migration, before the
-    /// crate installs its own bitmaps. A backend that writes guest memory other than through
-    /// vm-memory maps the log here and marks those writes itself.
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<()> {
-        Ok(())
+    /// SET_LOG_BASE (guardblk patch): the frontend's dirty log for live migration. A backend
+    /// that writes guest memory other than through vm-memory maps the log here, marks those
+    /// writes itself and returns `true`; `false` (the default) lets the crate install its
+    /// bitmaps as before.
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: &File) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -520,7 +522,7 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().queue_started(index, vring)
     }
 
-    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
         self.deref().set_log_base(log, file)
     }
 }
@@ -636,7 +638,7 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
         self.lock().unwrap().queue_started(index, vring)
     }
 
-    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
         self.lock().unwrap().set_log_base(log, file)
     }
 }
@@ -752,7 +754,7 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
         self.write().unwrap().queue_started(index, vring)
     }
 
-    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<()> {
+    fn set_log_base(&self, log: &VhostUserLog, file: &File) -> Result<bool> {
         self.write().unwrap().set_log_base(log, file)
     }
 }

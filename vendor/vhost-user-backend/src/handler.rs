@@ -933,9 +933,13 @@ where
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
         // guardblk patch: let the backend map the log itself (it writes guest memory through
         // raw pointers and io_uring, which no vm-memory bitmap sees).
-        self.backend
+        if self
+            .backend
             .set_log_base(log, &file)
-            .map_err(VhostUserError::ReqHandlerError)?;
+            .map_err(VhostUserError::ReqHandlerError)?
+        {
+            return Ok(());
+        }
         let mem = self.atomic_mem.memory();
 
         let logmem = Arc::new(
