@@ -30,6 +30,7 @@ mount -t tmpfs tmpfs /tmp
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         guardblk.tests=*) GUARDBLK_TESTS=${arg#guardblk.tests=} ;;
+        guardblk.migrate_reads=*) MIGRATE_READ_PERCENT=${arg#guardblk.migrate_reads=} ;;
     esac
 done
 
@@ -359,7 +360,7 @@ test_restart() {
 test_migrate() {
     d0=$(dmesg | wc -l)
     say "START migrate"
-    if ! gbtool migrate-verify $DISK "$MIGRATE_OFFSET_MIB" "$MIGRATE_MIB" "$MIGRATE_SECONDS" "$MIGRATE_SLOTS" >>"$TEST_LOG" 2>&1; then
+    if ! gbtool migrate-verify $DISK "$MIGRATE_OFFSET_MIB" "$MIGRATE_MIB" "$MIGRATE_SECONDS" "$MIGRATE_SLOTS" "${MIGRATE_READ_PERCENT:-0}" >>"$TEST_LOG" 2>&1; then
         DETAIL="gbtool migrate-verify: $(grep 'gbtool: FAIL' "$TEST_LOG" | tail -n 1)"
         return 1
     fi

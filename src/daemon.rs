@@ -421,10 +421,7 @@ struct Session {
     shutdown: Option<vhost_user_backend::ShutdownHandle>,
     /// Written when the connection ends.
     ended: Arc<EventFd>,
-    waiter: thread::JoinHandle<(
-        VhostUserDaemon<BlkBackend>,
-        vhost_user_backend::Result<()>,
-    )>,
+    waiter: thread::JoinHandle<(VhostUserDaemon<BlkBackend>, vhost_user_backend::Result<()>)>,
 }
 
 /// Accept frontends until SIGINT/SIGTERM and every session has ended. Usually one is

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserLog, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
 use virtio_queue::QueueT;
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -34,8 +34,8 @@ use super::polling::PollGovernor;
 use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
 use crate::requests::mutation::MutationTracker;
-use crate::requests::policy::{self, AutoPath, CostBasis, WriteCosts};
 use crate::requests::parse::parse_request;
+use crate::requests::policy::{self, AutoPath, CostBasis, WriteCosts};
 use crate::requests::{Executor, Limits, Protection, QueueCounters, UsedEntry, WritePolicy};
 use crate::storage::{EngineChoice, Image, SECTOR_SIZE};
 
@@ -329,6 +329,10 @@ impl BlkBackend {
     fn process_queue(&self, worker: &mut QueueWorker, vring: &Vring) {
         // A kick can beat the queue-started hook to the worker lock: recover before popping
         // anything, or requests still in flight would be taken again as new ones.
+        // A kick that raced with GET_VRING_BASE finds the queue stopped: nothing to do.
+        if !vring.get_ref().get_queue().ready() {
+            return;
+        }
         match self.claim_image() {
             Claim::Granted => {}
             Claim::Wait => return,
@@ -796,10 +800,7 @@ impl VhostUserBackend for BlkBackend {
             .dirty_log
             .set_base(file, log.mmap_offset, log.mmap_size)
             .map_err(io::Error::other)?;
-        tracing::debug!(
-            bytes = log.mmap_size,
-            "frontend handed over its dirty log"
-        );
+        tracing::debug!(bytes = log.mmap_size, "frontend handed over its dirty log");
         Ok(true)
     }
 
@@ -863,7 +864,10 @@ impl VhostUserBackend for BlkBackend {
                     "the migrating guest stopped: its requests are answered and logged, and the image passes to the destination"
                 );
             } else {
-                tracing::debug!(session = self.device.session, "device stopped: image released");
+                tracing::debug!(
+                    session = self.device.session,
+                    "device stopped: image released"
+                );
             }
         }
         Ok(())

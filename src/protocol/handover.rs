@@ -133,7 +133,11 @@ mod tests {
         ledger.set_migrating(1, true);
         let (woken, wake) = counter();
         assert_eq!(ledger.claim(2, wake), Claim::Wait);
-        assert_eq!(ledger.claim(2, || ()), Claim::Wait, "a repeated claim keeps one waker");
+        assert_eq!(
+            ledger.claim(2, || ()),
+            Claim::Wait,
+            "a repeated claim keeps one waker"
+        );
         assert_eq!(woken.load(Ordering::SeqCst), 0);
         assert!(ledger.release(1));
         assert_eq!(woken.load(Ordering::SeqCst), 1);

@@ -165,14 +165,15 @@ impl Telemetry {
     pub fn stats(&self) -> DaemonStats {
         let queues = self.per_queue();
         let counters = Counters::sum(&queues);
-        let current_session = lock(&self.current)
-            .last()
-            .map(|(number, started, before)| SessionStats {
-                number: *number,
-                started: stamp(*started),
-                ended: None,
-                counters: counters.since(before),
-            });
+        let current_session =
+            lock(&self.current)
+                .last()
+                .map(|(number, started, before)| SessionStats {
+                    number: *number,
+                    started: stamp(*started),
+                    ended: None,
+                    counters: counters.since(before),
+                });
         DaemonStats {
             updated: stamp(SystemTime::now()),
             daemon_started: stamp(self.started),

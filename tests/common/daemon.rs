@@ -53,6 +53,28 @@ impl Daemon {
 
     /// As [`Daemon::serve`], without waiting for it to be ready.
     pub fn spawn(dir: tempfile::TempDir, image: PathBuf, args: &[&str]) -> Daemon {
+        Self::spawn_with_env(dir, image, args, &[])
+    }
+
+    /// As [`Daemon::serve`], with extra environment variables for the daemon.
+    pub fn serve_with_env(
+        dir: tempfile::TempDir,
+        image: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let d = Self::spawn_with_env(dir, image, args, env);
+        d.wait_for_log("guardblk ready");
+        d
+    }
+
+    /// As [`Daemon::spawn`], with extra environment variables for the daemon.
+    pub fn spawn_with_env(
+        dir: tempfile::TempDir,
+        image: PathBuf,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let socket = match args.iter().position(|a| *a == "--socket") {
             Some(i) => PathBuf::from(args[i + 1]),
             None => dir.path().join("guardblk.sock"),
@@ -65,6 +87,7 @@ impl Daemon {
         }
         let child = command
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

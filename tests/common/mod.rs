@@ -13,6 +13,7 @@ use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 mod client;
 mod daemon;
 mod data;
+pub mod frontend;
 mod pi;
 
 pub use client::*;

@@ -5,7 +5,7 @@
 //! ```text
 //! gbtool mutate-write DEV OFFSET_MIB LEN_MIB SECONDS
 //! gbtool swap-churn MIB SECONDS THREADS
-//! gbtool migrate-verify DEV OFFSET_MIB LEN_MIB SECONDS SLOTS
+//! gbtool migrate-verify DEV OFFSET_MIB LEN_MIB SECONDS SLOTS [READ_PERCENT]
 //! ```
 //!
 //! `mutate-write` is fstests generic/761's idea against a raw device: O_DIRECT writes (so the
@@ -28,7 +28,8 @@
 //! of the region (a version per block), then for SECONDS two threads read random blocks with
 //! O_DIRECT into SLOTS page-sized read buffers in turn (the daemon writes those pages; the
 //! guest's CPUs never do), checking each block's stamp and remembering a checksum of each
-//! buffer, and now and then rewrite a block with its next version. Then every buffer must
+//! buffer, and otherwise (100 − READ_PERCENT % of the time, 25 % by default) rewrite a block
+//! with its next version. Then every buffer must
 //! still hold what was read into it: a page the daemon wrote that QEMU's dirty log did not
 //! learn of arrives at the destination as it was before, and its checksum no longer matches
 //! ("stale"). Last, every block must read back its latest version ("lost").
@@ -58,7 +59,7 @@ fn fail(msg: String) -> ! {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gbtool mutate-write DEV OFFSET_MIB LEN_MIB SECONDS\n       gbtool swap-churn MIB SECONDS THREADS\n       gbtool migrate-verify DEV OFFSET_MIB LEN_MIB SECONDS SLOTS"
+        "usage: gbtool mutate-write DEV OFFSET_MIB LEN_MIB SECONDS\n       gbtool swap-churn MIB SECONDS THREADS\n       gbtool migrate-verify DEV OFFSET_MIB LEN_MIB SECONDS SLOTS [READ_PERCENT]"
     );
     exit(2)
 }
@@ -537,6 +538,8 @@ struct VerifyShare {
     first: u64,
     blocks: u64,
     slots: std::ops::Range<usize>,
+    /// Percent of operations that are reads (the rest write).
+    read_percent: u64,
 }
 
 #[derive(Default)]
@@ -560,8 +563,9 @@ fn migrate_verify(args: &[String]) {
     let len = arg::<u64>(args, 4) * MIB;
     let seconds: u64 = arg(args, 5);
     let slots: usize = arg(args, 6);
+    let read_percent: u64 = if args.len() > 7 { arg(args, 7) } else { 75 };
     let blocks = len / PAGE as u64;
-    if blocks < 2 || slots < 2 {
+    if blocks < 2 || slots < 2 || read_percent > 100 {
         usage();
     }
     let file = OpenOptions::new()
@@ -599,11 +603,13 @@ fn migrate_verify(args: &[String]) {
             first: 0,
             blocks: half,
             slots: 0..slots / 2,
+            read_percent,
         },
         VerifyShare {
             first: half,
             blocks: blocks - half,
             slots: slots / 2..slots,
+            read_percent,
         },
     ];
     let threads: Vec<_> = shares
@@ -671,7 +677,7 @@ fn verify_share(
     let mut next_slot = 0usize;
     while Instant::now() < deadline {
         let b = share.first + rng.below(share.blocks);
-        if rng.below(4) == 0 {
+        if rng.below(100) >= share.read_percent {
             let v = versions[b as usize].load(Ordering::Relaxed) + 1;
             // SAFETY: write_buf is this thread's own live page.
             let page =
