@@ -378,6 +378,7 @@ pub fn serve(
         read_only = image.read_only(),
         direct_io = image.direct_io().is_some(),
         io_engine = %image.engine_for(config.device.engine),
+        io_uring_async = image.submission_may_block(),
         write_policy = ?config.device.write_policy,
         pi = pi.as_ref().map_or("none".to_string(), |p| describe_pi(p)),
         stats_socket = %stats_socket.display(),

@@ -48,10 +48,18 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// An engine of `kind` with room for `depth` operations in flight against `image_fd`.
-    pub fn new(kind: EngineKind, image_fd: RawFd, depth: u32) -> io::Result<Engine> {
+    /// An engine of `kind` with room for `depth` operations in flight against `image_fd`;
+    /// `force_async` for targets whose I/O would block the submitting thread.
+    pub fn new(
+        kind: EngineKind,
+        image_fd: RawFd,
+        depth: u32,
+        force_async: bool,
+    ) -> io::Result<Engine> {
         Ok(match kind {
-            EngineKind::IoUring => Engine::Uring(Box::new(UringEngine::new(image_fd, depth)?)),
+            EngineKind::IoUring => {
+                Engine::Uring(Box::new(UringEngine::new(image_fd, depth, force_async)?))
+            }
             EngineKind::Inline => Engine::Inline(InlineEngine::new(image_fd)),
         })
     }
@@ -142,7 +150,7 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&vec![0u8; 1 << 16]).unwrap();
         for kind in [EngineKind::IoUring, EngineKind::Inline] {
-            let mut engine = Engine::new(kind, file.as_raw_fd(), 16).unwrap();
+            let mut engine = Engine::new(kind, file.as_raw_fd(), 16, false).unwrap();
             let mut src = AlignedBuf::zeroed(8192);
             src.as_mut_slice()
                 .iter_mut()
@@ -185,7 +193,7 @@ mod tests {
     fn reads_past_end_of_file_fail_instead_of_spinning() {
         let file = tempfile::tempfile().unwrap();
         for kind in [EngineKind::IoUring, EngineKind::Inline] {
-            let mut engine = Engine::new(kind, file.as_raw_fd(), 8).unwrap();
+            let mut engine = Engine::new(kind, file.as_raw_fd(), 8, false).unwrap();
             let mut dst = AlignedBuf::zeroed(4096);
             let r = vec![libc::iovec {
                 iov_base: dst.as_mut_ptr() as *mut _,

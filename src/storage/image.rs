@@ -45,6 +45,16 @@ pub struct DirectIoAlignment {
     pub offset: u64,
 }
 
+// Filesystem magics (linux/magic.h).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const FUSE_MAGIC: i64 = 0x6573_5546;
+const NFS_MAGIC: i64 = 0x0000_6969;
+const SMB_MAGIC: i64 = 0x0000_517b;
+const CIFS_MAGIC: i64 = 0xff53_4d42;
+const SMB2_MAGIC: i64 = 0xfe53_4d42;
+const CEPH_MAGIC: i64 = 0x00c3_6400;
+const V9FS_MAGIC: i64 = 0x0102_1997;
+
 /// An open disk image shared (read-only after opening) by every queue.
 #[derive(Debug)]
 pub struct Image {
@@ -275,23 +285,41 @@ impl Image {
         }
         // Filesystem magics (linux/magic.h) whose "direct" I/O is a copy by the kernel.
         const COPYING: [i64; 9] = [
-            0x0102_1994, // tmpfs
+            TMPFS_MAGIC,
             0x8584_58f6, // ramfs
-            0x6573_5546, // fuse
-            0x0000_6969, // nfs
-            0x0000_517b, // smb
-            0xff53_4d42, // cifs
-            0xfe53_4d42, // smb2
-            0x00c3_6400, // ceph
-            0x0102_1997, // 9p
+            FUSE_MAGIC,
+            NFS_MAGIC,
+            SMB_MAGIC,
+            CIFS_MAGIC,
+            SMB2_MAGIC,
+            CEPH_MAGIC,
+            V9FS_MAGIC,
         ];
+        self.fs_magic().is_some_and(|m| COPYING.contains(&m))
+    }
+
+    /// Whether io_uring would run this image's reads and writes in the submitting thread and
+    /// block it there: FUSE and network filesystems accept non-blocking submission but then
+    /// wait for their server inside it (seen on Linux 6.18: a FUSE write whose reply is late
+    /// holds the queue thread in `request_wait_answer` under `io_uring_enter`, so every
+    /// request behind it waits). For those the engine sends every operation to the kernel's
+    /// worker threads instead (IOSQE_ASYNC), and they run concurrently.
+    pub fn submission_may_block(&self) -> bool {
+        const BLOCKING: [i64; 7] = [
+            FUSE_MAGIC, NFS_MAGIC, SMB_MAGIC, CIFS_MAGIC, SMB2_MAGIC, CEPH_MAGIC, V9FS_MAGIC,
+        ];
+        !self.is_block_device() && self.fs_magic().is_some_and(|m| BLOCKING.contains(&m))
+    }
+
+    /// The magic number of the filesystem holding the image (statfs f_type).
+    fn fs_magic(&self) -> Option<i64> {
         // SAFETY: statfs is plain data; fstatfs fills it for our open descriptor.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: as above; the struct outlives the call.
         if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } != 0 {
-            return false;
+            return None;
         }
-        COPYING.contains(&(st.f_type as i64))
+        Some(st.f_type as i64)
     }
 
     /// The engine to use for this image when the operator chose `choice`.

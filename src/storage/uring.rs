@@ -19,6 +19,9 @@ pub struct UringEngine {
     ring: IoUring,
     slots: Vec<Option<InFlightOp>>,
     free_slots: Vec<u32>,
+    /// Send every operation to the kernel's worker threads (IOSQE_ASYNC): for filesystems
+    /// that would block the submitting thread ([`Image::submission_may_block`](super::Image::submission_may_block)).
+    force_async: bool,
 }
 
 // SAFETY: the raw iovec pointers inside queued ops point into memory whose lifetime the
@@ -30,7 +33,7 @@ const IMAGE_FILE: types::Fixed = types::Fixed(0);
 
 impl UringEngine {
     /// A ring with room for `depth` operations in flight against `image_fd`.
-    pub fn new(image_fd: RawFd, depth: u32) -> io::Result<UringEngine> {
+    pub fn new(image_fd: RawFd, depth: u32, force_async: bool) -> io::Result<UringEngine> {
         let entries = depth.next_power_of_two().clamp(8, 4096);
         let ring = IoUring::builder().build(entries)?;
         ring.submitter().register_files(&[image_fd])?;
@@ -38,6 +41,7 @@ impl UringEngine {
             ring,
             slots: Vec::new(),
             free_slots: Vec::new(),
+            force_async,
         })
     }
 
@@ -93,6 +97,11 @@ impl UringEngine {
                 .build(),
         }
         .user_data(u64::from(slot));
+        let entry = if self.force_async {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
         self.push_entry(&entry)
     }
 

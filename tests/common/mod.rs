@@ -14,6 +14,7 @@ mod client;
 mod daemon;
 mod data;
 pub mod frontend;
+pub mod fusefs;
 mod pi;
 
 pub use client::*;
