@@ -390,6 +390,10 @@ impl TestFrontend {
             self.features & !log_all
         };
         self.frontend.set_features(features).unwrap();
+        // SET_FEATURES has no reply; QEMU waits for the backend to have applied it (REPLY_ACK,
+        // or a GET_FEATURES round trip as here) before the guest's next request, so that no
+        // write of the daemon's escapes the log.
+        self.frontend.get_features().unwrap();
     }
 
     pub fn offers_log_all(&self) -> bool {
