@@ -253,7 +253,7 @@ fn save_marks(tracker: &MutationTracker, path: &Path) {
         Ok(text) => text + "\n",
         Err(e) => return tracing::warn!(error = %e, "cannot encode the mutation marks"),
     };
-    if let Err(e) = crate::storage::files::replace(path, text.as_bytes()) {
+    if let Err(e) = crate::storage::files::replace(path, text.as_bytes(), 0o600) {
         tracing::warn!(path = %path.display(), error = %e, "cannot save the mutation marks");
     }
 }

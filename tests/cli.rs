@@ -135,6 +135,22 @@ fn unusable_socket_directory_is_one_sentence() {
     let file_in_the_way = dir.path().join("taken");
     std::fs::write(&file_in_the_way, b"x").unwrap();
     assert_one_sentence(&serve(&img, &file_in_the_way, &[]), "not a socket");
+    // A link where the socket should be is neither followed nor removed, even when it points
+    // at a stale socket.
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    for target in [&file_in_the_way, &stale] {
+        let link = dir.path().join("link.sock");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).unwrap();
+        assert_one_sentence(&serve(&img, &link, &[]), "not a socket");
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(target.exists());
+    }
+    assert_eq!(std::fs::read(&file_in_the_way).unwrap(), b"x");
 }
 
 #[test]

@@ -269,6 +269,24 @@ fn serve_refuses_metadata_of_another_image() {
 }
 
 #[test]
+fn metadata_behind_a_symbolic_link_is_refused_in_one_sentence() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = imported(dir.path(), "a.img", 4 * MIB, 1, &[]);
+    // Someone who can write the directory swaps the metadata for a link to another file.
+    let elsewhere = dir.path().join("elsewhere.pi");
+    std::fs::rename(pi_of(&a), &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, pi_of(&a)).unwrap();
+    let before = std::fs::read(&elsewhere).unwrap();
+    assert_one_sentence(&serve(&a, &[]), 1, "is a symbolic link");
+    assert_one_sentence(&guardblk(&["scrub", s(&a)]), 2, "is a symbolic link");
+    assert_eq!(
+        std::fs::read(&elsewhere).unwrap(),
+        before,
+        "written through the link"
+    );
+}
+
+#[test]
 fn import_then_scrub_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("data.img");

@@ -122,12 +122,13 @@ impl Journal {
         line.push('\n');
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if file.is_none() {
-            *file = Some(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.path)?,
-            );
+            *file = Some(crate::storage::files::open_no_follow(
+                &self.path,
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    OpenOptions::new().create(true).append(true),
+                    0o600,
+                ),
+            )?);
         }
         let f = file.as_mut().expect("opened above");
         f.write_all(line.as_bytes())?;
@@ -161,6 +162,26 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_is_private_and_never_written_through_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        Journal::new(path.clone()).append(&Record::now(Event::Recovered, 1, 512, "recovery"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let linked = dir.path().join("linked.jsonl");
+        std::os::unix::fs::symlink(&victim, &linked).unwrap();
+        let journal = Journal::new(linked);
+        assert!(journal
+            .try_append(&Record::now(Event::Recovered, 1, 512, "recovery"))
+            .is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
 
     #[test]
     fn records_survive_a_round_trip_and_torn_lines_are_skipped() {

@@ -446,18 +446,15 @@ impl PiMetadata {
 
 /// Open a metadata file (or device), with "missing" told apart from other failures.
 fn open_metadata_file(path: &Path, writable: bool) -> Result<File, MetadataError> {
-    OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| match source.kind() {
+    files::open_no_follow(path, OpenOptions::new().read(true).write(writable)).map_err(|source| {
+        match source.kind() {
             io::ErrorKind::NotFound => MetadataError::Missing { path: path.into() },
             _ => MetadataError::Open {
                 path: path.into(),
                 source,
             },
-        })
+        }
+    })
 }
 
 /// The header of an open metadata file: magic, version, checksum and geometry checked, and

@@ -1,22 +1,64 @@
 //! The few operations on files and block devices that more than one layer needs, each in one
 //! place: the size of a file or device, the exclusive advisory lock that says "in use",
-//! zeroing a byte range, and replacing a small file whole.
+//! zeroing a byte range, replacing a small file whole, and opening the daemon's own files
+//! without following symbolic links.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
 
 /// ioctl: the size of a block device in bytes.
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 /// Replace `path` with `contents` so a reader sees the old file or the new one, never a part
-/// (written beside it, then renamed over it).
-pub fn replace(path: &std::path::Path, contents: &[u8]) -> io::Result<()> {
+/// (written beside it, then renamed over it). The file gets `mode`. The temporary is created
+/// fresh (O_EXCL, O_NOFOLLOW): a link planted at its name by someone who can write the
+/// directory is removed, never written through; and rename replaces a link at `path` itself.
+pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    std::fs::write(&tmp, contents)?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    drop(file);
     std::fs::rename(&tmp, path)
+}
+
+/// Open one of the daemon's own files (PI metadata, journal) with `options`, without following
+/// a symbolic link at `path`: whoever can write the directory could otherwise point the daemon
+/// (often root) at any file. A link to a block device is the exception — devices are named
+/// that way (`/dev/disk/by-id/...`) and only root makes device nodes — and is opened by its
+/// resolved path. A link to anything else is refused with an error that says so.
+pub fn open_no_follow(path: &Path, options: &mut OpenOptions) -> io::Result<File> {
+    options.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    match options.open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let target = std::fs::canonicalize(path)?;
+            if std::fs::metadata(&target)?.file_type().is_block_device() {
+                return options.open(&target);
+            }
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is a symbolic link (to {}); guardblk does not follow links for its own files",
+                    path.display(),
+                    target.display()
+                ),
+            ))
+        }
+        other => other,
+    }
 }
 
 /// Size of a regular file or block device.
@@ -101,11 +143,48 @@ mod tests {
     }
 
     #[test]
+    fn replace_never_writes_through_a_planted_link_and_sets_the_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let path = dir.path().join("doc.json");
+        std::os::unix::fs::symlink(&victim, dir.path().join("doc.json.tmp")).unwrap();
+        replace(&path, b"new", 0o600).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A link at the name itself is replaced, not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        replace(&path, b"newer", 0o644).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(!std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn open_no_follow_refuses_a_link_to_a_file_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let link = dir.path().join("meta.pi");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let err = open_no_follow(&link, OpenOptions::new().read(true).write(true)).unwrap_err();
+        assert!(err.to_string().contains("is a symbolic link"), "{err}");
+        // A plain file opens as before.
+        assert!(open_no_follow(&victim, OpenOptions::new().read(true)).is_ok());
+    }
+
+    #[test]
     fn replace_swaps_the_whole_file_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("doc.json");
-        replace(&path, b"first").unwrap();
-        replace(&path, b"second, longer").unwrap();
+        replace(&path, b"first", 0o644).unwrap();
+        replace(&path, b"second, longer", 0o644).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"second, longer");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no .tmp left behind");

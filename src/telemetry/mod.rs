@@ -244,7 +244,7 @@ impl Telemetry {
                 return;
             }
         };
-        if let Err(e) = crate::storage::files::replace(path, text.as_bytes()) {
+        if let Err(e) = crate::storage::files::replace(path, text.as_bytes(), 0o644) {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
         }
     }
