@@ -10,11 +10,10 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::frontend::*;
-use common::fusefs::FaultFs;
+use common::fusefs::FuseImage;
 use common::*;
 
 const MIB: u64 = 1 << 20;
@@ -31,72 +30,6 @@ fn is_slow(k: u16) -> bool {
 
 fn slow_sector(k: u16) -> u64 {
     SLOW_SECTOR + u64::from(k) * 8
-}
-
-/// A PI image on the FUSE filesystem (its metadata beside, on a plain filesystem) and a
-/// daemon serving it. Fields drop in order: the daemon dies before the filesystem unmounts.
-struct Setup {
-    daemon: Option<Daemon>,
-    fs: FaultFs,
-    meta: PathBuf,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
-}
-
-impl Setup {
-    fn new() -> Setup {
-        let backing_dir = tempfile::tempdir().unwrap();
-        let meta_dir = tempfile::tempdir().unwrap();
-        let backing = backing_dir.path().join("disk.img");
-        let meta = meta_dir.path().join("disk.img.pi");
-        let created = guardblk(&[
-            "create",
-            backing.to_str().unwrap(),
-            "--size",
-            &(8 * MIB).to_string(),
-            "--pi",
-            "type1",
-            "--interval",
-            "4096",
-            "--pi-meta",
-            meta.to_str().unwrap(),
-        ]);
-        assert!(created.status.success(), "{created:?}");
-        let fs = FaultFs::mount(&backing);
-        let mut setup = Setup {
-            daemon: None,
-            fs,
-            meta,
-            _dirs: (backing_dir, meta_dir),
-        };
-        let daemon = Daemon::serve(
-            tempfile::tempdir().unwrap(),
-            setup.fs.image().to_path_buf(),
-            &setup.serve_args(),
-        );
-        setup.daemon = Some(daemon);
-        setup
-    }
-
-    fn serve_args(&self) -> Vec<&str> {
-        vec![
-            "--pi-meta",
-            self.meta.to_str().unwrap(),
-            "--io-engine",
-            "io-uring",
-        ]
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().unwrap()
-    }
-
-    fn kill_and_restart(&mut self) {
-        let mut d = self.daemon.take().unwrap();
-        d.child.kill().unwrap();
-        let args = self.serve_args();
-        let (d, _) = d.restart_after_kill(&args, Duration::from_secs(20));
-        self.daemon = Some(d);
-    }
 }
 
 /// What the frontend saw after the restart: how often each request was answered.
@@ -124,7 +57,11 @@ impl Outcome {
 /// 64 requests in flight (slow writes among fast reads), the fast ones answered first, the
 /// daemon killed while the slow ones are still running, restarted, and the frontend back as
 /// QEMU comes back: with the same region if it has one, and the ring's base at the used index.
-fn crash_with_requests_in_flight(setup: &mut Setup, q: &mut TestQueue, inflight: bool) -> Outcome {
+fn crash_with_requests_in_flight(
+    setup: &mut FuseImage,
+    q: &mut TestQueue,
+    inflight: bool,
+) -> Outcome {
     let options = FrontendOptions {
         inflight,
         ..Default::default()
@@ -180,7 +117,7 @@ fn crash_with_requests_in_flight(setup: &mut Setup, q: &mut TestQueue, inflight:
 
 #[test]
 fn every_request_in_flight_at_a_kill_is_answered_once_and_pi_stays_exact() {
-    let mut setup = Setup::new();
+    let mut setup = FuseImage::new(8 * MIB);
     let mut q = TestQueue::new();
     let outcome = crash_with_requests_in_flight(&mut setup, &mut q, true);
     assert_eq!(outcome.twice(), Vec::<u16>::new(), "answered twice");
@@ -237,14 +174,7 @@ fn every_request_in_flight_at_a_kill_is_answered_once_and_pi_stays_exact() {
         check_pattern(&data, slow_sector(k) * 512, 40).unwrap();
     }
     drop(fe);
-    let mut d = setup.daemon.take().unwrap();
-    assert!(d.terminate().success());
-    let scrub = guardblk(&[
-        "scrub",
-        setup.fs.image().to_str().unwrap(),
-        "--pi-meta",
-        setup.meta.to_str().unwrap(),
-    ]);
+    let scrub = setup.stop_and_scrub();
     assert!(scrub.status.success(), "scrub not clean: {scrub:?}");
 }
 
@@ -253,7 +183,7 @@ fn every_request_in_flight_at_a_kill_is_answered_once_and_pi_stays_exact() {
 /// writes that were in flight are never answered — the test above would see both.
 #[test]
 fn without_the_region_the_restart_answers_twice_and_loses_requests() {
-    let mut setup = Setup::new();
+    let mut setup = FuseImage::new(8 * MIB);
     let mut q = TestQueue::new();
     let outcome = crash_with_requests_in_flight(&mut setup, &mut q, false);
     let never = outcome.never();

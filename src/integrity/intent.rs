@@ -189,11 +189,14 @@ impl IntentLog {
     /// Clear every bit: only when no write is in flight and everything is durable.
     pub fn clear_all(&self, bitmap: &[AtomicU64]) {
         let _guard = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-        for region in &self.regions {
+        for (r, region) in self.regions.iter().enumerate() {
+            // A write still counted here is one held for recovery (its range could not be
+            // read back after it failed): its bit must survive a clean shutdown.
+            if region.state.load(Ordering::SeqCst) & !DIRTY != 0 {
+                continue;
+            }
             region.state.fetch_and(!DIRTY, Ordering::SeqCst);
-        }
-        for word in bitmap {
-            word.store(0, Ordering::SeqCst);
+            bitmap[r / 64].fetch_and(!(1 << (r % 64)), Ordering::SeqCst);
         }
     }
 }
@@ -255,6 +258,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(*persisted.borrow(), vec![1]);
+    }
+
+    #[test]
+    fn a_clean_shutdown_keeps_the_bit_of_a_write_held_for_recovery() {
+        let log = IntentLog::new(4, 20, 12);
+        let bits = bitmap(4);
+        let ok = |_| Ok(());
+        log.begin(0, 1, &bits, ok).unwrap(); // region 0: held (never ended)
+        log.begin(256, 1, &bits, ok).unwrap(); // region 1: done
+        log.end(256, 1);
+        log.clear_all(&bits);
+        assert_eq!(log.dirty_regions(&bits), vec![0]);
     }
 
     #[test]

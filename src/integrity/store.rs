@@ -9,6 +9,7 @@ use super::journal::{Event, Journal, Record};
 use super::metadata::{PiMetadata, APP_TAG};
 use super::pi::{PiError, PiErrorKind, PiFormat, Tuple};
 use super::reader::is_zero;
+use crate::storage::Image;
 
 /// Writes in flight, by LBA range: at most one write per interval at a time, so the tuple
 /// stored when a write completes describes what the disk holds. Readers that fail
@@ -48,7 +49,16 @@ pub struct PiStore {
     pub ranges: RangeLocks,
     /// Guard of an all-zero interval: what an unwritten interval's data must hash to.
     zero_guard: u64,
+    /// Ranges (first LBA, count) a write failed on that could not be read back then: their
+    /// tuples may not match the torn data, and their write intents are held so that a crash
+    /// recovers them. The first read that finds a mismatch there re-derives them instead of
+    /// reporting a guard error (the guest was told the write failed; any content is legal).
+    suspect: Mutex<Vec<(u64, u64)>>,
 }
+
+/// Suspect ranges kept at most; past that, a failed write's range is still held for crash
+/// recovery, but a read of it before a restart reports the mismatch.
+const MAX_SUSPECT_RANGES: usize = 4096;
 
 impl std::fmt::Debug for PiStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +74,7 @@ impl PiStore {
             journal,
             ranges: RangeLocks::default(),
             zero_guard,
+            suspect: Mutex::new(Vec::new()),
         }
     }
 
@@ -89,6 +100,59 @@ impl PiStore {
             let tuple = self.tuple_for(lba, self.format().guard(data));
             self.meta.set_tuple(lba, &tuple);
         }
+    }
+
+    /// A write to `count` intervals from `lba` failed and the range could not be read back:
+    /// keep its write intent (the caller does not end the write) and remember the range.
+    pub fn hold_for_recovery(&self, lba: u64, count: u64) {
+        let mut suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
+        if suspect.len() < MAX_SUSPECT_RANGES {
+            suspect.push((lba, count));
+        }
+    }
+
+    /// A read of `[lba, lba + count)` did not verify. Re-derive, from what the disk holds
+    /// now, every suspect range it overlaps, and release their held intents. Returns whether
+    /// any was re-derived (the caller verifies again).
+    pub fn heal_suspect(&self, image: &Image, lba: u64, count: u64) -> bool {
+        let overlapping: Vec<(u64, u64)> = {
+            let suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
+            suspect
+                .iter()
+                .copied()
+                .filter(|&(l, c)| l < lba + count && lba < l + c)
+                .collect()
+        };
+        let interval = self.interval() as usize;
+        let mut healed = false;
+        for (l, c) in overlapping {
+            let mut data = vec![0u8; c as usize * interval];
+            if super::reader::read_upto(image, &mut data, l * interval as u64).is_err() {
+                continue; // still unreadable: stays suspect, intent held
+            }
+            for (i, chunk) in data.chunks_exact(interval).enumerate() {
+                self.store_generated(l + i as u64, chunk);
+            }
+            let mut suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(at) = suspect.iter().position(|&r| r == (l, c)) {
+                suspect.swap_remove(at);
+                drop(suspect);
+                self.meta.end_write(l, c);
+            }
+            self.journal.append(&Record::now(
+                Event::Recovered,
+                l,
+                self.interval(),
+                "failed-write",
+            ));
+            tracing::warn!(
+                lba = l,
+                count = c,
+                "re-derived the tuples of a range whose write had failed unreadable, now that it reads"
+            );
+            healed = true;
+        }
+        healed
     }
 
     /// Verify one interval of data read from `lba` against its stored tuple.

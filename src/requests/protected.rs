@@ -195,8 +195,11 @@ pub fn read_intervals(
 
 /// After a write or zeroing failed part-way the disk may hold any mix of old and new data:
 /// re-derive the tuples of the range from what it holds now, so a failed request cannot
-/// leave a false guard error behind.
-pub fn rederive_from_disk(image: &Image, store: &PiStore, lba: u64, count: u64) {
+/// leave a false guard error behind. If the range cannot be read back either, its write
+/// intent is held (the write does not end) and the range remembered, so the first read that
+/// finds it readable re-derives it, and a crash before then recovers it.
+/// Returns whether the write may end (false: held).
+pub fn rederive_from_disk(image: &Image, store: &PiStore, lba: u64, count: u64) -> bool {
     match read_intervals(image, store, lba, count) {
         Ok(buffer) => {
             let interval = store.interval() as usize;
@@ -208,13 +211,18 @@ pub fn rederive_from_disk(image: &Image, store: &PiStore, lba: u64, count: u64) 
                 count,
                 "a write failed; re-derived the range's tuples from the data on disk"
             );
+            true
         }
-        Err(e) => tracing::error!(
-            lba,
-            count,
-            error = %e,
-            "a write failed and the range cannot be read back; its tuples are unchanged and the region stays marked for recovery"
-        ),
+        Err(e) => {
+            tracing::error!(
+                lba,
+                count,
+                error = %e,
+                "a write failed and the range cannot be read back; its tuples are unchanged and the region stays marked for recovery"
+            );
+            store.hold_for_recovery(lba, count);
+            false
+        }
     }
 }
 
@@ -267,10 +275,10 @@ pub fn finish_write(
         if durable {
             result = store.meta.sync_tuples(lba, count);
         }
-    } else {
-        rederive_from_disk(image, store, lba, count);
+        store.meta.end_write(lba, count);
+    } else if rederive_from_disk(image, store, lba, count) {
+        store.meta.end_write(lba, count);
     }
-    store.meta.end_write(lba, count);
     (stored, result)
 }
 
@@ -292,8 +300,8 @@ pub fn finish_ranges(
             if durable {
                 result = result.and(store.meta.sync_tuples(r.lba, r.count));
             }
-        } else if uncertain {
-            rederive_from_disk(image, store, r.lba, r.count);
+        } else if uncertain && !rederive_from_disk(image, store, r.lba, r.count) {
+            continue; // held for recovery: the intent stays
         }
         store.meta.end_write(r.lba, r.count);
     }

@@ -37,7 +37,9 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
 /// Guest memory: a memfd mapped shared, as QEMU's memory-backend-memfd,share=on.
 pub struct GuestMem {
@@ -359,6 +361,53 @@ impl TestQueue {
             .frontend
             .set_vring_addr(0, &self.vring_config(u32::from(log)))
             .unwrap();
+    }
+}
+
+/// One request at a time, waited for: what a test that checks each request's outcome needs.
+pub struct SyncIo<'a> {
+    pub q: &'a mut TestQueue,
+    pub fe: &'a TestFrontend,
+    next: u16,
+}
+
+impl<'a> SyncIo<'a> {
+    pub fn new(q: &'a mut TestQueue, fe: &'a TestFrontend) -> SyncIo<'a> {
+        let next = q.used_idx();
+        SyncIo { q, fe, next }
+    }
+
+    /// Submit one request, wait for it, return its status.
+    pub fn run(&mut self, request_type: u32, sector: u64, data: Option<(u64, u32)>) -> u8 {
+        let k = self.next % MAX_REQUESTS;
+        let (gpa, len) = data.unwrap_or((0, 0));
+        self.q.submit(k, request_type, sector, gpa, len);
+        self.fe.kick();
+        self.next = self.next.wrapping_add(1);
+        assert!(
+            self.q.wait_used(self.next, Duration::from_secs(15)),
+            "request {k} (type {request_type}, sector {sector}) not answered"
+        );
+        self.q.status(k)
+    }
+
+    pub fn write(&mut self, sector: u64, bytes: &[u8]) -> u8 {
+        self.q.mem.write(DATA_GPA, bytes);
+        self.run(
+            VIRTIO_BLK_T_OUT,
+            sector,
+            Some((DATA_GPA, bytes.len() as u32)),
+        )
+    }
+
+    pub fn read(&mut self, sector: u64, len: u32) -> (u8, Vec<u8>) {
+        self.q.mem.write(DATA_GPA, &vec![0xee; len as usize]);
+        let status = self.run(VIRTIO_BLK_T_IN, sector, Some((DATA_GPA, len)));
+        (status, self.q.mem.read(DATA_GPA, len as usize))
+    }
+
+    pub fn flush(&mut self) -> u8 {
+        self.run(VIRTIO_BLK_T_FLUSH, 0, None)
     }
 }
 

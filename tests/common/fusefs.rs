@@ -1,8 +1,11 @@
 //! A FUSE filesystem for tests: one file, `disk.img`, passed through to a real file, whose
-//! I/O the test can slow down at run time. It puts a real kernel path (VFS, FUSE, io_uring's
-//! workers) under the daemon while letting a test decide when each write completes: data
-//! lands in the backing file at once, the reply to the daemon comes later — a disk that has
-//! written but not yet acknowledged, which is what a crash leaves half done.
+//! I/O the test can slow down or fail at run time. It puts a real kernel path (VFS, FUSE,
+//! io_uring's workers) under the daemon while letting a test decide how each operation ends:
+//! - slow writes: the data lands in the backing file at once, the reply comes later (a disk
+//!   that has written but not yet acknowledged, which is what a crash leaves half done);
+//! - failing writes in a byte range: the first half of the data is written (a torn write),
+//!   then the error (EIO, ENOSPC) is returned;
+//! - failing reads in a byte range, and failing the next fsyncs.
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
@@ -12,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::{guardblk, Daemon};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,
@@ -27,6 +31,18 @@ const TTL: Duration = Duration::from_secs(1);
 struct Knobs {
     /// Replies to writes overlapping this byte range wait this long.
     slow_writes: Option<(Range<u64>, Duration)>,
+    /// Writes overlapping this range are torn and fail with this errno.
+    failing_writes: Option<(Range<u64>, i32)>,
+    /// Reads overlapping this range fail with this errno.
+    failing_reads: Option<(Range<u64>, i32)>,
+    /// This many fsyncs from now fail with EIO.
+    failing_fsyncs: u32,
+    /// fsyncs that reached the filesystem (failed ones included).
+    fsyncs: u64,
+}
+
+fn overlaps(range: &Range<u64>, offset: u64, len: u64) -> bool {
+    offset < range.end && range.start < offset + len
 }
 
 struct PassThrough {
@@ -39,6 +55,7 @@ pub struct FaultFs {
     _session: BackgroundSession,
     _mountpoint: tempfile::TempDir,
     path: PathBuf,
+    backing: PathBuf,
     knobs: Arc<Mutex<Knobs>>,
 }
 
@@ -73,6 +90,7 @@ impl FaultFs {
             _session: session,
             _mountpoint: mountpoint,
             path,
+            backing: backing.to_path_buf(),
             knobs,
         }
     }
@@ -90,6 +108,42 @@ impl FaultFs {
 
     pub fn fast_writes(&self) {
         self.knobs.lock().unwrap().slow_writes = None;
+    }
+
+    /// Writes touching `range` write half their data, then fail with `errno`.
+    pub fn fail_writes(&self, range: Range<u64>, errno: i32) {
+        self.knobs.lock().unwrap().failing_writes = Some((range, errno));
+    }
+
+    /// Reads touching `range` fail with `errno`.
+    pub fn fail_reads(&self, range: Range<u64>, errno: i32) {
+        self.knobs.lock().unwrap().failing_reads = Some((range, errno));
+    }
+
+    /// The next `n` fsyncs fail with EIO.
+    pub fn fail_fsyncs(&self, n: u32) {
+        self.knobs.lock().unwrap().failing_fsyncs = n;
+    }
+
+    /// fsyncs that reached the filesystem so far.
+    pub fn fsyncs(&self) -> u64 {
+        self.knobs.lock().unwrap().fsyncs
+    }
+
+    /// The image's bytes as they are in the backing file (beneath FUSE).
+    pub fn backing_bytes(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        let file = File::open(&self.backing).unwrap();
+        file.read_exact_at(&mut out, offset).unwrap();
+        out
+    }
+
+    /// Every operation succeeds again (slow writes stay as set).
+    pub fn heal(&self) {
+        let mut knobs = self.knobs.lock().unwrap();
+        knobs.failing_writes = None;
+        knobs.failing_reads = None;
+        knobs.failing_fsyncs = 0;
     }
 }
 
@@ -163,6 +217,11 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some((range, errno)) = &self.knobs.lock().unwrap().failing_reads {
+            if overlaps(range, offset, u64::from(size)) {
+                return reply.error(Errno::from_i32(*errno));
+            }
+        }
         let mut buf = vec![0u8; size as usize];
         match self.backing.read_at(&mut buf, offset) {
             Ok(n) => reply.data(&buf[..n]),
@@ -182,14 +241,21 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let failing = match &self.knobs.lock().unwrap().failing_writes {
+            Some((range, errno)) if overlaps(range, offset, data.len() as u64) => Some(*errno),
+            _ => None,
+        };
+        if let Some(errno) = failing {
+            // Torn: the first half reaches the disk, then the error.
+            let _ = self.backing.write_all_at(&data[..data.len() / 2], offset);
+            return reply.error(Errno::from_i32(errno));
+        }
         if let Err(e) = self.backing.write_all_at(data, offset) {
             return reply.error(Errno::from(e));
         }
         let len = data.len() as u32;
         let delay = match &self.knobs.lock().unwrap().slow_writes {
-            Some((range, delay)) if offset < range.end && range.start < offset + u64::from(len) => {
-                Some(*delay)
-            }
+            Some((range, delay)) if overlaps(range, offset, u64::from(len)) => Some(*delay),
             _ => None,
         };
         match delay {
@@ -222,6 +288,14 @@ impl Filesystem for PassThrough {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        {
+            let mut knobs = self.knobs.lock().unwrap();
+            knobs.fsyncs += 1;
+            if knobs.failing_fsyncs > 0 {
+                knobs.failing_fsyncs -= 1;
+                return reply.error(Errno::EIO);
+            }
+        }
         match self.backing.sync_data() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Errno::from(e)),
@@ -230,5 +304,89 @@ impl Filesystem for PassThrough {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         reply.statfs(1 << 20, 1 << 19, 1 << 19, 16, 14, 4096, 255, 4096);
+    }
+}
+
+/// A PI image (type 1, 4 KiB intervals) whose data lives behind a [`FaultFs`] (its metadata on
+/// a plain filesystem: the store is memory-mapped, which FUSE's direct I/O does not allow),
+/// and a daemon serving it. Fields drop in order: the daemon dies before the filesystem
+/// unmounts.
+pub struct FuseImage {
+    pub daemon: Option<Daemon>,
+    pub fs: FaultFs,
+    pub meta: PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl FuseImage {
+    pub fn new(size: u64) -> FuseImage {
+        let backing_dir = tempfile::tempdir().unwrap();
+        let meta_dir = tempfile::tempdir().unwrap();
+        let backing = backing_dir.path().join(FILE_NAME);
+        let meta = meta_dir.path().join("disk.img.pi");
+        let created = guardblk(&[
+            "create",
+            backing.to_str().unwrap(),
+            "--size",
+            &size.to_string(),
+            "--pi",
+            "type1",
+            "--interval",
+            "4096",
+            "--pi-meta",
+            meta.to_str().unwrap(),
+        ]);
+        assert!(created.status.success(), "{created:?}");
+        let fs = FaultFs::mount(&backing);
+        let mut image = FuseImage {
+            daemon: None,
+            fs,
+            meta,
+            _dirs: (backing_dir, meta_dir),
+        };
+        let args = image.serve_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        image.daemon = Some(Daemon::serve(
+            tempfile::tempdir().unwrap(),
+            image.fs.image().to_path_buf(),
+            &args,
+        ));
+        image
+    }
+
+    pub fn serve_args(&self) -> Vec<String> {
+        vec![
+            "--pi-meta".into(),
+            self.meta.to_str().unwrap().into(),
+            "--io-engine".into(),
+            "io-uring".into(),
+        ]
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    /// SIGKILL the daemon and start another on the same socket and image.
+    pub fn kill_and_restart(&mut self) {
+        let mut d = self.daemon.take().unwrap();
+        d.child.kill().unwrap();
+        let args = self.serve_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (d, _) = d.restart_after_kill(&args, Duration::from_secs(20));
+        self.daemon = Some(d);
+    }
+
+    /// Stop the daemon with SIGTERM (it must exit cleanly) and scrub the image.
+    pub fn stop_and_scrub(&mut self) -> std::process::Output {
+        let mut d = self.daemon.take().unwrap();
+        let status = d.terminate();
+        assert!(status.success(), "daemon exit {status:?}: {}", d.log_text());
+        guardblk(&[
+            "scrub",
+            self.fs.image().to_str().unwrap(),
+            "--pi-meta",
+            self.meta.to_str().unwrap(),
+        ])
     }
 }

@@ -401,7 +401,12 @@ impl Executor {
                 VIRTIO_BLK_S_IOERR
             }
             Ok(buffer) => {
-                let failures = protected::verify_buffer(&pi, buffer.as_slice(), lba);
+                let mut failures = protected::verify_buffer(&pi, buffer.as_slice(), lba);
+                // A range a write failed on (and that could not be read back then) holds
+                // whatever the torn write left: re-derive it rather than call it corrupt.
+                if !failures.is_empty() && pi.heal_suspect(&self.image, lba, count) {
+                    failures = protected::verify_buffer(&pi, buffer.as_slice(), lba);
+                }
                 if failures.is_empty() {
                     self.counters.read_retries_healed.add(1);
                     let PiWork::Read { guest, .. } = &inflight.pi else {

@@ -1,0 +1,201 @@
+//! What a failing disk does to guardblk, through a real kernel path: the image lives behind a
+//! FUSE filesystem (tests/common/fusefs.rs) that tears and fails chosen writes (EIO, ENOSPC),
+//! fails reads and fsyncs. Every fault must fail exactly the request that met it, keep the
+//! daemon serving, leave no false guard error behind, and leave an image that scrubs clean.
+
+mod common;
+
+use common::frontend::*;
+use common::fusefs::FuseImage;
+use common::*;
+
+const MIB: u64 = 1 << 20;
+const BLOCK: usize = 4096;
+/// The block the faults hit (byte offset 1 MiB), and one they do not.
+const HIT_SECTOR: u64 = MIB / 512;
+const MISS_SECTOR: u64 = 3 * MIB / 512;
+const HIT_RANGE: std::ops::Range<u64> = MIB..MIB + BLOCK as u64;
+
+fn block(sector: u64, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; BLOCK];
+    fill_pattern(&mut data, sector * 512, seed);
+    data
+}
+
+fn counter(image: &FuseImage, name: &str) -> u64 {
+    image.daemon().stats()["counters"][name].as_u64().unwrap()
+}
+
+fn assert_scrub_clean(image: &mut FuseImage) {
+    let scrub = image.stop_and_scrub();
+    assert!(
+        scrub.status.success(),
+        "scrub not clean: {}\n{}",
+        String::from_utf8_lossy(&scrub.stdout),
+        String::from_utf8_lossy(&scrub.stderr)
+    );
+}
+
+fn a_failed_write(errno: i32) {
+    let mut image = FuseImage::new(8 * MIB);
+    let mut q = TestQueue::new();
+    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+    let mut io = SyncIo::new(&mut q, &fe);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 1)), 0);
+    assert_eq!(io.flush(), 0);
+
+    image.fs.fail_writes(HIT_RANGE, errno);
+    assert_eq!(
+        io.write(HIT_SECTOR, &block(HIT_SECTOR, 2)),
+        1,
+        "a torn write completed OK"
+    );
+    // Only that request: a write elsewhere, and a read of the failed block, still work.
+    assert_eq!(io.write(MISS_SECTOR, &block(MISS_SECTOR, 3)), 0);
+    image.fs.heal();
+    let (status, data) = io.read(HIT_SECTOR, BLOCK as u32);
+    assert_eq!(
+        status, 0,
+        "the block a write failed on reads with an error (false guard error?)"
+    );
+    // It holds what the disk holds: the torn mix, which the guest was told did not succeed.
+    assert_eq!(data, image.fs.backing_bytes(MIB, BLOCK));
+    assert!(
+        data[..BLOCK / 2] == block(HIT_SECTOR, 2)[..BLOCK / 2]
+            && data[BLOCK / 2..] == block(HIT_SECTOR, 1)[BLOCK / 2..],
+        "the write was not torn as the filesystem was told to"
+    );
+    let (status, data) = io.read(MISS_SECTOR, BLOCK as u32);
+    assert_eq!((status, data), (0, block(MISS_SECTOR, 3)));
+    // A new write over it succeeds and sticks.
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 4)), 0);
+    assert_eq!(io.read(HIT_SECTOR, BLOCK as u32), (0, block(HIT_SECTOR, 4)));
+    assert_eq!(io.flush(), 0);
+    assert_eq!(counter(&image, "guard_errors"), 0);
+    assert_eq!(counter(&image, "io_errors"), 1);
+    drop(fe);
+    assert_scrub_clean(&mut image);
+}
+
+#[test]
+fn a_torn_write_failing_with_eio_fails_only_that_request() {
+    a_failed_write(libc::EIO);
+}
+
+#[test]
+fn a_torn_write_failing_with_enospc_fails_only_that_request() {
+    a_failed_write(libc::ENOSPC);
+}
+
+#[test]
+fn a_failed_read_is_an_io_error_not_a_guard_error() {
+    let mut image = FuseImage::new(8 * MIB);
+    let mut q = TestQueue::new();
+    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+    let mut io = SyncIo::new(&mut q, &fe);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 5)), 0);
+    image.fs.fail_reads(HIT_RANGE, libc::EIO);
+    assert_eq!(io.read(HIT_SECTOR, BLOCK as u32).0, 1);
+    // Neighbours read fine meanwhile.
+    assert_eq!(io.read(MISS_SECTOR, BLOCK as u32).0, 0);
+    image.fs.heal();
+    assert_eq!(io.read(HIT_SECTOR, BLOCK as u32), (0, block(HIT_SECTOR, 5)));
+    assert_eq!(
+        counter(&image, "guard_errors"),
+        0,
+        "a failed read was reported as corruption"
+    );
+    assert_eq!(counter(&image, "io_errors"), 1);
+    drop(fe);
+    assert_scrub_clean(&mut image);
+}
+
+/// fsyncgate: a flush that failed must not be forgotten. The next flush asks the disk again
+/// (never "nothing written since, so OK"), and data written before the failure reads back.
+#[test]
+fn a_failed_flush_is_reported_and_the_next_flush_asks_the_disk_again() {
+    let mut image = FuseImage::new(8 * MIB);
+    let mut q = TestQueue::new();
+    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+    let mut io = SyncIo::new(&mut q, &fe);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 6)), 0);
+    image.fs.fail_fsyncs(1);
+    assert_eq!(
+        io.flush(),
+        1,
+        "a failed fsync was reported as a successful flush"
+    );
+    let before = image.fs.fsyncs();
+    assert_eq!(io.flush(), 0);
+    assert!(
+        image.fs.fsyncs() > before,
+        "the flush after a failure did not reach the disk"
+    );
+    assert_eq!(io.read(HIT_SECTOR, BLOCK as u32), (0, block(HIT_SECTOR, 6)));
+    drop(fe);
+    assert_scrub_clean(&mut image);
+}
+
+/// A write fails torn and the block cannot be read back at that moment either, so its tuples
+/// cannot be re-derived then. Once the disk reads again, the first read of the block re-derives
+/// them: no guard error for content the guest was told may be anything.
+#[test]
+fn a_write_that_fails_unreadable_is_re_derived_by_the_first_read_that_works() {
+    let mut image = FuseImage::new(8 * MIB);
+    let mut q = TestQueue::new();
+    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+    let mut io = SyncIo::new(&mut q, &fe);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 1)), 0);
+    image.fs.fail_writes(HIT_RANGE, libc::EIO);
+    image.fs.fail_reads(HIT_RANGE, libc::EIO);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 2)), 1);
+    image.daemon().wait_for_log("stays marked for recovery");
+    image.fs.heal();
+    let (status, data) = io.read(HIT_SECTOR, BLOCK as u32);
+    assert_eq!(status, 0, "the torn block was reported as corrupt");
+    assert_eq!(data, image.fs.backing_bytes(MIB, BLOCK));
+    assert_eq!(counter(&image, "guard_errors"), 0);
+    image
+        .daemon()
+        .wait_for_log("re-derived the tuples of a range whose write had failed");
+    drop(fe);
+    assert_scrub_clean(&mut image);
+}
+
+/// The same failed write, never read again: its write intent must survive flushes and a
+/// crash, so the restarted daemon re-derives the block (a flush that cleared it would leave a
+/// tuple that no longer matches the torn data: a false guard error after the restart).
+#[test]
+fn a_write_that_fails_unreadable_keeps_its_intent_through_flushes_and_a_crash() {
+    let mut image = FuseImage::new(8 * MIB);
+    let mut q = TestQueue::new();
+    {
+        let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+        let mut io = SyncIo::new(&mut q, &fe);
+        assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 1)), 0);
+        image.fs.fail_writes(HIT_RANGE, libc::EIO);
+        image.fs.fail_reads(HIT_RANGE, libc::EIO);
+        assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 2)), 1);
+        image.fs.heal();
+        // Flushes a second apart: each may clear intents of regions idle since the last.
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+            assert_eq!(io.flush(), 0);
+        }
+    }
+    image.kill_and_restart();
+    let recovery = image.daemon().stats()["recovery"].clone();
+    assert!(
+        recovery["dirty_regions"].as_u64().unwrap_or(0) > 0,
+        "the failed write's intent was cleared before the crash: {recovery}"
+    );
+    let mut q = TestQueue::new();
+    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+    let mut io = SyncIo::new(&mut q, &fe);
+    let (status, data) = io.read(HIT_SECTOR, BLOCK as u32);
+    assert_eq!(status, 0, "false guard error after the restart");
+    assert_eq!(data, image.fs.backing_bytes(MIB, BLOCK));
+    assert_eq!(counter(&image, "guard_errors"), 0);
+    drop(fe);
+    assert_scrub_clean(&mut image);
+}
