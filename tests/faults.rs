@@ -199,3 +199,51 @@ fn a_write_that_fails_unreadable_keeps_its_intent_through_flushes_and_a_crash() 
     drop(fe);
     assert_scrub_clean(&mut image);
 }
+
+/// A guest that reuses descriptor heads still in flight can present more requests than its
+/// ring holds. The daemon keeps at most a ring's worth in flight (the rest wait in the ring)
+/// instead of growing its tables without bound, and answers all of them in the end.
+#[test]
+fn requests_in_flight_never_exceed_the_ring() {
+    let image = FuseImage::new(8 * MIB);
+    let mut q = TestQueue::new();
+    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
+    image
+        .fs
+        .slow_reads(0..8 * MIB, std::time::Duration::from_secs(2));
+    let rounds = 4u16;
+    let mut most = 0u64;
+    for round in 0..rounds {
+        for k in 0..MAX_REQUESTS {
+            let sector = u64::from(round * MAX_REQUESTS + k) * 8;
+            q.submit(
+                k,
+                VIRTIO_BLK_T_IN,
+                sector,
+                DATA_GPA + u64::from(k) * PAGE,
+                BLOCK as u32,
+            );
+        }
+        fe.kick();
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        most = most.max(counter(&image, "in_flight"));
+    }
+    let total = rounds * MAX_REQUESTS;
+    assert!(
+        most <= u64::from(QUEUE_SIZE),
+        "{most} requests in flight on a ring of {QUEUE_SIZE}"
+    );
+    assert!(
+        most >= 200,
+        "only {most} in flight: the load did not reach the cap"
+    );
+    image
+        .daemon()
+        .wait_for_log("more requests in flight than its ring has descriptors");
+    image.fs.fast_reads();
+    assert!(
+        q.wait_used(total, std::time::Duration::from_secs(60)),
+        "only {} of {total} answered",
+        q.used_idx()
+    );
+}

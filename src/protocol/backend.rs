@@ -88,6 +88,8 @@ struct QueueWorker {
     recover_pending: bool,
     /// Pop order of the next request, recorded in the region.
     pop_counter: u64,
+    /// The in-flight cap was hit (logged once per session).
+    in_flight_capped: bool,
 }
 
 struct Device {
@@ -166,6 +168,7 @@ impl BlkBackend {
                     inflight: None,
                     recover_pending: false,
                     pop_counter: 0,
+                    in_flight_capped: false,
                 }))
             })
             .collect::<io::Result<Vec<_>>>()?;
@@ -349,11 +352,26 @@ impl BlkBackend {
         if event_idx {
             let _ = vring.disable_notification();
         }
+        // A driver can never have more requests outstanding than its ring has descriptors
+        // heads; one that reuses heads still in flight could otherwise grow the executor's
+        // table without bound. Past this, requests wait in the ring for completions.
+        let max_in_flight = usize::from(vring.get_ref().get_queue().size());
         loop {
             worker.executor.set_clock(pass_started);
             let mut started = 0usize;
             let mut unreported_bytes = 0u64;
             loop {
+                if worker.executor.in_flight() >= max_in_flight {
+                    if !worker.in_flight_capped {
+                        worker.in_flight_capped = true;
+                        tracing::warn!(
+                            queue = worker.index,
+                            max_in_flight,
+                            "the guest keeps more requests in flight than its ring has descriptors (reused heads?): the rest wait in the ring"
+                        );
+                    }
+                    break;
+                }
                 // The memory table may change at any time (the frontend adds a region, waits
                 // for our acknowledgement, then posts requests that use it). Load it afresh
                 // for every chain, and again once the chain is seen: a table loaded before the
@@ -395,6 +413,10 @@ impl BlkBackend {
             worker.executor.reap(&mut worker.done);
             let completed = worker.done.len();
             self.push_used(worker, vring);
+            if worker.executor.in_flight() >= max_in_flight {
+                // Capped: the next completion's event brings the thread back to pop more.
+                return;
+            }
             let now = Instant::now();
             pass_started = now;
             if started > 0 || completed > 0 {

@@ -31,6 +31,8 @@ const TTL: Duration = Duration::from_secs(1);
 struct Knobs {
     /// Replies to writes overlapping this byte range wait this long.
     slow_writes: Option<(Range<u64>, Duration)>,
+    /// Replies to reads overlapping this byte range wait this long.
+    slow_reads: Option<(Range<u64>, Duration)>,
     /// Writes overlapping this range are torn and fail with this errno.
     failing_writes: Option<(Range<u64>, i32)>,
     /// Reads overlapping this range fail with this errno.
@@ -108,6 +110,15 @@ impl FaultFs {
 
     pub fn fast_writes(&self) {
         self.knobs.lock().unwrap().slow_writes = None;
+    }
+
+    /// From now on, replies to reads touching `range` come `delay` late.
+    pub fn slow_reads(&self, range: Range<u64>, delay: Duration) {
+        self.knobs.lock().unwrap().slow_reads = Some((range, delay));
+    }
+
+    pub fn fast_reads(&self) {
+        self.knobs.lock().unwrap().slow_reads = None;
     }
 
     /// Writes touching `range` write half their data, then fail with `errno`.
@@ -223,9 +234,23 @@ impl Filesystem for PassThrough {
             }
         }
         let mut buf = vec![0u8; size as usize];
-        match self.backing.read_at(&mut buf, offset) {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(Errno::from(e)),
+        let n = match self.backing.read_at(&mut buf, offset) {
+            Ok(n) => n,
+            Err(e) => return reply.error(Errno::from(e)),
+        };
+        buf.truncate(n);
+        let delay = match &self.knobs.lock().unwrap().slow_reads {
+            Some((range, delay)) if overlaps(range, offset, u64::from(size)) => Some(*delay),
+            _ => None,
+        };
+        match delay {
+            Some(delay) => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(delay);
+                    reply.data(&buf);
+                });
+            }
+            None => reply.data(&buf),
         }
     }
 
