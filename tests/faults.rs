@@ -247,3 +247,35 @@ fn requests_in_flight_never_exceed_the_ring() {
         q.used_idx()
     );
 }
+
+/// A guest that sends nothing but bad requests gets each one answered (UNSUPP) and counted,
+/// while the host's log gets a few lines a second saying how many were left out.
+#[test]
+fn a_flood_of_bad_requests_is_counted_in_full_and_logged_a_few_times_a_second() {
+    let d = Daemon::start(4 * MIB, &[]);
+    let mut q = TestQueue::new();
+    let fe = q.connect(&d.socket, FrontendOptions::default(), 0);
+    let rounds = 12u16;
+    let started = std::time::Instant::now();
+    for round in 1..=rounds {
+        for k in 0..MAX_REQUESTS {
+            q.submit(k, 99, 0, DATA_GPA, 512); // no such request type
+        }
+        fe.kick();
+        assert!(q.wait_used(round * MAX_REQUESTS, std::time::Duration::from_secs(10)));
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let total = u64::from(rounds * MAX_REQUESTS);
+    assert!(
+        (0..MAX_REQUESTS).all(|k| q.status(k) == 2),
+        "not answered UNSUPP"
+    );
+    let stats = d.stats();
+    assert_eq!(stats["counters"]["rejected"], total, "{stats}");
+    let lines = d.log_count("rejected guest request");
+    assert!(lines >= 1, "no rejection logged at all");
+    assert!(
+        lines as u64 <= 5 * (seconds + 1),
+        "{lines} log lines for {total} rejections in {seconds} s"
+    );
+}

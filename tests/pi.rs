@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -779,4 +779,46 @@ fn reads_racing_overlapping_writes_on_two_queues_never_fail_type1_4096() {
 #[test]
 fn reads_racing_overlapping_writes_on_two_queues_never_fail_type3_512() {
     reads_race_overlapping_writes("type3", 512, 2.0);
+}
+
+/// A read across a corrupted range fails once, journals every bad interval (one sync, not
+/// one per interval), and logs only the first few with a line summing up the rest.
+#[test]
+fn a_read_across_many_corrupt_blocks_journals_every_lba_and_logs_a_summary() {
+    let size = 8 * MIB;
+    let seed = 11;
+    let d = Daemon::start_created(
+        &std::env::temp_dir(),
+        size,
+        &["--pi", "type1", "--interval", "4096"],
+        &[],
+    );
+    let mut c = Client::connect(&d.socket, 1, MIB as usize).unwrap();
+    fill_disk(&mut c, size, seed);
+    let image = d.image.clone();
+    let layout = PiLayout::read(&image);
+    let (first, count) = (64u64, 48u64);
+    for lba in first..first + count {
+        let mut data = layout.read_block(&image, lba);
+        data[7] ^= 0x01;
+        layout.write_block(&image, lba, &data);
+    }
+    assert!(read(&mut c, 0, first * 4096, 0, (count * 4096) as usize) < 0);
+    let journal = std::fs::read_to_string(journal_path(&image)).unwrap();
+    let journalled: BTreeSet<u64> = journal
+        .lines()
+        .filter(|l| l.contains("\"guard_error\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["lba"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        journalled,
+        (first..first + count).collect::<BTreeSet<u64>>()
+    );
+    let logged = d.log_count("PI guard error ");
+    assert!(logged <= 8, "{logged} guard error lines for one request");
+    d.wait_for_log("more PI guard errors in the same request");
 }

@@ -23,6 +23,8 @@ pub enum Event {
     Recovered,
     /// `guardblk inject` corrupted this block on purpose.
     Injected,
+    /// The journal reached its size cap: the older records are in `JOURNAL.1` (`lba` 0).
+    Rotated,
 }
 
 /// One line of the journal.
@@ -89,20 +91,38 @@ pub fn mutations_path(image: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Size at which the journal is rotated: a failing disk or a corrupted range read in a loop
+/// must not fill the host's filesystem. One older generation (`JOURNAL.1`) is kept.
+pub const MAX_JOURNAL_BYTES: u64 = 64 << 20;
+
 /// An open journal, shared by every queue.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     file: Mutex<Option<File>>,
+    max_bytes: u64,
 }
 
 impl Journal {
     /// The file is created on the first record, so a clean disk has no journal at all.
     pub fn new(path: PathBuf) -> Journal {
+        Self::with_cap(path, MAX_JOURNAL_BYTES)
+    }
+
+    /// As [`Journal::new`], rotating at `max_bytes`.
+    pub fn with_cap(path: PathBuf, max_bytes: u64) -> Journal {
         Journal {
             path,
             file: Mutex::new(None),
+            max_bytes,
         }
+    }
+
+    /// Where the previous generation goes when the journal rotates.
+    pub fn rotated_path(&self) -> PathBuf {
+        let mut p = self.path.as_os_str().to_owned();
+        p.push(".1");
+        PathBuf::from(p)
     }
 
     pub fn path(&self) -> &Path {
@@ -112,15 +132,44 @@ impl Journal {
     /// Append `record` and make it durable. Failing to journal is logged, never fatal: the
     /// structured log line and the guest's I/O error still report the failure.
     pub fn append(&self, record: &Record) {
-        if let Err(e) = self.try_append(record) {
+        self.append_all(std::slice::from_ref(record));
+    }
+
+    /// Append `records` and make them durable with one sync (a failing range of thousands of
+    /// intervals is one request, not thousands of fdatasyncs in the queue thread).
+    pub fn append_all(&self, records: &[Record]) {
+        if let Err(e) = self.try_append_all(records) {
             tracing::error!(journal = %self.path.display(), error = %e, "cannot append to the PI error journal");
         }
     }
 
+    #[cfg(test)]
     fn try_append(&self, record: &Record) -> io::Result<()> {
-        let mut line = serde_json::to_string(record).map_err(io::Error::other)?;
-        line.push('\n');
+        self.try_append_all(std::slice::from_ref(record))
+    }
+
+    fn try_append_all(&self, records: &[Record]) -> io::Result<()> {
+        let mut text = String::new();
+        for record in records {
+            text.push_str(&serde_json::to_string(record).map_err(io::Error::other)?);
+            text.push('\n');
+        }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .is_some_and(|m| m.len() + text.len() as u64 > self.max_bytes)
+        {
+            // Rotate: the full file becomes JOURNAL.1 (replacing an older one), and the new
+            // file starts with a record saying so.
+            *file = None;
+            std::fs::rename(&self.path, self.rotated_path())?;
+            let mut rotated = serde_json::to_string(&Record::now(Event::Rotated, 0, 0, "journal"))
+                .map_err(io::Error::other)?;
+            rotated.push('\n');
+            text.insert_str(0, &rotated);
+            tracing::warn!(journal = %self.path.display(), rotated = %self.rotated_path().display(), "the PI error journal reached its size cap and was rotated");
+        }
         if file.is_none() {
             *file = Some(crate::storage::files::open_no_follow(
                 &self.path,
@@ -131,7 +180,7 @@ impl Journal {
             )?);
         }
         let f = file.as_mut().expect("opened above");
-        f.write_all(line.as_bytes())?;
+        f.write_all(text.as_bytes())?;
         f.sync_data()
     }
 
@@ -162,6 +211,26 @@ impl Journal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_journal_rotates_at_its_cap_keeping_one_older_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let journal = Journal::with_cap(path.clone(), 2000);
+        let batch: Vec<Record> = (0..10)
+            .map(|lba| Record::now(Event::GuardError, lba, 4096, "read"))
+            .collect();
+        for _ in 0..20 {
+            journal.append_all(&batch);
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() <= 2000 + 2000);
+        let (current, skipped) = Journal::read(&path).unwrap();
+        assert_eq!(skipped, 0);
+        assert_eq!(current[0].event, Event::Rotated);
+        let (older, _) = Journal::read(&journal.rotated_path()).unwrap();
+        assert!(!older.is_empty());
+        assert!(std::fs::metadata(journal.rotated_path()).unwrap().len() <= 2000);
+    }
 
     #[test]
     fn the_journal_is_private_and_never_written_through_a_link() {

@@ -60,6 +60,21 @@ pub struct PiStore {
 /// recovery, but a read of it before a restart reports the mismatch.
 const MAX_SUSPECT_RANGES: usize = 4096;
 
+/// Guard errors of one request logged line by line; the rest are summed up (all journalled).
+pub const LOGGED_PER_REQUEST: usize = 8;
+
+fn log_guard_error(lba: u64, interval: u32, error: &PiError, source: &str) {
+    tracing::error!(
+        lba,
+        byte_offset = lba * u64::from(interval),
+        kind = %error.kind,
+        expected = format_args!("{:#x}", error.expected),
+        actual = format_args!("{:#x}", error.actual),
+        request = source,
+        "PI guard error"
+    );
+}
+
 impl std::fmt::Debug for PiStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PiStore").field("meta", &self.meta).finish()
@@ -173,17 +188,40 @@ impl PiStore {
 
     /// Report a real guard error: one structured log line and a journal record (the caller
     /// counts it).
+    /// Report the guard errors of one request: every one journalled (one sync), the first
+    /// [`LOGGED_PER_REQUEST`] logged with their LBA, the rest summed up in one more line.
+    pub fn report_all(&self, failures: &[(u64, PiError)], source: &str) {
+        let interval = self.interval();
+        for (lba, error) in failures.iter().take(LOGGED_PER_REQUEST) {
+            log_guard_error(*lba, interval, error, source);
+        }
+        if failures.len() > LOGGED_PER_REQUEST {
+            let (first, last) = (failures[0].0, failures[failures.len() - 1].0);
+            tracing::error!(
+                more = failures.len() - LOGGED_PER_REQUEST,
+                first_lba = first,
+                last_lba = last,
+                request = source,
+                journal = %self.journal.path().display(),
+                "more PI guard errors in the same request (every LBA is in the journal)"
+            );
+        }
+        let records: Vec<Record> = failures
+            .iter()
+            .map(|(lba, error)| {
+                Record::now(Event::GuardError, *lba, interval, source).with_mismatch(
+                    error.kind,
+                    error.expected,
+                    error.actual,
+                )
+            })
+            .collect();
+        self.journal.append_all(&records);
+    }
+
     pub fn report(&self, lba: u64, error: &PiError, source: &str) {
         let interval = self.interval();
-        tracing::error!(
-            lba,
-            byte_offset = lba * u64::from(interval),
-            kind = %error.kind,
-            expected = format_args!("{:#x}", error.expected),
-            actual = format_args!("{:#x}", error.actual),
-            request = source,
-            "PI guard error"
-        );
+        log_guard_error(lba, interval, error, source);
         self.journal.append(
             &Record::now(Event::GuardError, lba, interval, source).with_mismatch(
                 error.kind,

@@ -9,6 +9,7 @@ pub mod bounce;
 pub mod counters;
 pub mod executor;
 pub mod guest_mem;
+pub mod log_limit;
 pub mod mutation;
 pub mod parse;
 pub mod policy;

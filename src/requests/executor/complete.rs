@@ -148,11 +148,14 @@ impl Executor {
         }
         if let Some(errno) = inflight.errno {
             self.counters.io_errors.add(1);
-            tracing::warn!(
-                head = inflight.head,
-                error = %io::Error::from_raw_os_error(errno),
-                "I/O failed; completing the request with IOERR"
-            );
+            if let Some(left_out) = self.io_error_log.allow(self.clock) {
+                tracing::warn!(
+                    head = inflight.head,
+                    error = %io::Error::from_raw_os_error(errno),
+                    left_out,
+                    "I/O failed; completing the request with IOERR (left_out: failures not logged since the last line)"
+                );
+            }
             status = VIRTIO_BLK_S_IOERR;
         } else if let DataPath::Bounce { bounce, guest } = &inflight.data {
             // Reads through a bounce buffer land in guest memory only now. (For writes the
@@ -419,8 +422,8 @@ impl Executor {
                         VIRTIO_BLK_S_IOERR
                     }
                 } else {
-                    for (l, e) in &failures {
-                        pi.report(*l, e, "read");
+                    pi.report_all(&failures, "read");
+                    for (_, e) in &failures {
                         self.counters.pi_error(e.kind);
                     }
                     self.counters.guard_errors.add(1);

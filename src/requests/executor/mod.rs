@@ -30,6 +30,7 @@ use super::policy::{self, WriteCosts, WritePath};
 use super::protected;
 use crate::integrity::intent::FlushTicket;
 use crate::integrity::PiStore;
+use crate::requests::log_limit::LogLimit;
 use crate::storage::{AlignedBuf, Completion, Engine, EngineKind, Image, Op, OpKind, SECTOR_SIZE};
 
 /// Largest iovec array one readv/writev takes (Linux UIO_MAXIOV).
@@ -216,6 +217,9 @@ pub struct Executor {
     /// reap that found completions: request latencies are measured with it, so a request
     /// costs no clock read of its own.
     clock: std::time::Instant,
+    /// Rejected chains and failed I/O are counted always, logged a few times a second.
+    reject_log: LogLimit,
+    io_error_log: LogLimit,
 }
 
 fn tag(slot: u32, aux: u32) -> u64 {
@@ -271,6 +275,8 @@ impl Executor {
             // A chunk per queue slot: any request the device accepts fits (see bounce.rs).
             pool: BouncePool::new(u32::from(queue_size).max(16)),
             clock: std::time::Instant::now(),
+            reject_log: LogLimit::new(),
+            io_error_log: LogLimit::new(),
         })
     }
 
@@ -373,9 +379,16 @@ impl Executor {
         }
     }
 
-    fn reject(&self, rejected: Rejected, mem: &GuestMemoryMmap) -> UsedEntry {
+    fn reject(&mut self, rejected: Rejected, mem: &GuestMemoryMmap) -> UsedEntry {
         self.counters.reject(&rejected.error);
-        tracing::warn!(head = rejected.head, error = %rejected.error, "rejected guest request");
+        if let Some(left_out) = self.reject_log.allow(self.clock) {
+            tracing::warn!(
+                head = rejected.head,
+                error = %rejected.error,
+                left_out,
+                "rejected guest request (left_out: rejections not logged since the last line; all are counted in the stats)"
+            );
+        }
         match rejected.status {
             Some(addr) if mem.write_obj(rejected.error.status(), addr).is_ok() => UsedEntry {
                 head: rejected.head,
