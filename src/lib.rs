@@ -20,3 +20,8 @@ pub(crate) mod protocol;
 pub(crate) mod requests;
 pub(crate) mod storage;
 pub(crate) mod telemetry;
+
+// The fuzz targets' way in (fuzz/): only with `--cfg fuzzing`, which cargo-fuzz sets (and in
+// unit tests, which check the targets' seed inputs and can write them out for the fuzzer).
+#[cfg(any(fuzzing, test))]
+pub mod fuzzing;

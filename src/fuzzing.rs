@@ -1,0 +1,299 @@
+//! Entry points for the fuzz targets in `fuzz/` (built only with `--cfg fuzzing`, which
+//! cargo-fuzz sets), so the targets reach the crate's internals without making them public.
+//! Each takes the fuzzer's bytes, feeds them to one reader of untrusted input, and checks
+//! what must hold whatever the input: no panic, nothing outside what was given, and the
+//! answers a guest may see are among the allowed ones. See fuzz/README.md.
+
+use std::io::Write;
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::integrity::header::Header;
+use crate::integrity::journal::Journal;
+use crate::protocol::inflight::{ChainWalk, InflightRegion};
+use crate::requests::mutation::{MutationTracker, SavedMarks};
+use crate::requests::parse::{parse_request, RequestKind, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
+use crate::requests::Limits;
+
+/// Guest memory of the descriptor-chain target, and where its ring lives.
+const GUEST_MEM: usize = 0x1_0000;
+const QUEUE_SIZE: u16 = 16;
+const DESC_TABLE: u64 = 0x0;
+const AVAIL_RING: u64 = 0x100;
+const USED_RING: u64 = 0x200;
+
+fn limits() -> Limits {
+    Limits {
+        capacity_sectors: 1 << 20,
+        block_size: 4096,
+        max_segments: u32::from(QUEUE_SIZE) - 2,
+        max_transfer_bytes: 1 << 20,
+        max_discard_segments: 32,
+        max_discard_sectors: 1 << 22,
+        max_write_zeroes_segments: 32,
+        max_write_zeroes_sectors: 1 << 22,
+        read_only: false,
+    }
+}
+
+fn inside(addr: GuestAddress, len: u64) -> bool {
+    addr.0
+        .checked_add(len)
+        .is_some_and(|end| end <= GUEST_MEM as u64)
+}
+
+/// Target `descriptor_chains`: the fuzzer writes the start of guest memory (descriptor table,
+/// avail ring, indirect tables, headers, discard segments); every chain the queue pops goes
+/// through the parser (and the in-flight recovery's own chain walker). Whatever it accepts
+/// must lie inside guest memory; whatever it refuses gets IOERR or UNSUPP.
+pub fn descriptor_chains(data: &[u8]) {
+    let mem =
+        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM)]).expect("guest memory");
+    let n = data.len().min(GUEST_MEM);
+    mem.write_slice(&data[..n], GuestAddress(0))
+        .expect("inside guest memory");
+    let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+    queue.set_size(QUEUE_SIZE);
+    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_ready(true);
+    let limits = limits();
+    for _ in 0..QUEUE_SIZE {
+        let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        match parse_request(head, chain, &mem, &limits) {
+            Ok(request) => {
+                assert!(inside(request.status, 1), "status byte outside memory");
+                let ranges = match &request.kind {
+                    RequestKind::Read { data, .. } | RequestKind::Write { data, .. } => {
+                        data.as_slice()
+                    }
+                    RequestKind::GetId { buffer, .. } => buffer.as_slice(),
+                    _ => &[],
+                };
+                for r in ranges {
+                    assert!(
+                        inside(r.addr, u64::from(r.len)),
+                        "data range outside memory"
+                    );
+                }
+            }
+            Err(rejected) => {
+                let status = rejected.error.status();
+                assert!(status == VIRTIO_BLK_S_IOERR || status == VIRTIO_BLK_S_UNSUPP);
+                if let Some(addr) = rejected.status {
+                    assert!(inside(addr, 1), "refusal's status byte outside memory");
+                }
+            }
+        }
+        // The recovery walker sees the same table: bounded, inside memory.
+        let walked = ChainWalk::new(&mem, DESC_TABLE, QUEUE_SIZE, head).count();
+        assert!(walked <= usize::from(QUEUE_SIZE) + 0xffff);
+    }
+}
+
+/// Target `metadata_header`: the first page of a metadata file. A header that decodes must
+/// encode back to itself.
+pub fn metadata_header(data: &[u8]) {
+    if let Ok(header) = Header::decode(data, std::path::Path::new("fuzz.pi")) {
+        let again = Header::decode(&header.encode(), std::path::Path::new("fuzz.pi"))
+            .expect("an encoded header decodes");
+        assert_eq!(again.encode(), header.encode());
+        let _ = (header.file_len(), header.regions(), header.tuples_offset());
+    }
+}
+
+/// Target `saved_state`: the files a restarted daemon reads back — the error journal, the
+/// mutation marks, an in-flight region handed over by a frontend — from arbitrary bytes.
+pub fn saved_state(data: &[u8]) {
+    let path = std::env::temp_dir().join(format!("guardblk-fuzz-journal-{}", std::process::id()));
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(data))
+        .expect("write the journal");
+    let _ = Journal::read(&path);
+
+    if let Ok(saved) = serde_json::from_slice::<SavedMarks>(data) {
+        let tracker = MutationTracker::new(1 << 30, Duration::from_secs(30));
+        let _ = tracker.restore(&saved, 1_700_000_000);
+        let _ = tracker.save(1_700_000_000);
+    }
+
+    // A one-queue region of 16 descriptors with the fuzzer's bytes as its contents.
+    let (region, memfd) = InflightRegion::create(1, QUEUE_SIZE).expect("region");
+    drop(region);
+    let len = memfd.metadata().expect("size").len() as usize;
+    let mut contents = data.to_vec();
+    contents.resize(len, 0);
+    std::os::unix::fs::FileExt::write_all_at(&memfd, &contents, 0).expect("write region");
+    let region = InflightRegion::map(&memfd, 0, len as u64, 1, QUEUE_SIZE).expect("map");
+    let queue = region.queue(0).expect("queue 0");
+    let used = data.first().map_or(0, |&b| u16::from(b));
+    if let Ok(recovery) = queue.recover(used, QUEUE_SIZE) {
+        assert!(recovery.resubmit.iter().all(|&h| h < QUEUE_SIZE));
+        assert!(recovery.resubmit.len() <= usize::from(QUEUE_SIZE));
+    }
+}
+
+/// Seed inputs for each target, built with the same code the unit tests exercise: well-formed
+/// inputs the fuzzer then mutates. The unit test below checks them and, with
+/// `GUARDBLK_WRITE_FUZZ_SEEDS=DIR`, writes them to `DIR/TARGET/seed-NAME` (test.sh does, for
+/// fuzz/corpus).
+pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut out = Vec::new();
+    // descriptor_chains: a ring with one chain of each request type, direct and indirect.
+    let kinds: [(u32, u32, bool); 6] = [
+        (0, 4096, true),  // read
+        (1, 8192, false), // write
+        (4, 0, false),    // flush
+        (8, 20, true),    // get id
+        (11, 16, false),  // discard: one segment
+        (13, 16, false),  // write zeroes
+    ];
+    for (i, &(kind, len, writable)) in kinds.iter().enumerate() {
+        for indirect in [false, true] {
+            let mut mem = vec![0u8; 0x4000];
+            let put = |mem: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+                mem[at..at + bytes.len()].copy_from_slice(bytes)
+            };
+            let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+                let mut d = Vec::with_capacity(16);
+                d.extend_from_slice(&addr.to_le_bytes());
+                d.extend_from_slice(&len.to_le_bytes());
+                d.extend_from_slice(&flags.to_le_bytes());
+                d.extend_from_slice(&next.to_le_bytes());
+                d
+            };
+            // Header at 0x1000 (type, reserved, sector 8), data at 0x2000, status at 0x3000.
+            put(&mut mem, 0x1000, &kind.to_le_bytes());
+            put(&mut mem, 0x1008, &8u64.to_le_bytes());
+            if kind == 11 || kind == 13 {
+                put(&mut mem, 0x2000, &16u64.to_le_bytes()); // segment: sector 16, 8 sectors
+                put(&mut mem, 0x2008, &8u32.to_le_bytes());
+            }
+            let mut chain = vec![desc(0x1000, 16, 1, 1)];
+            if len > 0 {
+                chain.push(desc(0x2000, len, 1 | if writable { 2 } else { 0 }, 2));
+            }
+            let last = chain.len() as u16;
+            chain.last_mut().unwrap()[14..16].copy_from_slice(&last.to_le_bytes());
+            chain.push(desc(0x3000, 1, 2, 0));
+            if indirect {
+                // The table at 0x3800; descriptor 0 points at it.
+                let table: Vec<u8> = chain.concat();
+                put(&mut mem, 0x3800, &table);
+                put(&mut mem, 0, &desc(0x3800, table.len() as u32, 4, 0));
+            } else {
+                put(&mut mem, 0, &chain.concat());
+            }
+            // Avail ring: flags 0, idx 1, ring[0] = head 0.
+            put(&mut mem, AVAIL_RING as usize + 2, &1u16.to_le_bytes());
+            out.push((
+                "descriptor_chains",
+                format!(
+                    "type{kind}-{}",
+                    if indirect { "indirect" } else { "direct" }
+                ),
+                mem,
+            ));
+        }
+        let _ = i;
+    }
+    // metadata_header: a fresh header for each format.
+    for format in [
+        crate::integrity::PiFormat::Type1,
+        crate::integrity::PiFormat::Type3,
+        crate::integrity::PiFormat::Nvme64,
+    ] {
+        let data = crate::integrity::header::DataIdentity {
+            path: "/srv/disk.img".into(),
+            size: 1 << 30,
+            device: 0x803,
+            inode: 12,
+        };
+        let header = Header::new(format, 4096, data);
+        out.push(("metadata_header", format!("{format}"), header.encode()));
+    }
+    // saved_state: a journal, saved marks, an in-flight region with requests in it.
+    let record = crate::integrity::journal::Record::now(
+        crate::integrity::journal::Event::GuardError,
+        42,
+        4096,
+        "read",
+    );
+    let mut journal = serde_json::to_string(&record).expect("record") + "\n";
+    journal.push_str("{\"time\":\"2026");
+    out.push(("saved_state", "journal".into(), journal.into_bytes()));
+    let tracker = MutationTracker::new(1 << 30, Duration::from_secs(30));
+    out.push((
+        "saved_state",
+        "marks".into(),
+        serde_json::to_vec(&tracker.save(1_700_000_000)).expect("marks"),
+    ));
+    let (region, memfd) = InflightRegion::create(1, QUEUE_SIZE).expect("region");
+    let queue = region.queue(0).expect("queue 0");
+    let _ = queue.recover(0, QUEUE_SIZE);
+    for (counter, head) in [(0u64, 3u16), (1, 7), (2, 1)] {
+        queue.mark_popped(head, counter);
+    }
+    queue.before_used(7);
+    queue.after_used(7, 1);
+    let len = memfd.metadata().expect("size").len() as usize;
+    let mut bytes = vec![0u8; len];
+    std::os::unix::fs::FileExt::read_exact_at(&memfd, &mut bytes, 0).expect("read region");
+    out.push(("saved_state", "inflight".into(), bytes));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every seed is an input its target takes without a finding, and the descriptor-chain
+    /// seeds are requests the parser accepts (so the fuzzer starts from the accepted paths).
+    #[test]
+    fn fuzz_seeds_are_valid_inputs_for_their_targets() {
+        let seeds = seeds();
+        for (target, name, bytes) in &seeds {
+            match *target {
+                "descriptor_chains" => {
+                    descriptor_chains(bytes);
+                    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM)])
+                        .unwrap();
+                    mem.write_slice(bytes, GuestAddress(0)).unwrap();
+                    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+                    queue.set_size(QUEUE_SIZE);
+                    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+                    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+                    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+                    queue.set_ready(true);
+                    let chain = queue.pop_descriptor_chain(&mem).expect("a chain");
+                    let head = chain.head_index();
+                    let parsed = parse_request(head, chain, &mem, &limits());
+                    assert!(parsed.is_ok(), "seed {name} refused: {parsed:?}");
+                }
+                "metadata_header" => {
+                    metadata_header(bytes);
+                    assert!(
+                        Header::decode(bytes, std::path::Path::new("x")).is_ok(),
+                        "{name}"
+                    );
+                }
+                "saved_state" => saved_state(bytes),
+                other => panic!("seed for unknown target {other}"),
+            }
+        }
+        assert!(seeds.len() >= 15);
+        if let Some(dir) = std::env::var_os("GUARDBLK_WRITE_FUZZ_SEEDS") {
+            for (target, name, bytes) in seeds {
+                let dir = std::path::Path::new(&dir).join(target);
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join(format!("seed-{name}")), bytes).unwrap();
+            }
+        }
+    }
+}
