@@ -18,7 +18,7 @@ use crate::requests::parse::{parse_request, RequestKind, VIRTIO_BLK_S_IOERR, VIR
 use crate::requests::Limits;
 
 /// Guest memory of the descriptor-chain target, and where its ring lives.
-const GUEST_MEM: usize = 0x1_0000;
+const GUEST_MEM: usize = 0x4000;
 const QUEUE_SIZE: u16 = 16;
 const DESC_TABLE: u64 = 0x0;
 const AVAIL_RING: u64 = 0x100;
@@ -44,15 +44,27 @@ fn inside(addr: GuestAddress, len: u64) -> bool {
         .is_some_and(|end| end <= GUEST_MEM as u64)
 }
 
-/// Target `descriptor_chains`: the fuzzer writes the start of guest memory (descriptor table,
+/// Target `descriptor_chains`: the fuzzer writes guest memory (16 KiB) (descriptor table,
 /// avail ring, indirect tables, headers, discard segments); every chain the queue pops goes
 /// through the parser (and the in-flight recovery's own chain walker). Whatever it accepts
 /// must lie inside guest memory; whatever it refuses gets IOERR or UNSUPP.
 pub fn descriptor_chains(data: &[u8]) {
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM)]).expect("guest memory");
+    thread_local! {
+        // One mapping reused across runs (mapping 64 KiB per input cost most of each run).
+        static MEM: GuestMemoryMmap =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM)])
+                .expect("guest memory");
+    }
+    MEM.with(|mem| descriptor_chains_in(mem, data));
+}
+
+fn descriptor_chains_in(mem: &GuestMemoryMmap, data: &[u8]) {
     let n = data.len().min(GUEST_MEM);
     mem.write_slice(&data[..n], GuestAddress(0))
+        .expect("inside guest memory");
+    // What the previous input left past this one's end reads as zeros, as in a fresh map.
+    static ZEROS: [u8; GUEST_MEM] = [0; GUEST_MEM];
+    mem.write_slice(&ZEROS[n..], GuestAddress(n as u64))
         .expect("inside guest memory");
     let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
     queue.set_size(QUEUE_SIZE);
@@ -62,11 +74,11 @@ pub fn descriptor_chains(data: &[u8]) {
     queue.set_ready(true);
     let limits = limits();
     for _ in 0..QUEUE_SIZE {
-        let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
             break;
         };
         let head = chain.head_index();
-        match parse_request(head, chain, &mem, &limits) {
+        match parse_request(head, chain, mem, &limits) {
             Ok(request) => {
                 assert!(inside(request.status, 1), "status byte outside memory");
                 let ranges = match &request.kind {
@@ -92,7 +104,7 @@ pub fn descriptor_chains(data: &[u8]) {
             }
         }
         // The recovery walker sees the same table: bounded, inside memory.
-        let walked = ChainWalk::new(&mem, DESC_TABLE, QUEUE_SIZE, head).count();
+        let walked = ChainWalk::new(mem, DESC_TABLE, QUEUE_SIZE, head).count();
         assert!(walked <= usize::from(QUEUE_SIZE) + 0xffff);
     }
 }
@@ -118,19 +130,25 @@ pub fn saved_state(data: &[u8]) {
     let _ = Journal::read(&path);
 
     if let Ok(saved) = serde_json::from_slice::<SavedMarks>(data) {
-        let tracker = MutationTracker::new(1 << 30, Duration::from_secs(30));
+        let tracker = MutationTracker::new(64 << 20, Duration::from_secs(30));
         let _ = tracker.restore(&saved, 1_700_000_000);
         let _ = tracker.save(1_700_000_000);
     }
 
-    // A one-queue region of 16 descriptors with the fuzzer's bytes as its contents.
-    let (region, memfd) = InflightRegion::create(1, QUEUE_SIZE).expect("region");
-    drop(region);
+    // A one-queue region of 16 descriptors with the fuzzer's bytes as its contents (one memfd
+    // for every run; mapping it is part of what is tested).
+    thread_local! {
+        static MEMFD: std::fs::File = InflightRegion::create(1, QUEUE_SIZE).expect("region").1;
+    }
+    MEMFD.with(|memfd| inflight_region(memfd, data));
+}
+
+fn inflight_region(memfd: &std::fs::File, data: &[u8]) {
     let len = memfd.metadata().expect("size").len() as usize;
     let mut contents = data.to_vec();
     contents.resize(len, 0);
-    std::os::unix::fs::FileExt::write_all_at(&memfd, &contents, 0).expect("write region");
-    let region = InflightRegion::map(&memfd, 0, len as u64, 1, QUEUE_SIZE).expect("map");
+    std::os::unix::fs::FileExt::write_all_at(memfd, &contents, 0).expect("write region");
+    let region = InflightRegion::map(memfd, 0, len as u64, 1, QUEUE_SIZE).expect("map");
     let queue = region.queue(0).expect("queue 0");
     let used = data.first().map_or(0, |&b| u16::from(b));
     if let Ok(recovery) = queue.recover(used, QUEUE_SIZE) {
@@ -156,7 +174,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ];
     for (i, &(kind, len, writable)) in kinds.iter().enumerate() {
         for indirect in [false, true] {
-            let mut mem = vec![0u8; 0x4000];
+            let mut mem = vec![0u8; GUEST_MEM];
             let put = |mem: &mut Vec<u8>, at: usize, bytes: &[u8]| {
                 mem[at..at + bytes.len()].copy_from_slice(bytes)
             };
