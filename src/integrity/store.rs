@@ -50,9 +50,10 @@ pub struct PiStore {
     /// Guard of an all-zero interval: what an unwritten interval's data must hash to.
     zero_guard: u64,
     /// Ranges (first LBA, count) a write failed on that could not be read back then: their
-    /// tuples may not match the torn data, and their write intents are held so that a crash
-    /// recovers them. The first read that finds a mismatch there re-derives them instead of
-    /// reporting a guard error (the guest was told the write failed; any content is legal).
+    /// tuples may not match the torn data, and their write intents are held (until the next
+    /// start's recovery) so that a crash or a restart recovers them. The first read that finds
+    /// a mismatch there re-derives them instead of reporting a guard error (the guest was told
+    /// the write failed; any content is legal).
     suspect: Mutex<Vec<(u64, u64)>>,
 }
 
@@ -126,47 +127,47 @@ impl PiStore {
         }
     }
 
-    /// A read of `[lba, lba + count)` did not verify. Re-derive, from what the disk holds
-    /// now, every suspect range it overlaps, and release their held intents. Returns whether
-    /// any was re-derived (the caller verifies again).
+    /// A read of `[lba, lba + count)` did not verify, and the caller holds the range lock on
+    /// exactly that range. Re-derive, from what the disk holds now, the suspect intervals
+    /// inside it (never outside: a write there could race the re-derivation), and forget
+    /// them. Their write intents stay held until the next start's recovery (cheap: a region
+    /// re-checked). Returns whether any interval was re-derived (the caller verifies again).
     pub fn heal_suspect(&self, image: &Image, lba: u64, count: u64) -> bool {
-        let overlapping: Vec<(u64, u64)> = {
-            let suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
-            suspect
-                .iter()
-                .copied()
-                .filter(|&(l, c)| l < lba + count && lba < l + c)
-                .collect()
-        };
+        let end = lba + count;
         let interval = self.interval() as usize;
+        let mut suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
         let mut healed = false;
-        for (l, c) in overlapping {
-            let mut data = vec![0u8; c as usize * interval];
-            if super::reader::read_upto(image, &mut data, l * interval as u64).is_err() {
-                continue; // still unreadable: stays suspect, intent held
+        let mut kept = Vec::with_capacity(suspect.len());
+        for &(l, c) in suspect.iter() {
+            let (from, to) = (l.max(lba), (l + c).min(end));
+            if from >= to {
+                kept.push((l, c));
+                continue;
+            }
+            let mut data = vec![0u8; (to - from) as usize * interval];
+            if super::reader::read_upto(image, &mut data, from * interval as u64).is_err() {
+                kept.push((l, c)); // still unreadable: stays suspect
+                continue;
             }
             for (i, chunk) in data.chunks_exact(interval).enumerate() {
-                self.store_generated(l + i as u64, chunk);
+                self.store_generated(from + i as u64, chunk);
             }
-            let mut suspect = self.suspect.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(at) = suspect.iter().position(|&r| r == (l, c)) {
-                suspect.swap_remove(at);
-                drop(suspect);
-                self.meta.end_write(l, c);
-            }
-            self.journal.append(&Record::now(
-                Event::Recovered,
-                l,
-                self.interval(),
-                "failed-write",
-            ));
+            self.journal
+                .append(&Record::now(Event::Recovered, from, self.interval(), "failed-write"));
             tracing::warn!(
-                lba = l,
-                count = c,
+                lba = from,
+                count = to - from,
                 "re-derived the tuples of a range whose write had failed unreadable, now that it reads"
             );
             healed = true;
+            if l < from {
+                kept.push((l, from - l));
+            }
+            if to < l + c {
+                kept.push((to, l + c - to));
+            }
         }
+        *suspect = kept;
         healed
     }
 
