@@ -108,10 +108,16 @@ impl IntentLog {
                 continue;
             }
             bitmap[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::SeqCst);
-            if let Err(e) = persist(r) {
-                result = Err(e);
+            match persist(r) {
+                // Durable: later writes to the region need not persist it again.
+                Ok(()) => {
+                    region.state.fetch_or(DIRTY, Ordering::SeqCst);
+                }
+                // Not durable: leave the region unmarked in memory so the next write tries
+                // again (the caller fails this one). Marking it anyway would let every later
+                // write skip the persist, and a crash skip the region's recovery.
+                Err(e) => result = Err(e),
             }
-            region.state.fetch_or(DIRTY, Ordering::SeqCst);
         }
         result
     }
@@ -258,6 +264,28 @@ mod tests {
         })
         .unwrap();
         assert_eq!(*persisted.borrow(), vec![1]);
+    }
+
+    #[test]
+    fn a_mark_that_did_not_become_durable_is_retried_by_the_next_write() {
+        let log = IntentLog::new(4, 20, 12);
+        let bits = bitmap(4);
+        let attempts = RefCell::new(0);
+        let failing_once = |_| {
+            *attempts.borrow_mut() += 1;
+            if *attempts.borrow() == 1 {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                Ok(())
+            }
+        };
+        assert!(log.begin(0, 1, &bits, failing_once).is_err());
+        log.end(0, 1); // the caller fails the request and ends its intent
+        log.begin(0, 1, &bits, failing_once).unwrap();
+        assert_eq!(*attempts.borrow(), 2, "the second write did not persist the mark");
+        log.end(0, 1);
+        log.begin(0, 1, &bits, failing_once).unwrap();
+        assert_eq!(*attempts.borrow(), 2, "a durable mark is persisted once");
     }
 
     #[test]
