@@ -109,6 +109,119 @@ fn descriptor_chains_in(mem: &GuestMemoryMmap, data: &[u8]) {
     }
 }
 
+/// Target `request_path`: the same guest memory and ring as `descriptor_chains`, but every
+/// popped chain is executed — parse, PI planning and verification, I/O through the inline
+/// engine against a 1 MiB type-1 PI image that persists across runs. Each chain must be
+/// answered exactly once, with nothing left in flight, whatever it asked for.
+pub fn request_path(data: &[u8]) {
+    thread_local! {
+        static RIG: std::cell::RefCell<RequestRig> = std::cell::RefCell::new(RequestRig::new());
+    }
+    RIG.with(|rig| rig.borrow_mut().run(data));
+}
+
+struct RequestRig {
+    _dir: std::path::PathBuf,
+    executor: crate::requests::Executor,
+    mem: std::sync::Arc<GuestMemoryMmap>,
+}
+
+impl RequestRig {
+    fn new() -> RequestRig {
+        use crate::integrity::header::DataIdentity;
+        use crate::requests::policy::{AutoPath, Calibration, CostBasis, Target, WriteCosts};
+        use crate::requests::{Protection, QueueCounters, WritePolicy};
+        use crate::storage::{EngineKind, Image};
+        use std::sync::Arc;
+        let dir = std::env::temp_dir().join(format!("guardblk-fuzz-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("rig directory");
+        let path = dir.join("disk.img");
+        Image::create(&path, 1 << 20).expect("image");
+        let image = Arc::new(Image::open(&path, false).expect("open image"));
+        let identity = DataIdentity::of(&path, image.size()).expect("identity");
+        let meta = crate::integrity::metadata::default_path(&path);
+        crate::integrity::PiMetadata::create(
+            &meta,
+            &Header::new(crate::integrity::PiFormat::Type1, 4096, identity),
+        )
+        .expect("metadata");
+        let store = Arc::new(
+            crate::integrity::PiStore::open_beside(&image, None, true)
+                .expect("PI store")
+                .0,
+        );
+        let basis = CostBasis {
+            target: Target::Dma,
+            auto_path: AutoPath::Cost,
+            calibration: Calibration::default(),
+        };
+        let mut limits = limits();
+        limits.capacity_sectors = (1 << 20) / 512;
+        let executor = crate::requests::Executor::new(
+            Arc::clone(&image),
+            limits,
+            "fuzz",
+            QUEUE_SIZE,
+            Arc::new(QueueCounters::default()),
+            EngineKind::Inline,
+            Protection {
+                pi: Some(store),
+                policy: WritePolicy::Auto,
+                tracker: Arc::new(MutationTracker::new(1 << 20, Duration::from_secs(10))),
+                costs: WriteCosts::new(&basis),
+            },
+        )
+        .expect("executor");
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM)])
+                .expect("guest memory"),
+        );
+        RequestRig {
+            _dir: dir,
+            executor,
+            mem,
+        }
+    }
+
+    fn run(&mut self, data: &[u8]) {
+        static ZEROS: [u8; GUEST_MEM] = [0; GUEST_MEM];
+        let n = data.len().min(GUEST_MEM);
+        let mem = &self.mem;
+        mem.write_slice(&data[..n], GuestAddress(0))
+            .expect("inside");
+        mem.write_slice(&ZEROS[n..], GuestAddress(n as u64))
+            .expect("inside");
+        let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+        queue.set_size(QUEUE_SIZE);
+        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+        queue.set_ready(true);
+        let mut heads = Vec::new();
+        let mut done = Vec::new();
+        for _ in 0..QUEUE_SIZE {
+            let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+                break;
+            };
+            heads.push(chain.head_index());
+            self.executor.start(
+                chain.head_index(),
+                chain,
+                mem,
+                data.len() % 2 == 0,
+                &mut done,
+            );
+        }
+        self.executor.drain(&mut done);
+        assert_eq!(self.executor.in_flight(), 0, "requests left in flight");
+        let mut answered: Vec<u16> = done.iter().map(|e| e.head).collect();
+        answered.sort_unstable();
+        heads.sort_unstable();
+        assert_eq!(answered, heads, "every chain answered exactly once");
+    }
+}
+
 /// Target `metadata_header`: the first page of a metadata file. A header that decodes must
 /// encode back to itself.
 pub fn metadata_header(data: &[u8]) {
@@ -210,14 +323,12 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             }
             // Avail ring: flags 0, idx 1, ring[0] = head 0.
             put(&mut mem, AVAIL_RING as usize + 2, &1u16.to_le_bytes());
-            out.push((
-                "descriptor_chains",
-                format!(
-                    "type{kind}-{}",
-                    if indirect { "indirect" } else { "direct" }
-                ),
-                mem,
-            ));
+            let name = format!(
+                "type{kind}-{}",
+                if indirect { "indirect" } else { "direct" }
+            );
+            out.push(("request_path", name.clone(), mem.clone()));
+            out.push(("descriptor_chains", name, mem));
         }
         let _ = i;
     }
@@ -302,6 +413,7 @@ mod tests {
                     );
                 }
                 "saved_state" => saved_state(bytes),
+                "request_path" => request_path(bytes),
                 other => panic!("seed for unknown target {other}"),
             }
         }

@@ -282,7 +282,11 @@ mod tests {
         assert!(log.begin(0, 1, &bits, failing_once).is_err());
         log.end(0, 1); // the caller fails the request and ends its intent
         log.begin(0, 1, &bits, failing_once).unwrap();
-        assert_eq!(*attempts.borrow(), 2, "the second write did not persist the mark");
+        assert_eq!(
+            *attempts.borrow(),
+            2,
+            "the second write did not persist the mark"
+        );
         log.end(0, 1);
         log.begin(0, 1, &bits, failing_once).unwrap();
         assert_eq!(*attempts.borrow(), 2, "a durable mark is persisted once");

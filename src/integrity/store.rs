@@ -152,8 +152,12 @@ impl PiStore {
             for (i, chunk) in data.chunks_exact(interval).enumerate() {
                 self.store_generated(from + i as u64, chunk);
             }
-            self.journal
-                .append(&Record::now(Event::Recovered, from, self.interval(), "failed-write"));
+            self.journal.append(&Record::now(
+                Event::Recovered,
+                from,
+                self.interval(),
+                "failed-write",
+            ));
             tracing::warn!(
                 lba = from,
                 count = to - from,
