@@ -209,7 +209,7 @@ impl RequestRig {
                 chain.head_index(),
                 chain,
                 mem,
-                data.len() % 2 == 0,
+                data.len().is_multiple_of(2),
                 &mut done,
             );
         }
