@@ -352,9 +352,9 @@ impl BlkBackend {
         if event_idx {
             let _ = vring.disable_notification();
         }
-        // A driver can never have more requests outstanding than its ring has descriptors
-        // heads; one that reuses heads still in flight could otherwise grow the executor's
-        // table without bound. Past this, requests wait in the ring for completions.
+        // A driver can never have more requests outstanding than its ring has descriptors;
+        // one that reuses heads still in flight could otherwise grow the executor's table
+        // without bound. Past this, requests wait in the ring for completions.
         let max_in_flight = usize::from(vring.get_ref().get_queue().size());
         loop {
             worker.executor.set_clock(pass_started);
