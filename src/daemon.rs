@@ -441,14 +441,22 @@ fn serve_sessions(
     let mut session_number = 0u64;
     let mut shutdown_requested = false;
     loop {
-        let mut fds = vec![listener.as_raw_fd(), shutdown.as_raw_fd()];
+        // Once shutdown is requested, only the sessions' ends matter (the shutdown eventfd
+        // stays readable, and a newcomer is not served): watching those would spin.
+        let mut fds = Vec::new();
+        if !shutdown_requested {
+            fds.extend([listener.as_raw_fd(), shutdown.as_raw_fd()]);
+        }
+        let first_session = fds.len();
         fds.extend(sessions.iter().map(|s| s.ended.as_raw_fd()));
         let ready = poll_readable(&fds)?;
-        let ended: Vec<usize> = (0..sessions.len()).filter(|&i| ready[2 + i]).collect();
+        let ended: Vec<usize> = (0..sessions.len())
+            .filter(|&i| ready[first_session + i])
+            .collect();
         for index in ended.into_iter().rev() {
             finish_session(sessions.remove(index), shared)?;
         }
-        if ready[1] && !shutdown_requested {
+        if !shutdown_requested && ready[1] {
             shutdown_requested = true;
             for session in &sessions {
                 if let Some(h) = &session.shutdown {
