@@ -13,45 +13,24 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::intent::IntentLog;
 use super::pi::{PiFormat, Tuple};
-use crate::storage::files;
+use crate::storage::files::{self, SharedMapping};
 
 pub use super::header::{
     default_path, DataIdentity, Header, MetadataError, VolumeState, APP_TAG, HEADER_SIZE,
 };
-
-/// A shared, writable-or-not mapping of the whole metadata file.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory; every access to tuples and bitmap words goes
-// through atomics, so it may be used from any thread.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len are exactly what mmap returned; nothing borrows the mapping any more
-        // (PiMetadata hands out no references that outlive it).
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
 
 /// An open metadata file: header, intent bitmap and tuples.
 pub struct PiMetadata {
     path: PathBuf,
     file: File,
     header: Header,
-    map: Mapping,
+    map: SharedMapping,
     writable: bool,
     intent: IntentLog,
 }
@@ -151,30 +130,13 @@ impl PiMetadata {
             });
         }
 
-        let map_len = header.file_len() as usize;
-        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
-        // SAFETY: mapping a file we hold open, for a length the file has (checked above);
-        // the kernel picks the address. The result is checked before use.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                prot,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MetadataError::Map {
+        // The whole file, shared (writable or not).
+        let map = SharedMapping::new(&file, 0, header.file_len() as usize, writable).map_err(
+            |source| MetadataError::Map {
                 path: path.into(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        let map = Mapping {
-            ptr: ptr.cast(),
-            len: map_len,
-        };
+                source,
+            },
+        )?;
         let intent = IntentLog::new(
             header.regions(),
             header.region_shift,
@@ -254,7 +216,9 @@ impl PiMetadata {
         let words = self.header.bitmap_len() as usize / 8;
         // SAFETY: the bitmap lies inside the mapping (file_len covers it), is 8-byte aligned
         // (page-aligned offset) and lives as long as `self`; AtomicU64 has u64's layout.
-        unsafe { std::slice::from_raw_parts(self.map.ptr.add(offset).cast::<AtomicU64>(), words) }
+        unsafe {
+            std::slice::from_raw_parts(self.map.as_ptr().add(offset).cast::<AtomicU64>(), words)
+        }
     }
 
     /// The 64-bit words holding `lba`'s tuple (one for 8-byte tuples, two for 16-byte).
@@ -265,7 +229,7 @@ impl PiMetadata {
         // SAFETY: lba < blocks, so the tuple lies inside the tuple area of the mapping; the
         // area is page-aligned and tuples are 8 or 16 bytes, so the words are 8-aligned.
         unsafe {
-            std::slice::from_raw_parts(self.map.ptr.add(offset).cast::<AtomicU64>(), size / 8)
+            std::slice::from_raw_parts(self.map.as_ptr().add(offset).cast::<AtomicU64>(), size / 8)
         }
     }
 
@@ -288,7 +252,7 @@ impl PiMetadata {
             // a prefetch never faults and has no architectural effect.
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    self.map.ptr.add(offset as usize).cast::<i8>(),
+                    self.map.as_ptr().add(offset as usize).cast::<i8>(),
                 )
             };
             #[cfg(not(target_arch = "x86_64"))]
@@ -347,7 +311,7 @@ impl PiMetadata {
 
     /// Make every stored tuple and bitmap word durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.msync(0, self.map.len)
+        self.msync(0, self.map.len())
     }
 
     /// Make the tuples of `count` intervals from `lba` durable.
@@ -368,9 +332,15 @@ impl PiMetadata {
             return Ok(());
         }
         let start = offset & !4095;
-        let end = (offset + len).min(self.map.len);
+        let end = (offset + len).min(self.map.len());
         // SAFETY: [start, end) lies within the mapping (page-aligned start, end clamped).
-        let rc = unsafe { libc::msync(self.map.ptr.add(start).cast(), end - start, libc::MS_SYNC) };
+        let rc = unsafe {
+            libc::msync(
+                self.map.as_ptr().add(start).cast(),
+                end - start,
+                libc::MS_SYNC,
+            )
+        };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

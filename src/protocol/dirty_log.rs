@@ -14,11 +14,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use thiserror::Error;
+
+use crate::storage::files::SharedMapping;
 
 /// The log's granularity, fixed by the vhost-user protocol.
 pub const LOG_PAGE_SIZE: u64 = 4096;
@@ -32,47 +33,17 @@ pub enum DirtyLogError {
 }
 
 /// The frontend's bitmap, mapped shared.
-struct LogMap {
-    base: *const AtomicU8,
-    len: usize,
-}
-
-// SAFETY: the mapping is only accessed through atomics, and lives until the last Arc drops.
-unsafe impl Send for LogMap {}
-// SAFETY: as above; every access is an atomic byte operation.
-unsafe impl Sync for LogMap {}
+struct LogMap(SharedMapping);
 
 impl LogMap {
     fn map(file: &File, offset: u64, size: u64) -> Result<LogMap, DirtyLogError> {
-        let bad = DirtyLogError::BadGeometry { size, offset };
-        let len = usize::try_from(size).map_err(|_| bad)?;
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| DirtyLogError::BadGeometry { size, offset })?;
-        if len == 0 {
-            return Err(DirtyLogError::BadGeometry { size, offset });
-        }
-        // SAFETY: a fresh shared mapping of the frontend's fd; the kernel checks fd, offset
-        // and length; we own the result and unmap it in Drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                off,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(DirtyLogError::Map {
-                size,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(LogMap {
-            base: base.cast(),
-            len,
-        })
+        let len = usize::try_from(size)
+            .ok()
+            .filter(|&len| len > 0)
+            .ok_or(DirtyLogError::BadGeometry { size, offset })?;
+        SharedMapping::new(file, offset, len, true)
+            .map(LogMap)
+            .map_err(|source| DirtyLogError::Map { size, source })
     }
 
     /// Set the bits of the pages `[gpa, gpa + len)` touches; pages past the log are ignored
@@ -87,20 +58,13 @@ impl LogMap {
             let Ok(byte) = usize::try_from(page / 8) else {
                 return;
             };
-            if byte >= self.len {
+            if byte >= self.0.len() {
                 return;
             }
             // SAFETY: `byte < len`, inside the live mapping; AtomicU8 has the layout of u8.
-            let cell = unsafe { &*self.base.add(byte) };
+            let cell = unsafe { AtomicU8::from_ptr(self.0.as_ptr().add(byte)) };
             cell.fetch_or(1 << (page % 8), Ordering::Relaxed);
         }
-    }
-}
-
-impl Drop for LogMap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping `map` created; no reference outlives self.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
     }
 }
 

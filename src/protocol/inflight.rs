@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 
 use thiserror::Error;
 
+use crate::storage::files::SharedMapping;
+
 /// Bytes of one descriptor's state (DescStateSplit: inflight u8, padding, next u16, counter u64).
 pub const DESC_STATE_BYTES: usize = 16;
 /// Bytes of a queue region's header (QueueRegionSplit: features, version, desc_num,
@@ -87,21 +89,15 @@ pub fn queue_region_bytes(queue_size: u16) -> usize {
 
 /// A whole in-flight region, mapped shared: one [`QueueRegion`] per queue.
 pub struct InflightRegion {
-    base: *mut u8,
-    len: usize,
+    map: SharedMapping,
     queues: u16,
     queue_size: u16,
 }
 
-// SAFETY: the mapping is plain shared memory; every access to it goes through atomics.
-unsafe impl Send for InflightRegion {}
-// SAFETY: as above.
-unsafe impl Sync for InflightRegion {}
-
 impl InflightRegion {
     /// Bytes mapped.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// A new, zeroed region for `queues` queues of `queue_size` descriptors (GET_INFLIGHT_FD),
@@ -160,31 +156,8 @@ impl InflightRegion {
                 needed,
             });
         }
-        let len = needed;
-        let offset = libc::off_t::try_from(offset).map_err(|_| {
-            InflightError::Io(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "offset too large",
-            ))
-        })?;
-        // SAFETY: mapping `len` bytes of a file we hold open, shared, read-write; the result
-        // is checked before use and unmapped in Drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error().into());
-        }
         Ok(InflightRegion {
-            base: base.cast(),
-            len,
+            map: SharedMapping::new(file, offset, needed, true)?,
             queues,
             queue_size,
         })
@@ -195,20 +168,14 @@ impl InflightRegion {
         (index < self.queues).then(|| QueueRegion {
             // SAFETY: index < queues, so the queue's region lies inside the mapping.
             base: unsafe {
-                self.base
+                self.map
+                    .as_ptr()
                     .add(usize::from(index) * queue_region_bytes(self.queue_size))
             },
             index,
             queue_size: self.queue_size,
             _region: std::marker::PhantomData,
         })
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: base/len are exactly what mmap returned; no QueueRegion outlives self.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 
@@ -497,7 +464,7 @@ mod tests {
         let q = region.queue(3).unwrap();
         q.mark_popped(255, 7);
         // SAFETY: the test reads the mapping directly to check the byte layout.
-        let raw = unsafe { std::slice::from_raw_parts(region.base, region.len) };
+        let raw = unsafe { std::slice::from_raw_parts(region.map.as_ptr(), region.map.len()) };
         let d = 3 * 4160 + QUEUE_HEADER_BYTES + 255 * DESC_STATE_BYTES;
         assert_eq!(
             raw[d], 1,

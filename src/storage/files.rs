@@ -1,7 +1,7 @@
 //! The few operations on files and block devices that more than one layer needs, each in one
 //! place: the size of a file or device, the exclusive advisory lock that says "in use",
-//! zeroing a byte range, replacing a small file whole, and opening the daemon's own files
-//! without following symbolic links.
+//! zeroing a byte range, replacing a small file whole, opening the daemon's own files
+//! without following symbolic links, and a shared memory mapping of a file.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -33,6 +33,66 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     file.write_all(contents)?;
     drop(file);
     std::fs::rename(&tmp, path)
+}
+
+/// A shared mapping of `len` bytes of a file (the PI metadata, a frontend's in-flight region
+/// or dirty log), unmapped on drop. Users reach it only through atomics or volatile copies.
+pub struct SharedMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain shared memory, unmapped only on drop; every user accesses it through atomics
+// (tuples, bitmap words, region fields, log bytes), so it may be used from any thread.
+unsafe impl Send for SharedMapping {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMapping {}
+
+impl SharedMapping {
+    /// Map `len` bytes of `file` from `offset` (page-aligned), read-write if `writable`.
+    pub fn new(file: &File, offset: u64, len: usize, writable: bool) -> io::Result<SharedMapping> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "mapping offset too large"))?;
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a fresh shared mapping of a file we hold open; the kernel picks the address
+        // and checks fd, offset and length; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(SharedMapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for SharedMapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len are exactly what mmap returned; the owner hands out no references
+        // that outlive it.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 /// Open one of the daemon's own files (PI metadata, journal) with `options`, without following
