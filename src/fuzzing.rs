@@ -44,6 +44,28 @@ fn inside(addr: GuestAddress, len: u64) -> bool {
         .is_some_and(|end| end <= GUEST_MEM as u64)
 }
 
+/// The fuzzer's bytes as guest memory: the input from address 0, zeros after it (what an
+/// earlier input left there must not leak into this run).
+fn load_guest(mem: &GuestMemoryMmap, data: &[u8]) {
+    static ZEROS: [u8; GUEST_MEM] = [0; GUEST_MEM];
+    let n = data.len().min(GUEST_MEM);
+    mem.write_slice(&data[..n], GuestAddress(0))
+        .expect("inside guest memory");
+    mem.write_slice(&ZEROS[n..], GuestAddress(n as u64))
+        .expect("inside guest memory");
+}
+
+/// A ready split queue whose table and rings sit where the fuzzer's input puts them.
+fn ring() -> Queue {
+    let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
+    queue.set_size(QUEUE_SIZE);
+    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    queue.set_ready(true);
+    queue
+}
+
 /// Target `descriptor_chains`: the fuzzer writes guest memory (16 KiB) (descriptor table,
 /// avail ring, indirect tables, headers, discard segments); every chain the queue pops goes
 /// through the parser (and the in-flight recovery's own chain walker). Whatever it accepts
@@ -59,19 +81,8 @@ pub fn descriptor_chains(data: &[u8]) {
 }
 
 fn descriptor_chains_in(mem: &GuestMemoryMmap, data: &[u8]) {
-    let n = data.len().min(GUEST_MEM);
-    mem.write_slice(&data[..n], GuestAddress(0))
-        .expect("inside guest memory");
-    // What the previous input left past this one's end reads as zeros, as in a fresh map.
-    static ZEROS: [u8; GUEST_MEM] = [0; GUEST_MEM];
-    mem.write_slice(&ZEROS[n..], GuestAddress(n as u64))
-        .expect("inside guest memory");
-    let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
-    queue.set_size(QUEUE_SIZE);
-    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    queue.set_ready(true);
+    load_guest(mem, data);
+    let mut queue = ring();
     let limits = limits();
     for _ in 0..QUEUE_SIZE {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -185,19 +196,9 @@ impl RequestRig {
     }
 
     fn run(&mut self, data: &[u8]) {
-        static ZEROS: [u8; GUEST_MEM] = [0; GUEST_MEM];
-        let n = data.len().min(GUEST_MEM);
         let mem = &self.mem;
-        mem.write_slice(&data[..n], GuestAddress(0))
-            .expect("inside");
-        mem.write_slice(&ZEROS[n..], GuestAddress(n as u64))
-            .expect("inside");
-        let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
-        queue.set_size(QUEUE_SIZE);
-        queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-        queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-        queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-        queue.set_ready(true);
+        load_guest(mem, data);
+        let mut queue = ring();
         let mut heads = Vec::new();
         let mut done = Vec::new();
         for _ in 0..QUEUE_SIZE {
@@ -394,12 +395,7 @@ mod tests {
                     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), GUEST_MEM)])
                         .unwrap();
                     mem.write_slice(bytes, GuestAddress(0)).unwrap();
-                    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-                    queue.set_size(QUEUE_SIZE);
-                    queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-                    queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-                    queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
-                    queue.set_ready(true);
+                    let mut queue = ring();
                     let chain = queue.pop_descriptor_chain(&mem).expect("a chain");
                     let head = chain.head_index();
                     let parsed = parse_request(head, chain, &mem, &limits());
