@@ -38,9 +38,7 @@ fn assert_scrub_clean(image: &mut FuseImage) {
 
 fn a_failed_write(errno: i32) {
     let mut image = FuseImage::new(8 * MIB);
-    let mut q = TestQueue::new();
-    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
-    let mut io = SyncIo::new(&mut q, &fe);
+    let mut io = SyncIo::connect(&image.daemon().socket);
     assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 1)), 0);
     assert_eq!(io.flush(), 0);
 
@@ -73,7 +71,7 @@ fn a_failed_write(errno: i32) {
     assert_eq!(io.flush(), 0);
     assert_eq!(counter(&image, "guard_errors"), 0);
     assert_eq!(counter(&image, "io_errors"), 1);
-    drop(fe);
+    drop(io);
     assert_scrub_clean(&mut image);
 }
 
@@ -90,9 +88,7 @@ fn a_torn_write_failing_with_enospc_fails_only_that_request() {
 #[test]
 fn a_failed_read_is_an_io_error_not_a_guard_error() {
     let mut image = FuseImage::new(8 * MIB);
-    let mut q = TestQueue::new();
-    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
-    let mut io = SyncIo::new(&mut q, &fe);
+    let mut io = SyncIo::connect(&image.daemon().socket);
     assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 5)), 0);
     image.fs.fail_reads(HIT_RANGE, libc::EIO);
     assert_eq!(io.read(HIT_SECTOR, BLOCK as u32).0, 1);
@@ -106,7 +102,7 @@ fn a_failed_read_is_an_io_error_not_a_guard_error() {
         "a failed read was reported as corruption"
     );
     assert_eq!(counter(&image, "io_errors"), 1);
-    drop(fe);
+    drop(io);
     assert_scrub_clean(&mut image);
 }
 
@@ -115,9 +111,7 @@ fn a_failed_read_is_an_io_error_not_a_guard_error() {
 #[test]
 fn a_failed_flush_is_reported_and_the_next_flush_asks_the_disk_again() {
     let mut image = FuseImage::new(8 * MIB);
-    let mut q = TestQueue::new();
-    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
-    let mut io = SyncIo::new(&mut q, &fe);
+    let mut io = SyncIo::connect(&image.daemon().socket);
     assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 6)), 0);
     image.fs.fail_fsyncs(1);
     assert_eq!(
@@ -132,7 +126,7 @@ fn a_failed_flush_is_reported_and_the_next_flush_asks_the_disk_again() {
         "the flush after a failure did not reach the disk"
     );
     assert_eq!(io.read(HIT_SECTOR, BLOCK as u32), (0, block(HIT_SECTOR, 6)));
-    drop(fe);
+    drop(io);
     assert_scrub_clean(&mut image);
 }
 
@@ -142,9 +136,7 @@ fn a_failed_flush_is_reported_and_the_next_flush_asks_the_disk_again() {
 #[test]
 fn a_write_that_fails_unreadable_is_re_derived_by_the_first_read_that_works() {
     let mut image = FuseImage::new(8 * MIB);
-    let mut q = TestQueue::new();
-    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
-    let mut io = SyncIo::new(&mut q, &fe);
+    let mut io = SyncIo::connect(&image.daemon().socket);
     assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 1)), 0);
     image.fs.fail_writes(HIT_RANGE, libc::EIO);
     image.fs.fail_reads(HIT_RANGE, libc::EIO);
@@ -158,7 +150,7 @@ fn a_write_that_fails_unreadable_is_re_derived_by_the_first_read_that_works() {
     image
         .daemon()
         .wait_for_log("re-derived the tuples of a range whose write had failed");
-    drop(fe);
+    drop(io);
     assert_scrub_clean(&mut image);
 }
 
@@ -168,10 +160,8 @@ fn a_write_that_fails_unreadable_is_re_derived_by_the_first_read_that_works() {
 #[test]
 fn a_write_that_fails_unreadable_keeps_its_intent_through_flushes_and_a_crash() {
     let mut image = FuseImage::new(8 * MIB);
-    let mut q = TestQueue::new();
     {
-        let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
-        let mut io = SyncIo::new(&mut q, &fe);
+        let mut io = SyncIo::connect(&image.daemon().socket);
         assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 1)), 0);
         image.fs.fail_writes(HIT_RANGE, libc::EIO);
         image.fs.fail_reads(HIT_RANGE, libc::EIO);
@@ -189,14 +179,12 @@ fn a_write_that_fails_unreadable_keeps_its_intent_through_flushes_and_a_crash() 
         recovery["dirty_regions"].as_u64().unwrap_or(0) > 0,
         "the failed write's intent was cleared before the crash: {recovery}"
     );
-    let mut q = TestQueue::new();
-    let fe = q.connect(&image.daemon().socket, FrontendOptions::default(), 0);
-    let mut io = SyncIo::new(&mut q, &fe);
+    let mut io = SyncIo::connect(&image.daemon().socket);
     let (status, data) = io.read(HIT_SECTOR, BLOCK as u32);
     assert_eq!(status, 0, "false guard error after the restart");
     assert_eq!(data, image.fs.backing_bytes(MIB, BLOCK));
     assert_eq!(counter(&image, "guard_errors"), 0);
-    drop(fe);
+    drop(io);
     assert_scrub_clean(&mut image);
 }
 

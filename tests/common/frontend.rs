@@ -365,14 +365,18 @@ impl TestQueue {
 }
 
 /// One request at a time, waited for: what a test that checks each request's outcome needs.
-pub struct SyncIo<'a> {
-    pub q: &'a mut TestQueue,
-    pub fe: &'a TestFrontend,
+/// Owns its queue and connection (dropping it disconnects).
+pub struct SyncIo {
+    pub q: TestQueue,
+    pub fe: TestFrontend,
     next: u16,
 }
 
-impl<'a> SyncIo<'a> {
-    pub fn new(q: &'a mut TestQueue, fe: &'a TestFrontend) -> SyncIo<'a> {
+impl SyncIo {
+    /// A fresh queue, connected to `socket` with the default options.
+    pub fn connect(socket: &Path) -> SyncIo {
+        let mut q = TestQueue::new();
+        let fe = q.connect(socket, FrontendOptions::default(), 0);
         let next = q.used_idx();
         SyncIo { q, fe, next }
     }
