@@ -15,6 +15,11 @@ use vhost::VhostBackend;
 
 const MIB: u64 = 1 << 20;
 const WAIT: Duration = Duration::from_secs(10);
+/// A frontend that can hand the daemon a dirty log, as QEMU negotiates for migration.
+const LOGGING: FrontendOptions = FrontendOptions {
+    inflight: false,
+    log_shmfd: true,
+};
 
 fn daemon(env: &[(&str, &str)]) -> Daemon {
     let dir = tempfile::tempdir().unwrap();
@@ -60,14 +65,7 @@ fn logged_batch() -> Vec<(u32, u64, u64, u32)> {
 /// LOG_ALL on. Returns (pages the device wrote, pages the log has).
 fn log_of_a_batch(d: &Daemon) -> (BTreeSet<u64>, BTreeSet<u64>) {
     let mut q = TestQueue::new();
-    let fe = q.connect(
-        &d.socket,
-        FrontendOptions {
-            log_shmfd: true,
-            ..Default::default()
-        },
-        0,
-    );
+    let fe = q.connect(&d.socket, LOGGING, 0);
     assert!(
         fe.offers_log_all(),
         "the device does not offer VHOST_F_LOG_ALL"
@@ -168,14 +166,7 @@ fn without_marking_the_check_finds_the_pages_missing() {
 fn requests_completed_by_the_stop_are_logged_before_it_returns() {
     let d = daemon(&[]);
     let mut q = TestQueue::new();
-    let fe = q.connect(
-        &d.socket,
-        FrontendOptions {
-            log_shmfd: true,
-            ..Default::default()
-        },
-        0,
-    );
+    let fe = q.connect(&d.socket, LOGGING, 0);
     let log = DirtyLog::new();
     fe.set_log(&log);
     fe.set_log_all(true);
@@ -226,14 +217,7 @@ fn requests_completed_by_the_stop_are_logged_before_it_returns() {
 fn set_vring_addr_on_a_running_ring_loses_no_completion() {
     let d = daemon(&[]);
     let mut q = TestQueue::new();
-    let fe = q.connect(
-        &d.socket,
-        FrontendOptions {
-            log_shmfd: true,
-            ..Default::default()
-        },
-        0,
-    );
+    let fe = q.connect(&d.socket, LOGGING, 0);
     let (on, off) = (q.vring_addr(true), q.vring_addr(false));
     let stop = std::sync::atomic::AtomicBool::new(false);
     let mut done = 0u16;
@@ -292,14 +276,7 @@ fn set_vring_addr_on_a_running_ring_loses_no_completion() {
 fn the_destination_waits_for_the_migrating_source_then_takes_over() {
     let d = daemon(&[]);
     let mut source = TestQueue::new();
-    let src = source.connect(
-        &d.socket,
-        FrontendOptions {
-            log_shmfd: true,
-            ..Default::default()
-        },
-        0,
-    );
+    let src = source.connect(&d.socket, LOGGING, 0);
     let mut pattern = vec![0u8; 65536];
     fill_pattern(&mut pattern, 0, 33);
     source.mem.write(DATA_GPA, &pattern);
