@@ -67,6 +67,8 @@ pub enum MetadataError {
     NeedsRecovery { path: PathBuf, source: io::Error },
     #[error("PI metadata {path} is in use by another process (it holds the metadata lock)")]
     Locked { path: PathBuf },
+    #[error("the file system holding PI metadata {path} has no room for it ({needed} bytes must be allocated up front, so that a full disk can never leave a tuple unstored): free space and try again")]
+    NoSpace { path: PathBuf, needed: u64 },
     #[error("cannot map PI metadata {path}: {source}")]
     Map { path: PathBuf, source: io::Error },
     #[error("I/O error on PI metadata {path}: {source}")]

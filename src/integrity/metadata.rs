@@ -8,14 +8,14 @@
 //! [`PiMetadata::sync`] makes them durable.
 //!
 //! An all-zero tuple means "unwritten": the interval reads as zeros and verifies as such.
-//! A sparse file is all zeros, so creating metadata for a 1 TiB image only sets a length.
+//! A fresh file is all zeros, so creating metadata for a 1 TiB image writes only the header.
 //! Generated tuples always carry [`APP_TAG`], so they are never all zeros.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::intent::IntentLog;
 use super::pi::{PiFormat, Tuple};
@@ -33,6 +33,8 @@ pub struct PiMetadata {
     map: SharedMapping,
     writable: bool,
     intent: IntentLog,
+    /// The loss of mapped pages has been logged (once is enough: every request says it).
+    loss_logged: AtomicBool,
 }
 
 impl std::fmt::Debug for PiMetadata {
@@ -46,7 +48,7 @@ impl std::fmt::Debug for PiMetadata {
 
 impl PiMetadata {
     /// Write a fresh metadata file (or block device) for `data`: header, clear bitmap, all
-    /// tuples unwritten. Sparse on files, so it takes the same time for any disk size.
+    /// tuples unwritten. Allocated (fallocate: no data written), so quick for any disk size.
     pub fn create(path: &Path, header: &Header) -> Result<(), MetadataError> {
         let size = header.data.size;
         if !size.is_multiple_of(u64::from(header.interval)) {
@@ -92,6 +94,7 @@ impl PiMetadata {
                 files::zero_range(&file, HEADER_SIZE, need - HEADER_SIZE)?;
             } else {
                 file.set_len(need)?;
+                allocate(&file, path, need)?;
             }
             std::os::unix::fs::FileExt::write_all_at(&file, &header.encode(), 0)?;
             file.sync_all()
@@ -100,7 +103,13 @@ impl PiMetadata {
             if !is_device {
                 let _ = std::fs::remove_file(path);
             }
-            return Err(create_err(source));
+            return Err(match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => MetadataError::NoSpace {
+                    path: path.into(),
+                    needed: header.file_len(),
+                },
+                _ => create_err(source),
+            });
         }
         Ok(())
     }
@@ -130,6 +139,25 @@ impl PiMetadata {
             });
         }
 
+        // A file copied sparse, or made by an older guardblk: allocate it now (see `allocate`).
+        if writable
+            && !file
+                .metadata()
+                .map_err(io_err)?
+                .file_type()
+                .is_block_device()
+        {
+            allocate(&file, path, header.file_len()).map_err(|source| {
+                match source.raw_os_error() {
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT) => MetadataError::NoSpace {
+                        path: path.into(),
+                        needed: header.file_len(),
+                    },
+                    _ => io_err(source),
+                }
+            })?;
+        }
+
         // The whole file, shared (writable or not).
         let map = SharedMapping::new(&file, 0, header.file_len() as usize, writable).map_err(
             |source| MetadataError::Map {
@@ -149,6 +177,7 @@ impl PiMetadata {
             map,
             writable,
             intent,
+            loss_logged: AtomicBool::new(false),
         };
         meta.intent.load(meta.bitmap_words());
         if writable {
@@ -309,6 +338,27 @@ impl PiMetadata {
         }
     }
 
+    /// Whether the file still backs every page of the mapping. A page the kernel could not
+    /// back (the file truncated under the daemon, or its file system full on a first write
+    /// to a page that was never allocated) is replaced by a stand-in (see
+    /// `storage::sigbus`): what was stored there is not in the file, so every tuple, intent
+    /// and sync is suspect from then on and the caller fails its request.
+    pub fn intact(&self) -> io::Result<()> {
+        if self.map.faults() == 0 {
+            return Ok(());
+        }
+        if !self.loss_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                metadata = %self.path.display(),
+                "the PI metadata lost pages under the daemon (the file was truncated, or its file system ran out of space): every request that needs PI now fails with an I/O error; stop the daemon, free space or restore the file, and start it again (recovery re-checks what was in flight)"
+            );
+        }
+        Err(io::Error::other(format!(
+            "the PI metadata {} lost pages under the daemon (truncated or out of space)",
+            self.path.display()
+        )))
+    }
+
     /// Make every stored tuple and bitmap word durable.
     pub fn sync(&self) -> io::Result<()> {
         self.msync(0, self.map.len())
@@ -328,6 +378,7 @@ impl PiMetadata {
     }
 
     fn msync(&self, offset: usize, len: usize) -> io::Result<()> {
+        self.intact()?;
         if !self.writable || len == 0 {
             return Ok(());
         }
@@ -344,12 +395,13 @@ impl PiMetadata {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(())
+        self.intact()
     }
 
     /// Write-intent: make sure the regions covering `count` intervals from `lba` are marked
     /// dirty on disk before data or tuples there change. See docs/CRASH-CONSISTENCY.md.
     pub fn begin_write(&self, lba: u64, count: u64) -> io::Result<()> {
+        self.intact()?;
         self.intent
             .begin(lba, count, self.bitmap_words(), |region| {
                 self.sync_bitmap_word(region)
@@ -412,6 +464,21 @@ impl PiMetadata {
     pub fn release_lock(&self) {
         files::unlock(&self.file);
     }
+}
+
+/// Allocate the whole metadata file: tuples and intent bits are stored through a shared
+/// mapping, and a store into a page the file system cannot allocate (a full disk under a
+/// sparse file) raises SIGBUS instead of returning ENOSPC. Allocated up front, a full disk
+/// can only fail data writes, which report it. Where the file system cannot preallocate, the
+/// SIGBUS guard (`storage::sigbus`) still keeps the daemon alive; PI requests then fail.
+fn allocate(file: &File, path: &Path, len: u64) -> io::Result<()> {
+    if !files::allocate(file, 0, len)? {
+        tracing::warn!(
+            metadata = %path.display(),
+            "this file system cannot preallocate the PI metadata; if it fills up, PI requests fail with I/O errors until the daemon is restarted with space"
+        );
+    }
+    Ok(())
 }
 
 /// Open a metadata file (or device), with "missing" told apart from other failures.

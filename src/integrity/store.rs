@@ -108,7 +108,7 @@ impl PiStore {
     }
 
     /// Store the tuple for `data` (one interval) at `lba`; all-zero data is stored as
-    /// unwritten, which reads and verifies the same and keeps the metadata sparse.
+    /// unwritten, which reads and verifies the same.
     pub fn store_generated(&self, lba: u64, data: &[u8]) {
         if is_zero(data) {
             self.meta.set_unwritten(lba, 1);

@@ -272,7 +272,9 @@ pub fn finish_write(
             store.meta.set_tuple(l, &store.tuple_for(l, guard));
         }
         stored = count;
-        if durable {
+        // Stores into a page the file lost (see PiMetadata::intact) did not reach it.
+        result = store.meta.intact();
+        if durable && result.is_ok() {
             result = store.meta.sync_tuples(lba, count);
         }
         store.meta.end_write(lba, count);
@@ -305,7 +307,7 @@ pub fn finish_ranges(
         }
         store.meta.end_write(r.lba, r.count);
     }
-    result
+    result.and(store.meta.intact())
 }
 
 /// A flush's data sync succeeded: make the tuples durable, then drop the write intents of

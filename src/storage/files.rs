@@ -37,9 +37,12 @@ pub fn replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 
 /// A shared mapping of `len` bytes of a file (the PI metadata, a frontend's in-flight region
 /// or dirty log), unmapped on drop. Users reach it only through atomics or volatile copies.
+/// A page that loses its backing (file truncated, file system full) does not kill the
+/// daemon: see [`super::sigbus`]; [`SharedMapping::faults`] says it happened.
 pub struct SharedMapping {
     ptr: *mut u8,
     len: usize,
+    guard: super::sigbus::Registration,
 }
 
 // SAFETY: plain shared memory, unmapped only on drop; every user accesses it through atomics
@@ -75,7 +78,14 @@ impl SharedMapping {
         Ok(SharedMapping {
             ptr: ptr.cast(),
             len,
+            guard: super::sigbus::register(ptr.cast(), len),
         })
+    }
+
+    /// Faults absorbed in this mapping: not 0 means some of its pages are stand-ins and the
+    /// file no longer holds what was stored there.
+    pub fn faults(&self) -> usize {
+        self.guard.faults()
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -89,6 +99,8 @@ impl SharedMapping {
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
+        // Unregister first: once unmapped, the range may be reused by anything.
+        self.guard = super::sigbus::Registration::none();
         // SAFETY: ptr/len are exactly what mmap returned; the owner hands out no references
         // that outlive it.
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
@@ -118,6 +130,22 @@ pub fn open_no_follow(path: &Path, options: &mut OpenOptions) -> io::Result<File
             ))
         }
         other => other,
+    }
+}
+
+/// Allocate `len` bytes of `file` from `offset` (keeping what is there), so later writes into
+/// the range, through a mapping too, never need space the file system may not have. Ok(false)
+/// when the file system cannot preallocate (some FUSE and network file systems).
+pub fn allocate(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    // SAFETY: fallocate on a valid descriptor; no memory is involved.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as i64, len as i64) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => Ok(false),
+        _ => Err(err),
     }
 }
 

@@ -9,6 +9,7 @@ pub mod files;
 pub mod image;
 pub mod inline;
 pub mod op;
+pub mod sigbus;
 pub mod uring;
 
 pub use aligned::AlignedBuf;

@@ -105,6 +105,13 @@ impl Executor {
         let mut status = VIRTIO_BLK_S_OK;
         if let Some(pi) = self.pi.clone() {
             if inflight.errno.is_none() && inflight.class == Class::Read {
+                // Tuples from pages the metadata file lost are stand-in zeros: an I/O error,
+                // never a guard error.
+                if let Err(e) = pi.meta.intact() {
+                    inflight.errno = e.raw_os_error().or(Some(libc::EIO));
+                }
+            }
+            if inflight.errno.is_none() && inflight.class == Class::Read {
                 if let PiWork::Read { count, .. } = &inflight.pi {
                     self.counters.intervals_verified.add(*count);
                 }
@@ -421,6 +428,9 @@ impl Executor {
                     } else {
                         VIRTIO_BLK_S_IOERR
                     }
+                } else if pi.meta.intact().is_err() {
+                    self.counters.io_errors.add(1);
+                    VIRTIO_BLK_S_IOERR
                 } else {
                     pi.report_all(&failures, "read");
                     for (_, e) in &failures {
