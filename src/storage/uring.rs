@@ -22,6 +22,13 @@ pub struct UringEngine {
     /// Send every operation to the kernel's worker threads (IOSQE_ASYNC): for filesystems
     /// that would block the submitting thread ([`Image::submission_may_block`](super::Image::submission_may_block)).
     force_async: bool,
+    /// Completions taken off the ring but not yet reported: a kernel that refuses
+    /// submissions until completions are reaped gets its ring emptied into this (see
+    /// `submit`), and [`UringEngine::reap`] reports them first.
+    reaped: Vec<(u64, i32)>,
+    /// Tests: refuse submissions with EBUSY as older kernels do (see `enter`).
+    #[cfg(test)]
+    refuse_like_old_kernels: bool,
 }
 
 // SAFETY: the raw iovec pointers inside queued ops point into memory whose lifetime the
@@ -42,6 +49,9 @@ impl UringEngine {
             slots: Vec::new(),
             free_slots: Vec::new(),
             force_async,
+            reaped: Vec::new(),
+            #[cfg(test)]
+            refuse_like_old_kernels: false,
         })
     }
 
@@ -69,7 +79,13 @@ impl UringEngine {
             }
         };
         self.slots[slot as usize] = Some(InFlightOp { op, remaining });
-        self.push_slot(slot)
+        let pushed = self.push_slot(slot);
+        if pushed.is_err() {
+            // Never reached the ring: the caller gets the error, and the slot is free again.
+            self.slots[slot as usize] = None;
+            self.free_slots.push(slot);
+        }
+        pushed
     }
 
     fn push_slot(&mut self, slot: u32) -> io::Result<()> {
@@ -119,6 +135,14 @@ impl UringEngine {
     }
 
     /// Hand queued operations to the kernel.
+    ///
+    /// A kernel may refuse them with EBUSY until completions are reaped (io_uring_enter(2):
+    /// with IORING_FEAT_NODROP, while overflowed completions cannot be flushed back into
+    /// the ring; older kernels do this readily, current ones rarely): then the ring's completions
+    /// are moved into `reaped`, for the next [`UringEngine::reap`] to report, and the
+    /// submission is tried again. So this returns once the kernel took the entries (or
+    /// failed for real), and a caller that pushes into a full submission queue always makes
+    /// progress without reaping itself.
     pub fn submit(&mut self) -> io::Result<()> {
         // Skip the syscall when there is nothing to hand over (and no overflowed
         // completions the kernel needs a nudge to flush).
@@ -129,18 +153,50 @@ impl UringEngine {
         }
         drop(sq);
         loop {
-            match self.ring.submit() {
+            match self.enter() {
                 Ok(_) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                // Completion queue pressure: reaping frees room, the caller reaps next.
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    if self.take_completions() == 0 {
+                        // Nothing to take yet: operations in flight must finish first. Each
+                        // attempt enters the kernel, which runs their completion work.
+                        std::thread::yield_now();
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
     }
 
+    /// Move the completion ring's entries into `reaped`, making room in the ring; returns
+    /// how many there were.
+    fn take_completions(&mut self) -> usize {
+        let before = self.reaped.len();
+        self.reaped
+            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        self.reaped.len() - before
+    }
+
+    /// One io_uring_enter handing the submission queue to the kernel.
+    fn enter(&mut self) -> io::Result<usize> {
+        // Older kernels refuse submissions with EBUSY while completions have overflowed and
+        // the completion ring has no room to take them back (current ones keep accepting):
+        // the tests reproduce that on any kernel, from the ring's real state.
+        #[cfg(test)]
+        if self.refuse_like_old_kernels
+            && self.ring.submission().cq_overflow()
+            && self.ring.completion().is_full()
+        {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        self.ring.submit()
+    }
+
     /// Block until at least one operation completes (used when draining a queue).
     pub fn wait_for_completion(&mut self) -> io::Result<()> {
+        if !self.reaped.is_empty() {
+            return Ok(()); // taken off the ring already, waiting for reap
+        }
         match self.ring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
@@ -151,49 +207,128 @@ impl UringEngine {
     /// Collect finished operations into `out`. Short transfers and EAGAIN are resubmitted
     /// here and reported only when whole.
     pub fn reap(&mut self, out: &mut Vec<Completion>) -> io::Result<()> {
-        let finished: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (user_data, res) in finished {
-            let slot = user_data as u32;
-            let Some(Some(inflight)) = self.slots.get_mut(slot as usize) else {
-                tracing::error!(user_data, "io_uring completion for an unknown operation");
-                continue;
-            };
-            let result = match res {
-                r if r == -libc::EAGAIN || r == -libc::EINTR => {
-                    self.push_slot(slot)?;
-                    continue;
-                }
-                r if r < 0 => Err(-r),
-                r => match inflight.op.kind {
-                    OpKind::Read | OpKind::Write => {
-                        let done = r as u64;
-                        if done == 0 && inflight.remaining > 0 {
-                            Err(libc::EIO) // end of file inside the image: truncated underneath us
-                        } else if done < inflight.remaining {
-                            inflight.remaining -= done;
-                            inflight.op.offset += done;
-                            advance_iovecs(&mut inflight.op.iovecs, done);
-                            self.push_slot(slot)?;
-                            continue;
-                        } else {
-                            Ok(())
-                        }
-                    }
-                    _ => Ok(()),
-                },
-            };
-            let tag = self.slots[slot as usize]
-                .take()
-                .expect("slot checked above")
-                .op
-                .tag;
-            self.free_slots.push(slot);
-            out.push(Completion { tag, result });
+        self.take_completions();
+        // Resubmitting may take more completions off the ring (see `submit`): report those
+        // too before returning, so none waits unseen while the ring looks empty.
+        while !self.reaped.is_empty() {
+            for (user_data, res) in std::mem::take(&mut self.reaped) {
+                self.finish(user_data, res, out);
+            }
         }
         Ok(())
+    }
+
+    /// One completion: report it, or continue the operation (short transfer, EAGAIN).
+    fn finish(&mut self, user_data: u64, res: i32, out: &mut Vec<Completion>) {
+        let slot = user_data as u32;
+        let Some(Some(inflight)) = self.slots.get_mut(slot as usize) else {
+            tracing::error!(user_data, "io_uring completion for an unknown operation");
+            return;
+        };
+        let outcome = match res {
+            r if r == -libc::EAGAIN || r == -libc::EINTR => self.resubmit(slot),
+            r if r < 0 => Outcome::Done(Err(-r)),
+            r => match inflight.op.kind {
+                OpKind::Read | OpKind::Write => {
+                    let done = r as u64;
+                    if done == 0 && inflight.remaining > 0 {
+                        // End of file inside the image: truncated underneath us.
+                        Outcome::Done(Err(libc::EIO))
+                    } else if done < inflight.remaining {
+                        inflight.remaining -= done;
+                        inflight.op.offset += done;
+                        advance_iovecs(&mut inflight.op.iovecs, done);
+                        self.resubmit(slot)
+                    } else {
+                        Outcome::Done(Ok(()))
+                    }
+                }
+                _ => Outcome::Done(Ok(())),
+            },
+        };
+        let Outcome::Done(result) = outcome else {
+            return; // reported when whole
+        };
+        let tag = self.slots[slot as usize]
+            .take()
+            .expect("slot checked above")
+            .op
+            .tag;
+        self.free_slots.push(slot);
+        out.push(Completion { tag, result });
+    }
+
+    /// Push a continued operation again; if the ring cannot take it, it fails with that
+    /// error (reported, never dropped).
+    fn resubmit(&mut self, slot: u32) -> Outcome {
+        match self.push_slot(slot) {
+            Ok(()) => Outcome::Continued,
+            Err(e) => Outcome::Done(Err(e.raw_os_error().unwrap_or(libc::EIO))),
+        }
+    }
+}
+
+/// What one completion means for its operation.
+enum Outcome {
+    /// Pushed again for the rest (short transfer, EAGAIN).
+    Continued,
+    /// Finished: report it.
+    Done(Result<(), i32>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::time::Duration;
+
+    /// More operations than the completion ring holds, queued without reaping in between,
+    /// on a kernel that answers EBUSY until completions are reaped: every one is queued and
+    /// completes once, with its data. (Before the fix a full submission queue retried the
+    /// refused submission forever.) Run in a thread so a regression fails instead of hanging.
+    #[test]
+    fn a_full_completion_ring_does_not_stall_queueing() {
+        const OPS: usize = 64;
+        const LEN: usize = 512;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut file = tempfile::tempfile().unwrap();
+            let content: Vec<u8> = (0..OPS * LEN).map(|i| (i % 251) as u8).collect();
+            file.write_all(&content).unwrap();
+            // 8 submission entries (the smallest ring), 16 completion entries.
+            let mut engine = UringEngine::new(file.as_raw_fd(), 4, false).unwrap();
+            engine.refuse_like_old_kernels = true;
+            let mut buf = vec![0u8; OPS * LEN];
+            for i in 0..OPS {
+                let iov = vec![libc::iovec {
+                    // SAFETY: i * LEN + LEN <= buf.len(); buf outlives the engine's use of it
+                    // (every operation is reaped below before buf is read or dropped).
+                    iov_base: unsafe { buf.as_mut_ptr().add(i * LEN) }.cast(),
+                    iov_len: LEN,
+                }];
+                engine
+                    .queue(Op::transfer(OpKind::Read, (i * LEN) as u64, iov, i as u64))
+                    .unwrap();
+            }
+            engine.submit().unwrap();
+            let mut done = Vec::new();
+            while engine.in_flight() > 0 {
+                engine.wait_for_completion().unwrap();
+                engine.reap(&mut done).unwrap();
+            }
+            let _ = tx.send((done, buf == content));
+        });
+        let (mut done, same) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("queueing past a full completion ring hung");
+        done.sort_by_key(|c| c.tag);
+        let want: Vec<Completion> = (0..OPS as u64)
+            .map(|tag| Completion {
+                tag,
+                result: Ok(()),
+            })
+            .collect();
+        assert_eq!(done, want, "each operation completed once, successfully");
+        assert!(same, "every read brought its data");
     }
 }
