@@ -102,8 +102,13 @@ pub fn guest_digests(
     }
 }
 
-/// Copy the intervals `which` (indices into the request) out of guest memory into `dst`
-/// (one interval each, in order), returning their guards computed over the copies.
+/// Copy the intervals `which` (indices into the request, strictly ascending, as mutation
+/// detection lists them) out of guest memory into `dst` (one interval each, in order),
+/// returning their guards computed over the copies.
+///
+/// One walk over the request, matched against `which` with a cursor and stopped after the
+/// last chosen interval: linear in the request's size (looking each index up in `which`
+/// made a large request with many changed intervals quadratic).
 pub fn snapshot_intervals(
     mem: &GuestMemoryMmap,
     ranges: &[GuestRange],
@@ -112,16 +117,23 @@ pub fn snapshot_intervals(
     format: PiFormat,
     interval: usize,
 ) -> Vec<u64> {
+    debug_assert!(
+        which.windows(2).all(|w| w[0] < w[1]),
+        "snapshot_intervals: indices must be strictly ascending"
+    );
     let mut walker = Intervals::new(mem, ranges, interval);
     let mut out = Vec::with_capacity(which.len());
-    let mut next = 0usize;
+    let mut wanted = which.iter().copied().peekable();
     let mut slots = dst.iter_mut().flat_map(|c| c.chunks_exact_mut(interval));
-    while let Some(data) = walker.next() {
-        let index = next;
-        next += 1;
-        if !which.contains(&index) {
+    let mut index = 0usize;
+    while let Some(&want) = wanted.peek() {
+        let Some(data) = walker.next() else { break };
+        let this = index;
+        index += 1;
+        if this != want {
             continue;
         }
+        wanted.next();
         let Some(slot) = slots.next() else { break };
         out.push(match data {
             Interval::InPlace(src) => copy_guard(format, slot, src),
@@ -389,6 +401,33 @@ mod tests {
                 gather_with_guards(&mem, &ranges(), &mut [a, b], format, interval, &mut guards);
                 assert_eq!(buffer, expected);
                 let want: Vec<u64> = expected.chunks(interval).map(|c| format.guard(c)).collect();
+                assert_eq!(guards, want, "{format} {interval}");
+            }
+        }
+    }
+
+    #[test]
+    fn snapshots_copy_exactly_the_chosen_intervals_with_their_guards() {
+        // Scattered choices, first and last included; for 4096 interval 1 straddles the
+        // descriptors and the region boundary.
+        for (interval, which) in [(512usize, vec![0, 3, 4, 9, 11, 31]), (4096, vec![1, 3])] {
+            for format in [PiFormat::Type1, PiFormat::Nvme64] {
+                let mem = memory();
+                let data = fill(&mem, &ranges());
+                let mut buffer = vec![0u8; which.len() * interval];
+                // Two destination chunks, as the bounce pool hands them out.
+                let (a, b) = buffer.split_at_mut(interval);
+                let guards =
+                    snapshot_intervals(&mem, &ranges(), &which, &mut [a, b], format, interval);
+                let want: Vec<u8> = which
+                    .iter()
+                    .flat_map(|&i| data[i * interval..(i + 1) * interval].iter().copied())
+                    .collect();
+                assert_eq!(
+                    buffer, want,
+                    "{format} {interval}: the chosen intervals, in order"
+                );
+                let want: Vec<u64> = want.chunks(interval).map(|c| format.guard(c)).collect();
                 assert_eq!(guards, want, "{format} {interval}");
             }
         }
