@@ -9,6 +9,8 @@ use std::io;
 use std::os::fd::RawFd;
 
 use super::inline::InlineEngine;
+#[cfg(test)]
+use super::op::OpKind;
 use super::op::{Completion, Op};
 use super::uring::UringEngine;
 
@@ -45,6 +47,19 @@ pub enum EngineChoice {
 pub enum Engine {
     Uring(Box<UringEngine>),
     Inline(InlineEngine),
+    /// Tests: the inline engine on a target that lacks features or fails; see [`Faulty`].
+    #[cfg(test)]
+    Faulty(Faulty),
+}
+
+/// Tests: the inline engine on a target whose fallocate has neither zeroing mode (like a
+/// block device without write-zeroes support): range operations fail with EOPNOTSUPP; and
+/// writes that start at or past `fail_writes_from` fail with EIO. Reported at the next reap.
+#[cfg(test)]
+pub struct Faulty {
+    inner: InlineEngine,
+    refused: Vec<Completion>,
+    pub fail_writes_from: u64,
 }
 
 impl Engine {
@@ -64,12 +79,24 @@ impl Engine {
         })
     }
 
+    /// A [`Faulty`] engine whose writes all work.
+    #[cfg(test)]
+    pub fn without_fallocate(image_fd: RawFd) -> Faulty {
+        Faulty {
+            inner: InlineEngine::new(image_fd),
+            refused: Vec::new(),
+            fail_writes_from: u64::MAX,
+        }
+    }
+
     /// An fd that is readable while completions wait, for the queue's epoll; `None` when
     /// completions are always ready by the time [`Engine::submit`] returns.
     pub fn completion_fd(&self) -> Option<RawFd> {
         match self {
             Engine::Uring(e) => Some(e.completion_fd()),
             Engine::Inline(_) => None,
+            #[cfg(test)]
+            Engine::Faulty(_) => None,
         }
     }
 
@@ -80,6 +107,8 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.in_flight(),
             Engine::Inline(e) => e.in_flight(),
+            #[cfg(test)]
+            Engine::Faulty(f) => f.inner.in_flight() + f.refused.len(),
         }
     }
 
@@ -91,6 +120,22 @@ impl Engine {
                 e.queue(op);
                 Ok(())
             }
+            #[cfg(test)]
+            Engine::Faulty(f) => {
+                let refused = match op.kind {
+                    OpKind::PunchHole | OpKind::ZeroRange => Some(libc::EOPNOTSUPP),
+                    OpKind::Write if op.offset >= f.fail_writes_from => Some(libc::EIO),
+                    _ => None,
+                };
+                match refused {
+                    Some(errno) => f.refused.push(Completion {
+                        tag: op.tag,
+                        result: Err(errno),
+                    }),
+                    None => f.inner.queue(op),
+                }
+                Ok(())
+            }
         }
     }
 
@@ -99,6 +144,11 @@ impl Engine {
             Engine::Uring(e) => e.submit(),
             Engine::Inline(e) => {
                 e.run_queued();
+                Ok(())
+            }
+            #[cfg(test)]
+            Engine::Faulty(f) => {
+                f.inner.run_queued();
                 Ok(())
             }
         }
@@ -112,6 +162,11 @@ impl Engine {
                 e.run_queued();
                 Ok(())
             }
+            #[cfg(test)]
+            Engine::Faulty(f) => {
+                f.inner.run_queued();
+                Ok(())
+            }
         }
     }
 
@@ -121,6 +176,12 @@ impl Engine {
             Engine::Uring(e) => e.reap(out),
             Engine::Inline(e) => {
                 e.reap(out);
+                Ok(())
+            }
+            #[cfg(test)]
+            Engine::Faulty(f) => {
+                f.inner.reap(out);
+                out.append(&mut f.refused);
                 Ok(())
             }
         }

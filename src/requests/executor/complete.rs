@@ -16,23 +16,33 @@ impl Executor {
         };
         inflight.pending_ops -= 1;
         if completion.result.is_ok() && inflight.stage == Stage::Transfer {
-            if let PiWork::Ranges { zeroed } = &mut inflight.pi {
+            if let PiWork::Ranges { zeroed, .. } = &mut inflight.pi {
                 if let Some(z) = zeroed.get_mut((aux & !TRIED_PUNCH) as usize) {
                     *z = true;
                 }
             }
         }
         if let Err(errno) = completion.result {
-            if let Some(next) = self.fallback(slot, aux, errno) {
-                if self.queue_op(slot, next).is_ok() {
-                    return;
-                }
-            } else {
+            let retries = self.fallback(slot, aux, errno);
+            if retries.is_empty() {
                 let inflight = self.requests[slot as usize].as_mut().expect("live request");
                 // Discards are hints: a target that cannot punch holes still completes OK.
                 if !(errno == libc::EOPNOTSUPP && inflight.class == Class::Discard) {
                     inflight.errno.get_or_insert(errno);
                 }
+                self.segment_failed(slot, aux);
+            } else {
+                let mut queued = true;
+                for op in retries {
+                    if self.queue_op(slot, op).is_err() {
+                        queued = false; // queue_op recorded the error
+                        break;
+                    }
+                }
+                if queued {
+                    return;
+                }
+                self.segment_failed(slot, aux);
             }
         }
         let inflight = self.requests[slot as usize].as_mut().expect("live request");
@@ -61,42 +71,68 @@ impl Executor {
         self.complete(inflight, done);
     }
 
-    /// Write-zeroes degrades gracefully: zero-range → punch-hole → writing zeroes.
-    pub(super) fn fallback(&mut self, slot: u32, aux: u32, errno: i32) -> Option<Op> {
+    /// Write-zeroes degrades gracefully: zero-range → punch-hole → writing zeroes. Returns
+    /// the operations that try segment `aux` the next way (none: the failure stands).
+    pub(super) fn fallback(&mut self, slot: u32, aux: u32, errno: i32) -> Vec<Op> {
         if errno != libc::EOPNOTSUPP {
-            return None;
+            return Vec::new();
         }
-        let inflight = self.requests[slot as usize].as_ref()?;
-        if inflight.class != Class::WriteZeroes {
-            return None;
+        let Some(inflight) = self.requests[slot as usize].as_ref() else {
+            return Vec::new();
+        };
+        if inflight.class != Class::WriteZeroes || inflight.stage != Stage::Transfer {
+            return Vec::new();
         }
-        let segment = *inflight.segments.get((aux & !TRIED_PUNCH) as usize)?;
+        let Some(&segment) = inflight.segments.get((aux & !TRIED_PUNCH) as usize) else {
+            return Vec::new();
+        };
         let offset = segment.sector * SECTOR_SIZE;
         let len = u64::from(segment.sectors) * SECTOR_SIZE;
         if aux & TRIED_PUNCH == 0 {
-            return Some(Op::range(
+            return vec![Op::range(
                 OpKind::PunchHole,
                 offset,
                 len,
                 u64::from(aux | TRIED_PUNCH),
-            ));
+            )];
         }
         // Neither fallocate mode works here (e.g. a block device without zeroing support):
-        // write real zeroes, one shared read-only buffer repeated.
+        // write real zeroes, one shared read-only buffer repeated. One write takes at most
+        // MAX_IOVECS of them (1 GiB) and a segment may be larger (the device advertises up
+        // to 2 GiB), so a segment is as many writes as it needs, all tagged with it; it
+        // reads as zeros once all succeeded (see `segment_failed`).
         let zeroes = self
             .zeroes
             .get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK));
         let base = zeroes.as_mut_ptr() as *mut libc::c_void;
-        let iovecs = (0..len.div_ceil(ZERO_CHUNK as u64))
-            .map(|i| libc::iovec {
-                iov_base: base,
-                iov_len: (len - i * ZERO_CHUNK as u64).min(ZERO_CHUNK as u64) as usize,
+        let per_write = (MAX_IOVECS * ZERO_CHUNK) as u64;
+        (0..len.div_ceil(per_write))
+            .map(|w| {
+                let start = w * per_write;
+                let piece = (len - start).min(per_write);
+                let iovecs = (0..piece.div_ceil(ZERO_CHUNK as u64))
+                    .map(|i| libc::iovec {
+                        iov_base: base,
+                        iov_len: (piece - i * ZERO_CHUNK as u64).min(ZERO_CHUNK as u64) as usize,
+                    })
+                    .collect();
+                Op::transfer(OpKind::Write, offset + start, iovecs, u64::from(aux))
             })
-            .collect::<Vec<_>>();
-        if iovecs.len() > MAX_IOVECS {
-            return None;
+            .collect()
+    }
+
+    /// An operation of range segment `aux` failed for good: the segment does not count as
+    /// zeroed even if another of its operations succeeds.
+    fn segment_failed(&mut self, slot: u32, aux: u32) {
+        let inflight = self.requests[slot as usize].as_mut().expect("live request");
+        if inflight.stage != Stage::Transfer {
+            return; // a sync after the zeroing: not a segment's operation
         }
-        Some(Op::transfer(OpKind::Write, offset, iovecs, u64::from(aux)))
+        if let PiWork::Ranges { failed, .. } = &mut inflight.pi {
+            if let Some(f) = failed.get_mut((aux & !TRIED_PUNCH) as usize) {
+                *f = true;
+            }
+        }
     }
 
     /// A request's last operation finished: do its PI work, release what it holds, and
@@ -224,15 +260,15 @@ impl Executor {
                 self.counters.intervals_written.add(stored);
                 result
             }
-            PiWork::Ranges { zeroed } => {
+            PiWork::Ranges { zeroed, failed } => {
                 let ranges: Vec<protected::RangeOutcome> = inflight
                     .segments
                     .iter()
-                    .zip(zeroed)
-                    .map(|(segment, zeroed)| protected::RangeOutcome {
+                    .zip(zeroed.into_iter().zip(failed))
+                    .map(|(segment, (zeroed, failed))| protected::RangeOutcome {
                         lba: segment.sector / per,
                         count: u64::from(segment.sectors) / per,
-                        zeroed,
+                        zeroed: zeroed && !failed,
                     })
                     .collect();
                 // A discard the target did not perform changes nothing; a zeroing that did

@@ -120,9 +120,11 @@ enum PiWork {
         /// A zero-copy write the cost model samples: nanoseconds its passes took so far.
         sampled_ns: Option<u64>,
     },
-    /// Discard / write-zeroes: segments that completed now read as zeros (unwritten).
+    /// Discard / write-zeroes: segments that completed now read as zeros (unwritten), unless
+    /// one of their operations failed (a segment written as zeroes takes several).
     Ranges {
         zeroed: Vec<bool>,
+        failed: Vec<bool>,
     },
     /// Flush: after the data sync, make tuples durable and clear idle intents.
     Flush {

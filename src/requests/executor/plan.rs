@@ -342,6 +342,7 @@ impl Executor {
         protected::begin_writes(pi, &ranges)?;
         inflight.pi = PiWork::Ranges {
             zeroed: vec![false; segments.len()],
+            failed: vec![false; segments.len()],
         };
         Ok(())
     }

@@ -8,7 +8,7 @@ use crate::integrity::pi::PiFormat;
 use crate::integrity::PiMetadata;
 use crate::requests::parse::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use crate::requests::policy::{AutoPath, Calibration, CostBasis, Target};
 use crate::requests::WritePolicy;
@@ -52,9 +52,14 @@ struct Rig {
 
 /// An executor over a fresh 1 MiB image; with `pi`, type1 PI on 4096-byte intervals.
 fn rig(engine: EngineKind, pi: bool) -> Rig {
+    rig_of(engine, pi, IMAGE_BYTES, limits(if pi { 4096 } else { 512 }))
+}
+
+/// As [`rig`], with an image of `image_bytes` (sparse) and the given limits.
+fn rig_of(engine: EngineKind, pi: bool, image_bytes: u64, limits: Limits) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    Image::create(&path, IMAGE_BYTES).unwrap();
+    Image::create(&path, image_bytes).unwrap();
     let image = Arc::new(Image::open(&path, false).unwrap());
     let store = pi.then(|| {
         let data = DataIdentity::of(&path, image.size()).unwrap();
@@ -70,7 +75,7 @@ fn rig(engine: EngineKind, pi: bool) -> Rig {
     };
     let exec = Executor::new(
         Arc::clone(&image),
-        limits(if pi { 4096 } else { 512 }),
+        limits,
         "test",
         64,
         Arc::clone(&stats),
@@ -78,7 +83,7 @@ fn rig(engine: EngineKind, pi: bool) -> Rig {
         Protection {
             pi: store,
             policy: WritePolicy::Auto,
-            tracker: Arc::new(MutationTracker::new(IMAGE_BYTES, Duration::from_secs(10))),
+            tracker: Arc::new(MutationTracker::new(image_bytes, Duration::from_secs(10))),
             costs: WriteCosts::new(&basis),
         },
     )
@@ -263,4 +268,117 @@ fn with_pi_a_corrupted_block_fails_its_read_and_its_neighbour_does_not() {
         );
         assert!(r.stats.guard_errors.get() >= 1, "{engine}");
     }
+}
+
+#[test]
+fn write_zeroes_of_the_largest_advertised_segment_succeeds_where_only_writing_zeroes_works() {
+    // A target where neither fallocate mode works, so write-zeroes falls back to writing
+    // real zeroes; the largest segment the device advertises (backend.rs: 2^22 sectors,
+    // 2 GiB), which needs more iovecs of the zero buffer than one write takes.
+    const SEGMENT_SECTORS: u32 = 1 << 22;
+    const GIB: u64 = 1 << 30;
+    let image_bytes = 4 * GIB;
+    let limits = Limits {
+        capacity_sectors: image_bytes / 512,
+        max_write_zeroes_sectors: SEGMENT_SECTORS,
+        ..limits(4096)
+    };
+    let mut r = rig_of(EngineKind::Inline, true, image_bytes, limits);
+    r.exec.engine = Engine::Faulty(Engine::without_fallocate(r.image.fd()));
+    let sector = |byte: u64| byte / 512;
+    // Data to zero: blocks early, past the first 1 GiB and at the very end of the segment,
+    // and a second, small segment; and a neighbour right after the big one that must stay.
+    let end = u64::from(SEGMENT_SECTORS) * 512;
+    let doomed = [0, GIB + 8192, end - 4096, 3 * GIB];
+    let neighbour = end;
+    for (i, &at) in doomed.iter().chain([&neighbour]).enumerate() {
+        r.fill_guest(4096, 0x40 + i as u8);
+        let status = r.run(VIRTIO_BLK_T_OUT, sector(at), Some((4096, false))).0;
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+    }
+    let kept = r.fill_guest(4096, 0x40 + doomed.len() as u8);
+
+    let mut table = Vec::new();
+    for (start, sectors) in [(0, SEGMENT_SECTORS), (sector(3 * GIB), 16)] {
+        table.extend_from_slice(&u64::to_le_bytes(start));
+        table.extend_from_slice(&u32::to_le_bytes(sectors));
+        table.extend_from_slice(&0u32.to_le_bytes()); // no unmap: zero-range first
+    }
+    r.mem.write_slice(&table, GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        r.run(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            0,
+            Some((table.len() as u32, false))
+        ),
+        (VIRTIO_BLK_S_OK, 1),
+        "a segment the device advertises must not fail"
+    );
+
+    for &at in &doomed {
+        assert!(
+            r.image_bytes(at, 4096).iter().all(|&b| b == 0),
+            "image at {at:#x} holds zeroes"
+        );
+        r.fill_guest(4096, 0xFF);
+        let read = r.run(VIRTIO_BLK_T_IN, sector(at), Some((4096, true)));
+        assert_eq!(read.0, VIRTIO_BLK_S_OK, "read at {at:#x} verifies");
+        assert!(
+            r.guest_data(4096).iter().all(|&b| b == 0),
+            "read at {at:#x}"
+        );
+    }
+    assert!(
+        r.image_bytes(neighbour, 4096) == kept,
+        "the neighbour is untouched"
+    );
+    let read = r.run(VIRTIO_BLK_T_IN, sector(neighbour), Some((4096, true)));
+    assert_eq!(read.0, VIRTIO_BLK_S_OK);
+    assert!(r.guest_data(4096) == kept, "the neighbour reads back");
+    let c = r.stats.snapshot();
+    assert_eq!((c.io_errors, c.guard_errors, c.in_flight), (0, 0, 0));
+}
+
+#[test]
+fn a_zeroing_that_fails_part_way_leaves_no_false_guard_error() {
+    // Written as zeroes in two writes (1 GiB, then 1 MiB); the second fails. The blocks
+    // the first write zeroed and those the second left alone must all verify: the segment
+    // must not be declared unwritten because one of its writes succeeded.
+    const GIB: u64 = 1 << 30;
+    let image_bytes = 2 * GIB;
+    let segment_sectors = ((GIB + (1 << 20)) / 512) as u32;
+    let limits = Limits {
+        capacity_sectors: image_bytes / 512,
+        max_write_zeroes_sectors: 1 << 22,
+        ..limits(4096)
+    };
+    let mut r = rig_of(EngineKind::Inline, true, image_bytes, limits);
+    let sector = |byte: u64| byte / 512;
+    let (zeroed, kept) = (8192, GIB + 4096);
+    for at in [zeroed, kept] {
+        r.fill_guest(4096, 0x77);
+        let status = r.run(VIRTIO_BLK_T_OUT, sector(at), Some((4096, false))).0;
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+    }
+    let old = r.fill_guest(4096, 0x77);
+    let mut faulty = Engine::without_fallocate(r.image.fd());
+    faulty.fail_writes_from = GIB;
+    r.exec.engine = Engine::Faulty(faulty);
+
+    let mut table = Vec::new();
+    table.extend_from_slice(&0u64.to_le_bytes());
+    table.extend_from_slice(&segment_sectors.to_le_bytes());
+    table.extend_from_slice(&0u32.to_le_bytes());
+    r.mem.write_slice(&table, GuestAddress(DATA)).unwrap();
+    let status = r.run(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some((16, false))).0;
+    assert_eq!(status, VIRTIO_BLK_S_IOERR, "the zeroing failed");
+
+    for (at, want) in [(zeroed, vec![0u8; 4096]), (kept, old)] {
+        assert!(r.image_bytes(at, 4096) == want, "image at {at:#x}");
+        r.fill_guest(4096, 0xFF);
+        let read = r.run(VIRTIO_BLK_T_IN, sector(at), Some((4096, true)));
+        assert_eq!(read.0, VIRTIO_BLK_S_OK, "read at {at:#x} verifies");
+        assert!(r.guest_data(4096) == want, "read at {at:#x}");
+    }
+    assert_eq!(r.stats.guard_errors.get(), 0);
 }
