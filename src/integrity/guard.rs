@@ -125,21 +125,25 @@ fn nvme_copy_update_at(l: Level, state: u64, dst: &mut [u8], src: &[u8]) -> u64 
     }
 }
 
-/// Both registers over `data`: one pass (same loads) on the SIMD levels, two otherwise.
+/// Both registers over `data`, from one read of it. `data` may be guest memory the guest
+/// changes meanwhile, and a guard and a digest from two looks could describe two different
+/// buffers: a guard of A stored for data B that the after-completion digest check passes.
+/// The SIMD kernels fold both from the same loads; the tail they leave (under 16 bytes) and
+/// the portable level, which runs the two CRCs one after the other, work on a private copy.
 #[inline]
 fn t10dif_nvme_update_at(l: Level, s16: u16, s64: u64, data: &[u8]) -> (u16, u64) {
-    match l {
+    let whole = data.len() & !15;
+    let (body, tail) = data.split_at(whole);
+    let (s16, s64) = match l {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Level::Avx512 only comes from x86::available() returning true.
-        Level::Avx512 => unsafe { x86::t10dif_nvme_update(s16, s64, data) },
+        Level::Avx512 => unsafe { x86::t10dif_nvme_update(s16, s64, body) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Level::Avx2 only comes from x86::available_avx2() returning true.
-        Level::Avx2 => unsafe { x86::avx2::t10dif_nvme_update(s16, s64, data) },
-        _ => (
-            portable::t10dif_update(s16, data),
-            portable::nvme_update(s64, data),
-        ),
-    }
+        Level::Avx2 => unsafe { x86::avx2::t10dif_nvme_update(s16, s64, body) },
+        _ => return portable::t10dif_nvme_update(s16, s64, data),
+    };
+    portable::t10dif_nvme_update(s16, s64, tail)
 }
 
 #[inline]
@@ -292,6 +296,26 @@ pub mod portable {
         let mut d = Digest::new_with_init_state(CrcAlgorithm::Crc64Nvme, state);
         d.update(data);
         d.get_state()
+    }
+
+    /// Both registers over `data`, read once: each block is copied to the stack and both
+    /// CRCs run over the copy (see `t10dif_nvme_update_at` for why).
+    pub fn t10dif_nvme_update(s16: u16, s64: u64, data: &[u8]) -> (u16, u64) {
+        /// Big enough to amortise the per-update set-up, small enough to stay in L1.
+        const STAGE: usize = 4096;
+        if data.is_empty() {
+            return (s16, s64);
+        }
+        let mut d16 = Digest::new_with_init_state(CrcAlgorithm::Crc16T10Dif, u64::from(s16));
+        let mut d64 = Digest::new_with_init_state(CrcAlgorithm::Crc64Nvme, s64);
+        let mut stage = [0u8; STAGE];
+        for block in data.chunks(STAGE) {
+            let copy = &mut stage[..block.len()];
+            copy.copy_from_slice(block);
+            d16.update(copy);
+            d64.update(copy);
+        }
+        (d16.get_state() as u16, d64.get_state())
     }
 
     pub fn crc16_t10dif(data: &[u8]) -> u16 {
@@ -700,5 +724,65 @@ mod tests {
         assert_eq!(dst, src);
         let expected: Vec<u64> = src.chunks(4096).map(|c| CRC64_REF.checksum(c)).collect();
         assert_eq!(guards, expected);
+    }
+
+    /// The guard and the change digest of a zero-copy write must describe the same bytes,
+    /// though the guest may change its buffer while they are computed: from one read of
+    /// the data. A thread flips one byte between two values while each level computes
+    /// both; every (guard, digest) pair must be that of one of the two buffers, never a
+    /// guard of one and a digest of the other (the two passes of the portable level mixed
+    /// them, and so did the SIMD levels' tail). Time-bounded per level and length.
+    #[test]
+    fn guard_and_digest_come_from_one_read_of_data_that_changes_meanwhile() {
+        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+        use std::time::{Duration, Instant};
+        for l in levels() {
+            // A whole interval (the flipped byte mid-way), and a length with a 9-byte tail
+            // (the flipped byte in it).
+            for (len, flipped) in [(4096usize, 2000usize), (4096 + 9, 4096 + 4)] {
+                let mut versions = [noise(len, 99), noise(len, 99)];
+                versions[1][flipped] ^= 0x5A;
+                let want = versions
+                    .each_ref()
+                    .map(|v| (CRC16_REF.checksum(v), CRC64_REF.checksum(v)));
+                let mut buffer = versions[0].clone();
+                let base = buffer.as_mut_ptr() as usize;
+                let (a, b) = (versions[0][flipped], versions[1][flipped]);
+                let stop = AtomicBool::new(false);
+                std::thread::scope(|scope| {
+                    scope.spawn(|| {
+                        // SAFETY: `flipped` < len, inside `buffer`, which outlives the scope.
+                        // The byte is only ever accessed atomically here; the code under
+                        // test reads it plainly, as the daemon reads guest memory that the
+                        // guest (another process) may be writing: that race is the point.
+                        let cell = unsafe { &*((base + flipped) as *const AtomicU8) };
+                        while !stop.load(Ordering::Relaxed) {
+                            cell.store(b, Ordering::Relaxed);
+                            cell.store(a, Ordering::Relaxed);
+                        }
+                    });
+                    let started = Instant::now();
+                    let mut mixed = None;
+                    while mixed.is_none() && started.elapsed() < Duration::from_millis(200) {
+                        for _ in 0..64 {
+                            // SAFETY: `buffer` is valid for `len` bytes for the whole
+                            // scope; see above for the one byte written concurrently.
+                            let data =
+                                unsafe { std::slice::from_raw_parts(base as *const u8, len) };
+                            let (g, d) = t10dif_nvme_update_at(l, 0, !0, data);
+                            let got = (g, d ^ !0);
+                            if !want.contains(&got) {
+                                mixed = Some(got);
+                            }
+                        }
+                    }
+                    stop.store(true, Ordering::Relaxed);
+                    assert_eq!(
+                        mixed, None,
+                        "{l:?} len {len}: guard and digest of different bytes (want one of {want:x?})"
+                    );
+                });
+            }
+        }
     }
 }

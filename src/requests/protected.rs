@@ -407,6 +407,45 @@ mod tests {
     }
 
     #[test]
+    fn guards_and_digests_over_guest_memory_match_the_reference_crcs() {
+        const CRC16: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_T10_DIF);
+        const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_NVME);
+        for format in [PiFormat::Type1, PiFormat::Type3, PiFormat::Nvme64] {
+            for interval in [512usize, 4096] {
+                let mem = memory();
+                let data = fill(&mem, &ranges());
+                let (mut guards, mut digests) = (Vec::new(), Vec::new());
+                guest_digests(
+                    &mem,
+                    &ranges(),
+                    format,
+                    interval,
+                    Some(&mut guards),
+                    &mut digests,
+                );
+                let want_digests: Vec<u64> =
+                    data.chunks(interval).map(|c| CRC64.checksum(c)).collect();
+                let want_guards: Vec<u64> = data
+                    .chunks(interval)
+                    .map(|c| match format {
+                        PiFormat::Type1 | PiFormat::Type3 => u64::from(CRC16.checksum(c)),
+                        PiFormat::Nvme64 => CRC64.checksum(c),
+                    })
+                    .collect();
+                assert_eq!(guards, want_guards, "{format} {interval}: guards");
+                assert_eq!(digests, want_digests, "{format} {interval}: digests");
+                for (chunk, (&g, &d)) in data.chunks(interval).zip(guards.iter().zip(&digests)) {
+                    assert_eq!(guard_and_digest(format, chunk), (g, d));
+                }
+                // After completion: digests only, the same values.
+                let mut again = Vec::new();
+                guest_digests(&mem, &ranges(), format, interval, None, &mut again);
+                assert_eq!(again, want_digests, "{format} {interval}: digests alone");
+            }
+        }
+    }
+
+    #[test]
     fn snapshots_copy_exactly_the_chosen_intervals_with_their_guards() {
         // Scattered choices, first and last included; for 4096 interval 1 straddles the
         // descriptors and the region boundary.
