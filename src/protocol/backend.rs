@@ -30,6 +30,7 @@ use super::dirty_log::{DirtyLog, DirtyMarker};
 use super::features;
 use super::handover::{Claim, DeviceLedger};
 use super::inflight::{ChainWalk, InflightRegion};
+use super::memory_table;
 use super::polling::PollGovernor;
 use crate::integrity::PiStore;
 use crate::requests::bounce::CHUNK;
@@ -752,6 +753,16 @@ impl VhostUserBackend for BlkBackend {
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
         let snapshot = mem.memory();
+        // A region past the end of its file would SIGBUS at its first touch
+        // (memory_table.rs). The handler has already installed the table: take it away so
+        // nothing touches it before the refusal ends the session.
+        if let Err(e) = memory_table::check_backing(&snapshot) {
+            tracing::error!(error = %e, "refused the frontend's memory table");
+            mem.lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .replace(GuestMemoryMmap::new());
+            return Err(e);
+        }
         for region in snapshot.iter() {
             tracing::debug!(
                 gpa = format_args!("{:#x}", region.start_addr().0),

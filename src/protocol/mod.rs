@@ -9,6 +9,7 @@ pub mod dirty_log;
 pub mod features;
 pub mod handover;
 pub mod inflight;
+pub mod memory_table;
 pub mod polling;
 
 pub use backend::{BlkBackend, DeviceSettings};
