@@ -289,6 +289,7 @@ impl BlkBackend {
     /// guest holds the image.
     fn refuse_queued(&self, worker: &mut QueueWorker, vring: &Vring) {
         let limits = &self.device.config.limits;
+        let mut rearmed_with_more = false;
         loop {
             let table = self.device.mem.memory().into_inner();
             let popped = vring
@@ -299,12 +300,14 @@ impl BlkBackend {
                 self.push_used(worker, vring);
                 // With EVENT_IDX the guest kicks only past the avail event we publish: re-arm
                 // it, and look again if more came meanwhile, or later requests would go
-                // unanswered.
-                if vring.enable_notification().unwrap_or(false) {
+                // unanswered. Once: see `rearmed_with_more` in process_queue.
+                if !rearmed_with_more && vring.enable_notification().unwrap_or(false) {
+                    rearmed_with_more = true;
                     continue;
                 }
                 return;
             };
+            rearmed_with_more = false;
             let head = chain.head_index();
             let status = match parse_request(head, chain, &table, limits) {
                 Ok(request) => Some(request.status),
@@ -357,6 +360,12 @@ impl BlkBackend {
         // one that reuses heads still in flight could otherwise grow the executor's table
         // without bound. Past this, requests wait in the ring for completions.
         let max_in_flight = usize::from(vring.get_ref().get_queue().size());
+        // A re-arm saw more queued, and nothing has been popped since. virtio-queue pops
+        // nothing from a queue stopped under us (GET_VRING_BASE) or whose avail index is
+        // more than a ring ahead (a broken or hostile guest), while the re-arm still sees
+        // entries: a second such re-arm means sleeping until the next kick, not spinning
+        // on it forever with the queue locked.
+        let mut rearmed_with_more = false;
         loop {
             worker.executor.set_clock(pass_started);
             let mut started = 0usize;
@@ -423,6 +432,7 @@ impl BlkBackend {
             if started > 0 || completed > 0 {
                 last_work = now;
                 last_spin = now;
+                rearmed_with_more = false;
                 continue;
             }
             let in_flight = worker.executor.in_flight();
@@ -450,7 +460,8 @@ impl BlkBackend {
                 mark_used_ring(&marker, vring);
             }
             match rearmed {
-                Ok(true) => {
+                Ok(true) if !rearmed_with_more => {
+                    rearmed_with_more = true;
                     let _ = vring.disable_notification();
                 }
                 _ => break,
@@ -936,3 +947,7 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "backend_tests.rs"]
+mod tests;
