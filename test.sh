@@ -22,7 +22,7 @@ cargo test
 # target for a bounded time on the stable toolchain.
 GUARDBLK_WRITE_FUZZ_SEEDS="$PWD/fuzz/corpus" cargo test --lib fuzz_seeds
 fuzz_log=$(mktemp)
-for target in descriptor_chains request_path metadata_header saved_state; do
+for target in descriptor_chains request_path metadata_header saved_state vhost_messages; do
     if ! (cd fuzz && cargo fuzz run --sanitizer none -O "$target" -- \
         -max_total_time="${GUARDBLK_FUZZ_SECONDS:-20}") >"$fuzz_log" 2>&1; then
         tail -n 40 "$fuzz_log"

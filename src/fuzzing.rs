@@ -17,6 +17,8 @@ use crate::requests::mutation::{MutationTracker, SavedMarks};
 use crate::requests::parse::{parse_request, RequestKind, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 use crate::requests::Limits;
 
+mod vhost_frontend;
+
 /// Guest memory of the descriptor-chain target, and where its ring lives.
 const GUEST_MEM: usize = 0x4000;
 const QUEUE_SIZE: u16 = 16;
@@ -139,29 +141,14 @@ struct RequestRig {
 
 impl RequestRig {
     fn new() -> RequestRig {
-        use crate::integrity::header::DataIdentity;
         use crate::requests::policy::{AutoPath, Calibration, CostBasis, Target, WriteCosts};
         use crate::requests::{Protection, QueueCounters, WritePolicy};
-        use crate::storage::{EngineKind, Image};
+        use crate::storage::EngineKind;
         use std::sync::Arc;
         let dir = std::env::temp_dir().join(format!("guardblk-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("rig directory");
-        let path = dir.join("disk.img");
-        Image::create(&path, 1 << 20).expect("image");
-        let image = Arc::new(Image::open(&path, false).expect("open image"));
-        let identity = DataIdentity::of(&path, image.size()).expect("identity");
-        let meta = crate::integrity::metadata::default_path(&path);
-        crate::integrity::PiMetadata::create(
-            &meta,
-            &Header::new(crate::integrity::PiFormat::Type1, 4096, identity),
-        )
-        .expect("metadata");
-        let store = Arc::new(
-            crate::integrity::PiStore::open_beside(&image, None, true)
-                .expect("PI store")
-                .0,
-        );
+        let (image, store) = scratch_pi_image(&dir, 1 << 20);
         let basis = CostBasis {
             target: Target::Dma,
             auto_path: AutoPath::Cost,
@@ -221,6 +208,53 @@ impl RequestRig {
         heads.sort_unstable();
         assert_eq!(answered, heads, "every chain answered exactly once");
     }
+}
+
+/// A fresh `bytes`-long raw image in `dir` with type-1 PI metadata (4 KiB intervals)
+/// beside it, opened as `serve` opens one.
+fn scratch_pi_image(
+    dir: &std::path::Path,
+    bytes: u64,
+) -> (
+    std::sync::Arc<crate::storage::Image>,
+    std::sync::Arc<crate::integrity::PiStore>,
+) {
+    use crate::integrity::header::DataIdentity;
+    use crate::storage::Image;
+    use std::sync::Arc;
+    let path = dir.join("disk.img");
+    Image::create(&path, bytes).expect("image");
+    let image = Arc::new(Image::open(&path, false).expect("open image"));
+    let identity = DataIdentity::of(&path, image.size()).expect("identity");
+    let meta = crate::integrity::metadata::default_path(&path);
+    crate::integrity::PiMetadata::create(
+        &meta,
+        &Header::new(crate::integrity::PiFormat::Type1, 4096, identity),
+    )
+    .expect("metadata");
+    let store = Arc::new(
+        crate::integrity::PiStore::open_beside(&image, None, true)
+            .expect("PI store")
+            .0,
+    );
+    (image, store)
+}
+
+/// Target `vhost_messages`: the vhost-user message stream a frontend sends — memory tables,
+/// vring sizes, addresses, bases and eventfds, config-space reads and writes at any offset
+/// and length, features and protocol features in any order, headers that lie — decoded from
+/// the fuzzer's bytes and sent over a Unix socket to a real session (`BlkBackend` inside
+/// vhost-user-backend's handler and queue threads, over a PI image kept across runs), one
+/// session per input, ended as the daemon ends one. No panic or hang; every reply
+/// well-formed and answering its request; GET_CONFIG never more than asked, echoing offset
+/// and size; feature words 8 bytes; GET_QUEUE_NUM within the device's queues; nothing sent
+/// that was not asked for. See vhost_frontend.rs for the input format.
+pub fn vhost_messages(data: &[u8]) {
+    thread_local! {
+        static RIG: std::cell::RefCell<vhost_frontend::VhostRig> =
+            std::cell::RefCell::new(vhost_frontend::VhostRig::new());
+    }
+    RIG.with(|rig| rig.borrow_mut().run(data));
 }
 
 /// Target `metadata_header`: the first page of a metadata file. A header that decodes must
@@ -376,6 +410,10 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut bytes = vec![0u8; len];
     std::os::unix::fs::FileExt::read_exact_at(&memfd, &mut bytes, 0).expect("read region");
     out.push(("saved_state", "inflight".into(), bytes));
+    // vhost_messages: QEMU's handshake and device start, then the edge cases.
+    for (name, script) in vhost_frontend::seeds() {
+        out.push(("vhost_messages", name, script));
+    }
     out
 }
 
@@ -410,6 +448,7 @@ mod tests {
                 }
                 "saved_state" => saved_state(bytes),
                 "request_path" => request_path(bytes),
+                "vhost_messages" => vhost_messages(bytes),
                 other => panic!("seed for unknown target {other}"),
             }
         }
