@@ -8,9 +8,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,6 +36,8 @@ pub enum DaemonError {
     SocketInUse { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
+    #[error("cannot tell whether socket {path} belongs to a running daemon ({source}); remove it if it is stale, or choose another --socket")]
+    SocketUnknown { path: PathBuf, source: io::Error },
     #[error("cannot create socket {path}: directory {dir} does not exist")]
     SocketDirMissing { path: PathBuf, dir: PathBuf },
     #[error("cannot create socket {path}: directory {dir} is not writable")]
@@ -86,20 +88,91 @@ impl Drop for SocketFile {
     }
 }
 
+/// What connecting to an existing socket file says about it.
+#[derive(Debug)]
+enum Probe {
+    /// Someone accepts on it (or its backlog is full, which only a listener has).
+    Listening,
+    /// Nobody listens: ECONNREFUSED, the only proof the file is left over.
+    Stale,
+    /// Removed since we looked.
+    Gone,
+    /// Anything else (permission denied, say): not proof either way.
+    Unknown(io::Error),
+}
+
+/// Connect to `path` without blocking: a live daemon whose backlog is full (busy, or
+/// stopped under a debugger) must read as in use, not make us wait or call it stale.
+fn probe_socket(path: &Path) -> Probe {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain zero-initialised address struct, filled below within its bounds.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Probe::Unknown(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "path too long for a Unix socket",
+        ));
+    }
+    for (dst, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = b as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the fd is owned (and closed) below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Probe::Unknown(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created and nothing else owns it.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: addr is a valid sockaddr_un of the given size for the duration of the call.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Probe::Listening;
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        // A Unix socket's nonblocking connect fails with EAGAIN when the backlog is full.
+        Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => Probe::Listening,
+        Some(libc::ECONNREFUSED) => Probe::Stale,
+        Some(libc::ENOENT) => Probe::Gone,
+        _ => Probe::Unknown(e),
+    }
+}
+
 /// Bind the socket: refuse a live daemon's socket, replace a stale one, mode `mode`.
 fn bind_socket(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), DaemonError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(DaemonError::NotASocket { path: path.into() })
         }
-        Ok(_) => match UnixStream::connect(path) {
-            Ok(_) => return Err(DaemonError::SocketInUse { path: path.into() }),
-            Err(_) => {
+        Ok(_) => match probe_socket(path) {
+            Probe::Listening => return Err(DaemonError::SocketInUse { path: path.into() }),
+            Probe::Stale => {
                 tracing::info!(socket = %path.display(), "replacing stale socket file");
                 std::fs::remove_file(path).map_err(|source| DaemonError::Bind {
                     path: path.into(),
                     source,
                 })?;
+            }
+            Probe::Gone => {}
+            Probe::Unknown(source) => {
+                return Err(DaemonError::SocketUnknown {
+                    path: path.into(),
+                    source,
+                })
             }
         },
         Err(_) => {}
@@ -440,6 +513,7 @@ fn serve_sessions(
     let mut sessions: Vec<Session> = Vec::new();
     let mut session_number = 0u64;
     let mut shutdown_requested = false;
+    let mut failures = SessionFailures::default();
     loop {
         // Once shutdown is requested, only the sessions' ends matter (the shutdown eventfd
         // stays readable, and a newcomer is not served): watching those would spin.
@@ -454,7 +528,12 @@ fn serve_sessions(
             .filter(|&i| ready[first_session + i])
             .collect();
         for index in ended.into_iter().rev() {
-            finish_session(sessions.remove(index), shared)?;
+            let number = sessions[index].number;
+            if finish_session(sessions.remove(index), shared) == Ended::Probe
+                && number == session_number
+            {
+                session_number -= 1;
+            }
         }
         if !shutdown_requested && ready[1] {
             shutdown_requested = true;
@@ -477,7 +556,12 @@ fn serve_sessions(
             // A frontend that restarts (or reconnects) often connects before we have seen
             // its old connection close: give the current session a moment to end first.
             if poll_readable_timeout(&[sessions[0].ended.as_raw_fd()], RECONNECT_GRACE_MS)?[0] {
-                finish_session(sessions.remove(0), shared)?;
+                let number = sessions[0].number;
+                if finish_session(sessions.remove(0), shared) == Ended::Probe
+                    && number == session_number
+                {
+                    session_number -= 1;
+                }
             }
         }
         if sessions.len() >= MAX_SESSIONS {
@@ -500,13 +584,78 @@ fn serve_sessions(
                 current.number
             );
         }
-        sessions.push(start_session(
-            session_number,
-            &ledger,
-            shared,
-            config,
-            listener,
-        )?);
+        match start_session(session_number, &ledger, shared, config, listener) {
+            Ok(session) => {
+                failures.succeeded();
+                sessions.push(session);
+            }
+            Err(e) => {
+                // One frontend's session could not be set up (out of file descriptors or
+                // memory for its rings, an accept that failed): that frontend is turned
+                // away, the daemon and any other session go on.
+                session_number -= 1;
+                failures.failed(&e);
+                turn_away_pending(listener);
+                thread::sleep(SESSION_RETRY_DELAY);
+            }
+        }
+    }
+}
+
+/// Pause after a session could not be set up, so a persistent cause (no file descriptors
+/// left) does not spin the accept loop.
+const SESSION_RETRY_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A frontend still waiting in the backlog after its session failed gets its connection
+/// closed (QEMU reports it, or reconnects), rather than waiting on a session that is not
+/// coming. If even the accept fails, it stays queued for the next attempt.
+fn turn_away_pending(listener: &mut Listener) {
+    if poll_readable_timeout(&[listener.as_raw_fd()], 0).is_ok_and(|ready| ready[0]) {
+        if let Ok(Some(stream)) = listener.accept() {
+            drop(stream);
+        }
+    }
+}
+
+/// Failed session set-ups in a row, logged at most every [`FAILURE_LOG_INTERVAL`] with the
+/// count in between.
+#[derive(Default)]
+struct SessionFailures {
+    in_a_row: u64,
+    unlogged: u64,
+    last_logged: Option<std::time::Instant>,
+}
+
+const FAILURE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl SessionFailures {
+    fn failed(&mut self, error: &DaemonError) {
+        self.in_a_row += 1;
+        self.unlogged += 1;
+        let now = std::time::Instant::now();
+        if self
+            .last_logged
+            .is_none_or(|at| now.duration_since(at) >= FAILURE_LOG_INTERVAL)
+        {
+            tracing::warn!(
+                error = %error,
+                failed_in_a_row = self.in_a_row,
+                since_last_line = self.unlogged,
+                "could not serve a frontend; it was turned away and the daemon keeps serving"
+            );
+            self.unlogged = 0;
+            self.last_logged = Some(now);
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(
+                failed_before = self.in_a_row,
+                "serving frontends again after failed session set-ups"
+            );
+        }
+        *self = SessionFailures::default();
     }
 }
 
@@ -544,7 +693,9 @@ fn start_session(
         .map_err(|e| DaemonError::Session(e.to_string()))?;
     telemetry.session_started(number);
     shared.publish();
-    tracing::info!(session = number, "frontend connected");
+    // "frontend connected" is logged at its first message (BlkBackend): a probe that
+    // closes without one is not a session.
+    tracing::debug!(session = number, "connection accepted");
     let shutdown = daemon.shutdown_handle();
     // Wait for the connection's end on a helper, so the main thread keeps accepting.
     let ended = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
@@ -565,31 +716,58 @@ fn start_session(
     })
 }
 
+/// How a connection ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Session,
+    /// It closed without a message: a liveness probe (another guardblk checking whether
+    /// the socket is in use, a monitoring script), not counted as a session.
+    Probe,
+}
+
 /// A session's connection ended: stop its queues, finish its I/O, give back the image.
-fn finish_session(session: Session, shared: &Shared) -> Result<(), DaemonError> {
+/// Nothing here ends the daemon: a session thread that panicked is logged, and its I/O is
+/// drained all the same.
+fn finish_session(session: Session, shared: &Shared) -> Ended {
     let Session {
         number,
         backend,
         waiter,
         ..
     } = session;
-    let (daemon, result) = waiter
-        .join()
-        .map_err(|_| DaemonError::Session("session thread panicked".into()))?;
-    match result {
-        // A frontend closing its socket (QEMU exiting, a client detaching) is the normal end.
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => {}
-        Err(e) => {
-            tracing::warn!(session = number, error = %e, "frontend connection ended with an error")
+    match waiter.join() {
+        // Dropping the daemon stops its queue threads; then finish whatever the kernel
+        // still holds.
+        Ok((daemon, result)) => {
+            match result {
+                // A frontend closing its socket (QEMU exiting, a client detaching) is the
+                // normal end.
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                )) => {}
+                Err(e) => {
+                    tracing::warn!(session = number, error = %e, "frontend connection ended with an error")
+                }
+            }
+            drop(daemon);
         }
+        Err(_) => tracing::error!(
+            session = number,
+            "the session's connection thread panicked; finishing its I/O and serving on"
+        ),
     }
-    // Dropping the daemon stops its queue threads; then finish whatever the kernel still holds.
-    drop(daemon);
     let refused = backend.end_session();
     let telemetry = &shared.telemetry;
+    if !backend.heard_from_frontend() {
+        telemetry.session_discarded(number);
+        tracing::debug!(
+            session = number,
+            "a connection closed without a vhost-user message (a liveness probe): not counted as a session"
+        );
+        shared.publish();
+        return Ended::Probe;
+    }
     let stats = telemetry.session_ended(number);
     tracing::info!(
         session = number,
@@ -600,7 +778,7 @@ fn finish_session(session: Session, shared: &Shared) -> Result<(), DaemonError> 
         "frontend disconnected"
     );
     shared.publish();
-    Ok(())
+    Ended::Session
 }
 /// What `--bounce auto` decides from: the target's kind, the operator's `--auto-path`, and
 /// (for a PI image served with `auto`) each path's CPU cost measured on scratch memory now.

@@ -115,6 +115,10 @@ struct Device {
     writeback: AtomicBool,
     acked_features: AtomicU64,
     read_only: bool,
+    /// The frontend sent a message the device answers (features, config, memory). A
+    /// connection that closes without one is a liveness probe, such as another guardblk's
+    /// check whether the socket is in use, not a session.
+    heard_from_frontend: AtomicBool,
 }
 
 /// One frontend session's device. Cheap to clone (vhost-user-backend hands clones to its
@@ -190,6 +194,7 @@ impl BlkBackend {
                 writeback: AtomicBool::new(settings.writeback),
                 acked_features: AtomicU64::new(0),
                 read_only: image.read_only(),
+                heard_from_frontend: AtomicBool::new(false),
             }),
         })
     }
@@ -201,6 +206,22 @@ impl BlkBackend {
 
     pub fn acked_features(&self) -> u64 {
         self.device.acked_features.load(Ordering::Relaxed)
+    }
+
+    /// Did the frontend ever talk to the device? (See `Device::heard_from_frontend`.)
+    pub fn heard_from_frontend(&self) -> bool {
+        self.device.heard_from_frontend.load(Ordering::Relaxed)
+    }
+
+    /// The frontend spoke: from here on the connection is a session (logged once).
+    fn heard(&self) {
+        if !self
+            .device
+            .heard_from_frontend
+            .swap(true, Ordering::Relaxed)
+        {
+            tracing::info!(session = self.device.session, "frontend connected");
+        }
     }
 
     /// epoll token of a queue's io_uring completion eventfd (above the vring tokens).
@@ -697,10 +718,12 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
+        self.heard();
         features::device_features(self.device.read_only)
     }
 
     fn acked_features(&self, features: u64) {
+        self.heard();
         self.device
             .acked_features
             .store(features, Ordering::Relaxed);
@@ -723,6 +746,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.heard();
         features::protocol_features()
     }
 
@@ -731,12 +755,14 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.heard();
         self.device
             .config
             .read(self.device.writeback.load(Ordering::Relaxed), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        self.heard();
         let Some(writeback) = parse_wce_write(offset, buf) else {
             tracing::warn!(
                 offset,
@@ -763,6 +789,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        self.heard();
         let snapshot = mem.memory();
         // A region past the end of its file would SIGBUS at its first touch
         // (memory_table.rs). The handler has already installed the table: take it away so

@@ -158,6 +158,20 @@ impl Telemetry {
         ended
     }
 
+    /// The connection turned out to be a liveness probe (it closed without a message): it
+    /// was not a session, and its number goes to the next connection.
+    pub fn session_discarded(&self, number: u64) {
+        let mut current = lock(&self.current);
+        current.retain(|(n, ..)| *n != number);
+        self.connected.store(!current.is_empty(), Ordering::Relaxed);
+        let _ = self.sessions.compare_exchange(
+            number,
+            number.saturating_sub(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     pub fn frontend_refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
@@ -281,5 +295,22 @@ mod tests {
         assert_eq!(doc.current_session, None);
         let json = serde_json::to_string(&doc).unwrap();
         assert_eq!(serde_json::from_str::<DaemonStats>(&json).unwrap(), doc);
+    }
+
+    #[test]
+    fn a_discarded_probe_leaves_no_session_behind() {
+        let t = Telemetry::new(1, "/tmp/x.img".into(), None);
+        t.session_started(1);
+        t.session_ended(1);
+        t.session_started(2);
+        t.session_discarded(2);
+        let doc = t.stats();
+        assert_eq!(doc.sessions, 1);
+        assert!(!doc.frontend_connected);
+        assert_eq!(doc.current_session, None);
+        assert_eq!(doc.recent_sessions.len(), 1);
+        // The next connection reuses the number.
+        t.session_started(2);
+        assert_eq!(t.stats().sessions, 2);
     }
 }
