@@ -54,11 +54,41 @@ struct PassThrough {
 
 /// The mounted filesystem; unmounted when dropped.
 pub struct FaultFs {
-    _session: BackgroundSession,
+    session: Option<BackgroundSession>,
     _mountpoint: tempfile::TempDir,
     path: PathBuf,
     backing: PathBuf,
     knobs: Arc<Mutex<Knobs>>,
+}
+
+impl Drop for FaultFs {
+    /// Unmount. A daemon killed a moment ago may still hold the image open for a little
+    /// while (the kernel tears its io_uring down after the process exits), so a busy mount
+    /// is tried again for up to 2 s, then detached; the session's own drop gave up at the
+    /// first EBUSY and left a mount behind for nearly every test.
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        let mountpoint = self._mountpoint.path().to_path_buf();
+        let c = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            // SAFETY: a NUL-terminated path that lives across the call.
+            if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+                let _ = session.join();
+                return;
+            }
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() > deadline {
+                eprintln!("unmounting {}: {e}; detaching it", mountpoint.display());
+                // SAFETY: as above; MNT_DETACH touches nothing of ours.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl FaultFs {
@@ -89,7 +119,7 @@ impl FaultFs {
         .expect("mount the FUSE test filesystem (needs /dev/fuse and root)");
         let path = mountpoint.path().join(FILE_NAME);
         FaultFs {
-            _session: session,
+            session: Some(session),
             _mountpoint: mountpoint,
             path,
             backing: backing.to_path_buf(),
