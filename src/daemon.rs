@@ -700,10 +700,20 @@ fn start_session(
     // Wait for the connection's end on a helper, so the main thread keeps accepting.
     let ended = Arc::new(EventFd::new(libc::EFD_NONBLOCK)?);
     let ended_signal = Arc::clone(&ended);
+    let ending = backend.clone();
     let waiter = thread::Builder::new()
         .name(format!("session-{number}"))
         .spawn(move || {
             let result = daemon.wait();
+            // Stop the queues popping at once, not when the main thread gets to it: a
+            // reconnecting frontend's next session takes over these rings.
+            ending.begin_teardown();
+            if ending.heard_from_frontend() {
+                tracing::info!(
+                    session = number,
+                    "the frontend's connection closed: finishing the requests it started"
+                );
+            }
             let _ = ended_signal.write(1);
             (daemon, result)
         })?;
@@ -735,6 +745,10 @@ fn finish_session(session: Session, shared: &Shared) -> Ended {
         waiter,
         ..
     } = session;
+    // Stop the queues taking new requests and let their threads finish what they took
+    // (backend.rs quiesce) before the vhost-user daemon, dropped below, ends them.
+    backend.begin_teardown();
+    backend.quiesce();
     match waiter.join() {
         // Dropping the daemon stops its queue threads; then finish whatever the kernel
         // still holds.

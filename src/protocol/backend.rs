@@ -57,6 +57,8 @@ const MAX_RANGE_SECTORS: u32 = 1 << 22;
 /// 155-167K IOPS and writes from 114-119K to 134-156K; every 1 or 2 cost a system call per
 /// request or two and ran slower than not at all.
 const SUBMIT_BATCH: usize = 8;
+/// How often a teardown that waits for the disk says so.
+const QUIESCE_REPORT: Duration = Duration::from_secs(5);
 
 /// What the operator chose for the device.
 #[derive(Debug, Clone)]
@@ -119,6 +121,10 @@ struct Device {
     /// connection that closes without one is a liveness probe, such as another guardblk's
     /// check whether the socket is in use, not a session.
     heard_from_frontend: AtomicBool,
+    /// The connection ended: queue threads finish what they accepted and pop nothing new
+    /// (a guest that keeps its ring full would otherwise keep the old session's threads
+    /// serving forever, and the teardown waiting for them).
+    ending: AtomicBool,
 }
 
 /// One frontend session's device. Cheap to clone (vhost-user-backend hands clones to its
@@ -195,6 +201,7 @@ impl BlkBackend {
                 acked_features: AtomicU64::new(0),
                 read_only: image.read_only(),
                 heard_from_frontend: AtomicBool::new(false),
+                ending: AtomicBool::new(false),
             }),
         })
     }
@@ -242,10 +249,62 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Session teardown: wait for every accepted request on every queue to complete, then
-    /// give the image back to the ledger. Returns how many requests were refused because
-    /// another session held the image.
+    /// The connection ended (the frontend left, or the daemon is stopping): from now on the
+    /// queue threads pop no new requests, and [`BlkBackend::quiesce`] waits for the accepted
+    /// ones. Call before the vhost-user daemon (and with it the queue threads) is dropped.
+    pub fn begin_teardown(&self) {
+        self.device.ending.store(true, Ordering::Release);
+    }
+
+    /// Wait until every queue has finished what it accepted, while the queue threads still
+    /// run. They must: a re-read on one queue may wait for a range lock that a write on
+    /// another queue holds, and only that queue's thread (woken by its completions) finishes
+    /// the write. Draining the queues one after another once their threads were gone
+    /// waited forever there. A queue whose thread is not busy is reaped here as well.
+    pub fn quiesce(&self) {
+        let started = Instant::now();
+        let mut next_report = started + QUIESCE_REPORT;
+        loop {
+            let mut busy = 0usize;
+            for queue in &self.device.queues {
+                let Ok(mut worker) = queue.try_lock() else {
+                    busy += 1; // its thread is working on it
+                    continue;
+                };
+                let worker = &mut *worker;
+                if worker.executor.idle() {
+                    continue;
+                }
+                worker.executor.reap(&mut worker.done);
+                if let Some(vring) = worker.vring.clone() {
+                    self.push_used(worker, &vring);
+                }
+                if !worker.executor.idle() {
+                    busy += 1;
+                }
+            }
+            if busy == 0 {
+                return;
+            }
+            let now = Instant::now();
+            if now >= next_report {
+                tracing::warn!(
+                    session = self.device.session,
+                    waited_s = now.duration_since(started).as_secs(),
+                    queues_busy = busy,
+                    "the frontend left; still waiting for requests the disk has not finished (their buffers stay until it does)"
+                );
+                next_report = now + QUIESCE_REPORT;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Session teardown, after the queue threads are gone: finish anything left (normally
+    /// nothing: [`BlkBackend::quiesce`] ran), then give the image back to the ledger.
+    /// Returns how many requests were refused because another session held the image.
     pub fn end_session(&self) -> u64 {
+        self.device.ending.store(true, Ordering::Release);
         for queue in &self.device.queues {
             let mut worker = lock(queue);
             let worker = &mut *worker;
@@ -355,6 +414,11 @@ impl BlkBackend {
     /// [`PollGovernor`] decides how long. Then notifications are re-enabled and the thread
     /// sleeps in epoll until a kick or a completion.
     fn process_queue(&self, worker: &mut QueueWorker, vring: &Vring) {
+        if self.device.ending.load(Ordering::Acquire) {
+            // The connection ended: only finish what was accepted (see begin_teardown).
+            worker.executor.reap(&mut worker.done);
+            return self.push_used(worker, vring);
+        }
         // A kick can beat the queue-started hook to the worker lock: recover before popping
         // anything, or requests still in flight would be taken again as new ones.
         // A kick that raced with GET_VRING_BASE finds the queue stopped: nothing to do.
@@ -388,10 +452,18 @@ impl BlkBackend {
         // on it forever with the queue locked.
         let mut rearmed_with_more = false;
         loop {
+            if self.device.ending.load(Ordering::Acquire) {
+                return;
+            }
             worker.executor.set_clock(pass_started);
             let mut started = 0usize;
             let mut unreported_bytes = 0u64;
             loop {
+                // A guest that refills as fast as we answer never empties the ring: look for
+                // the end of the connection before every pop, not only between passes.
+                if self.device.ending.load(Ordering::Relaxed) {
+                    break;
+                }
                 if worker.executor.in_flight() >= max_in_flight {
                     if !worker.in_flight_capped {
                         worker.in_flight_capped = true;

@@ -420,6 +420,13 @@ impl TestFrontend {
         self.kick.write(1).unwrap();
     }
 
+    /// A second handle on the queue's kick eventfd, for a guest that goes on queueing
+    /// requests and kicking from its own thread, and after this frontend's socket is gone
+    /// (the daemon still holds the ring's memory and its own copy of the eventfd).
+    pub fn kick_handle(&self) -> EventFd {
+        self.kick.try_clone().unwrap()
+    }
+
     /// Hand the daemon a dirty log (SET_LOG_BASE with its fd).
     pub fn set_log(&self, log: &DirtyLog) {
         self.frontend

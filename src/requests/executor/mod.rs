@@ -352,6 +352,12 @@ impl Executor {
         self.requests.len() - self.free_requests.len()
     }
 
+    /// Nothing accepted is unfinished: no request in flight and no deferred work (a re-read
+    /// waiting for a range lock has left the request table).
+    pub fn idle(&self) -> bool {
+        self.in_flight() == 0 && self.deferred.is_empty()
+    }
+
     /// Parse and start one descriptor chain. Requests that finish at once (rejections, GET_ID)
     /// are appended to `done`; the rest complete through [`Executor::reap`]. Returns the data
     /// bytes the request moves (0 for rejected and data-less requests).
@@ -468,13 +474,25 @@ impl Executor {
     }
 
     /// Wait until every request this queue accepted has completed.
+    ///
+    /// Never gives up while the kernel holds operations: their buffers (bounce chunks,
+    /// guest memory) stay referenced until they complete, and freeing them earlier would let
+    /// a late completion write into memory reused for something else. A failing wait is
+    /// logged (once a second at most) and tried again.
     pub fn drain(&mut self, done: &mut Vec<UsedEntry>) {
         self.reap(done);
-        while self.in_flight() > 0 {
+        let mut last_logged: Option<std::time::Instant> = None;
+        while !self.idle() {
             self.submit();
-            if let Err(e) = self.engine.wait_for_completion() {
-                tracing::error!(error = %e, "waiting for in-flight I/O failed");
-                break;
+            if self.in_flight() > 0 {
+                if let Err(e) = self.engine.wait_for_completion() {
+                    let now = std::time::Instant::now();
+                    if last_logged.is_none_or(|at| now.duration_since(at).as_secs() >= 1) {
+                        tracing::error!(error = %e, in_flight = self.in_flight(), "waiting for in-flight I/O failed; waiting again (its buffers stay until the kernel is done with them)");
+                        last_logged = Some(now);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
             }
             self.reap(done);
         }
