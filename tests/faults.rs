@@ -267,3 +267,51 @@ fn a_flood_of_bad_requests_is_counted_in_full_and_logged_a_few_times_a_second() 
         "{lines} log lines for {total} rejections in {seconds} s"
     );
 }
+
+/// Scrub what actually reached the disks behind both FUSE mounts (the backing files), not
+/// what the page cache shows: a tuple whose write-back failed is in the mapping but not there.
+fn assert_backing_scrubs_clean(image: &mut FuseImage) {
+    let meta_fs = image.meta_fs.as_ref().unwrap();
+    let scrub = guardblk(&[
+        "scrub",
+        image.fs.backing().to_str().unwrap(),
+        "--pi-meta",
+        meta_fs.backing().to_str().unwrap(),
+    ]);
+    assert!(
+        scrub.status.success(),
+        "what reached the disks does not scrub clean: {}\n{}",
+        String::from_utf8_lossy(&scrub.stdout),
+        String::from_utf8_lossy(&scrub.stderr)
+    );
+}
+
+/// The metadata's file system fails an fsync: the flush that needed it fails, and the next
+/// flush asks that file system again (a failed sync is no proof the tuples are safe).
+#[test]
+fn a_failed_metadata_sync_fails_the_flush_and_the_next_flush_syncs_it_again() {
+    let mut image = FuseImage::with_metadata_on_fuse(8 * MIB);
+    let mut io = SyncIo::connect(&image.daemon().socket);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 21)), 0);
+    let meta_fs = image.meta_fs.as_ref().unwrap();
+    meta_fs.fail_fsyncs(1);
+    assert_eq!(
+        io.flush(),
+        1,
+        "a failed metadata sync was reported as a successful flush"
+    );
+    let before = meta_fs.fsyncs();
+    assert_eq!(io.flush(), 0);
+    assert!(
+        meta_fs.fsyncs() > before,
+        "the flush after a failed metadata sync did not sync the metadata"
+    );
+    assert_eq!(
+        io.read(HIT_SECTOR, BLOCK as u32),
+        (0, block(HIT_SECTOR, 21))
+    );
+    assert_eq!(io.read(MISS_SECTOR, BLOCK as u32).0, 0);
+    drop(io);
+    assert_scrub_clean(&mut image);
+    assert_backing_scrubs_clean(&mut image);
+}

@@ -49,6 +49,8 @@ fn overlaps(range: &Range<u64>, offset: u64, len: u64) -> bool {
 
 struct PassThrough {
     backing: File,
+    /// Open the file with FOPEN_DIRECT_IO (no page cache, no shared mapping).
+    direct_io: bool,
     knobs: Arc<Mutex<Knobs>>,
 }
 
@@ -92,8 +94,19 @@ impl Drop for FaultFs {
 }
 
 impl FaultFs {
-    /// Mount a filesystem whose `disk.img` is `backing`.
+    /// Mount a filesystem whose `disk.img` is `backing`, without a page cache: every read
+    /// and write of the daemon is a request here.
     pub fn mount(backing: &Path) -> FaultFs {
+        Self::mount_with(backing, true)
+    }
+
+    /// As [`FaultFs::mount`], with the kernel's page cache, so the file can be mapped shared
+    /// (PI metadata is): stores reach us as write-back WRITEs, msync as FSYNC.
+    pub fn mount_cached(backing: &Path) -> FaultFs {
+        Self::mount_with(backing, false)
+    }
+
+    fn mount_with(backing: &Path, direct_io: bool) -> FaultFs {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -111,6 +124,7 @@ impl FaultFs {
         let session = fuser::spawn_mount(
             PassThrough {
                 backing: file,
+                direct_io,
                 knobs: Arc::clone(&knobs),
             },
             mountpoint.path(),
@@ -125,6 +139,11 @@ impl FaultFs {
             backing: backing.to_path_buf(),
             knobs,
         }
+    }
+
+    /// The file behind the mount: what actually reached the "disk".
+    pub fn backing(&self) -> &Path {
+        &self.backing
     }
 
     /// The image as the daemon sees it, through FUSE.
@@ -243,8 +262,11 @@ impl Filesystem for PassThrough {
         if ino != FILE_INO {
             return reply.error(Errno::EISDIR);
         }
-        // No page cache: every read and write of the daemon is a request here.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        if self.direct_io {
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::empty());
+        }
     }
 
     fn read(
@@ -369,12 +391,24 @@ impl Filesystem for PassThrough {
 pub struct FuseImage {
     pub daemon: Option<Daemon>,
     pub fs: FaultFs,
+    /// The filesystem holding the metadata, when it is a FaultFs too.
+    pub meta_fs: Option<FaultFs>,
     pub meta: PathBuf,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 impl FuseImage {
     pub fn new(size: u64) -> FuseImage {
+        Self::build(size, false)
+    }
+
+    /// As [`FuseImage::new`], with the metadata file behind a second, page-cached FaultFs
+    /// (`meta_fs`), so its write-back and syncs can fail too.
+    pub fn with_metadata_on_fuse(size: u64) -> FuseImage {
+        Self::build(size, true)
+    }
+
+    fn build(size: u64, metadata_on_fuse: bool) -> FuseImage {
         let backing_dir = tempfile::tempdir().unwrap();
         let meta_dir = tempfile::tempdir().unwrap();
         let backing = backing_dir.path().join(FILE_NAME);
@@ -393,9 +427,15 @@ impl FuseImage {
         ]);
         assert!(created.status.success(), "{created:?}");
         let fs = FaultFs::mount(&backing);
+        let meta_fs = metadata_on_fuse.then(|| FaultFs::mount_cached(&meta));
+        let meta = match &meta_fs {
+            Some(meta_fs) => meta_fs.image().to_path_buf(),
+            None => meta,
+        };
         let mut image = FuseImage {
             daemon: None,
             fs,
+            meta_fs,
             meta,
             _dirs: (backing_dir, meta_dir),
         };
