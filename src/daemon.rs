@@ -745,9 +745,9 @@ fn finish_session(session: Session, shared: &Shared) -> Ended {
         waiter,
         ..
     } = session;
-    // Stop the queues taking new requests and let their threads finish what they took
-    // (backend.rs quiesce) before the vhost-user daemon, dropped below, ends them.
-    backend.begin_teardown();
+    // The waiter stopped the queues taking new requests (begin_teardown) before it said
+    // the connection ended; let their threads finish what they took before the vhost-user
+    // daemon, dropped below, ends them.
     backend.quiesce();
     match waiter.join() {
         // Dropping the daemon stops its queue threads; then finish whatever the kernel

@@ -26,16 +26,6 @@ fn counter(image: &FuseImage, name: &str) -> u64 {
     image.daemon().stats()["counters"][name].as_u64().unwrap()
 }
 
-fn assert_scrub_clean(image: &mut FuseImage) {
-    let scrub = image.stop_and_scrub();
-    assert!(
-        scrub.status.success(),
-        "scrub not clean: {}\n{}",
-        String::from_utf8_lossy(&scrub.stdout),
-        String::from_utf8_lossy(&scrub.stderr)
-    );
-}
-
 fn a_failed_write(errno: i32) {
     let mut image = FuseImage::new(8 * MIB);
     let mut io = SyncIo::connect(&image.daemon().socket);
@@ -72,7 +62,7 @@ fn a_failed_write(errno: i32) {
     assert_eq!(counter(&image, "guard_errors"), 0);
     assert_eq!(counter(&image, "io_errors"), 1);
     drop(io);
-    assert_scrub_clean(&mut image);
+    image.stop_and_assert_scrub_clean();
 }
 
 #[test]
@@ -103,7 +93,7 @@ fn a_failed_read_is_an_io_error_not_a_guard_error() {
     );
     assert_eq!(counter(&image, "io_errors"), 1);
     drop(io);
-    assert_scrub_clean(&mut image);
+    image.stop_and_assert_scrub_clean();
 }
 
 /// fsyncgate: a flush that failed must not be forgotten. The next flush asks the disk again
@@ -127,7 +117,7 @@ fn a_failed_flush_is_reported_and_the_next_flush_asks_the_disk_again() {
     );
     assert_eq!(io.read(HIT_SECTOR, BLOCK as u32), (0, block(HIT_SECTOR, 6)));
     drop(io);
-    assert_scrub_clean(&mut image);
+    image.stop_and_assert_scrub_clean();
 }
 
 /// A write fails torn and the block cannot be read back at that moment either, so its tuples
@@ -151,7 +141,7 @@ fn a_write_that_fails_unreadable_is_re_derived_by_the_first_read_that_works() {
         .daemon()
         .wait_for_log("re-derived the tuples of a range whose write had failed");
     drop(io);
-    assert_scrub_clean(&mut image);
+    image.stop_and_assert_scrub_clean();
 }
 
 /// The same failed write, never read again: its write intent must survive flushes and a
@@ -185,7 +175,7 @@ fn a_write_that_fails_unreadable_keeps_its_intent_through_flushes_and_a_crash() 
     assert_eq!(data, image.fs.backing_bytes(MIB, BLOCK));
     assert_eq!(counter(&image, "guard_errors"), 0);
     drop(io);
-    assert_scrub_clean(&mut image);
+    image.stop_and_assert_scrub_clean();
 }
 
 /// A guest that reuses descriptor heads still in flight can present more requests than its
@@ -312,6 +302,6 @@ fn a_failed_metadata_sync_fails_the_flush_and_the_next_flush_syncs_it_again() {
     );
     assert_eq!(io.read(MISS_SECTOR, BLOCK as u32).0, 0);
     drop(io);
-    assert_scrub_clean(&mut image);
+    image.stop_and_assert_scrub_clean();
     assert_backing_scrubs_clean(&mut image);
 }

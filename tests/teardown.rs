@@ -245,11 +245,5 @@ fn a_re_read_waiting_for_another_queues_write_does_not_hang_the_teardown() {
     fill_pattern(&mut expected, slow.start, 7);
     assert!(data == expected, "the written block did not read back");
     drop(io);
-    let scrub = image.stop_and_scrub();
-    assert!(
-        scrub.status.success(),
-        "scrub not clean: {}\n{}",
-        String::from_utf8_lossy(&scrub.stdout),
-        String::from_utf8_lossy(&scrub.stderr)
-    );
+    image.stop_and_assert_scrub_clean();
 }

@@ -472,6 +472,18 @@ impl FuseImage {
         self.daemon = Some(d);
     }
 
+    /// Stop the daemon with SIGTERM (it must exit cleanly), scrub the image, and fail the
+    /// test unless the scrub is clean.
+    pub fn stop_and_assert_scrub_clean(&mut self) {
+        let scrub = self.stop_and_scrub();
+        assert!(
+            scrub.status.success(),
+            "scrub not clean: {}\n{}",
+            String::from_utf8_lossy(&scrub.stdout),
+            String::from_utf8_lossy(&scrub.stderr)
+        );
+    }
+
     /// Stop the daemon with SIGTERM (it must exit cleanly) and scrub the image.
     pub fn stop_and_scrub(&mut self) -> std::process::Output {
         let mut d = self.daemon.take().unwrap();
