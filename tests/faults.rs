@@ -305,3 +305,30 @@ fn a_failed_metadata_sync_fails_the_flush_and_the_next_flush_syncs_it_again() {
     image.stop_and_assert_scrub_clean();
     assert_backing_scrubs_clean(&mut image);
 }
+
+/// The metadata's file system fails the write-back of the page holding a new tuple. The
+/// kernel marks such a page clean (its content now only in memory): a later sync finds
+/// nothing dirty and succeeds. The flush that met the failure fails; the next one must write
+/// the tuples out again rather than report OK over a tuple the disk never got (fsyncgate).
+#[test]
+fn a_failed_metadata_write_back_fails_the_flush_and_the_next_flush_writes_it_again() {
+    let mut image = FuseImage::with_metadata_on_fuse(8 * MIB);
+    let mut io = SyncIo::connect(&image.daemon().socket);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 22)), 0);
+    let meta_fs = image.meta_fs.as_ref().unwrap();
+    meta_fs.fail_writes(0..u64::MAX, libc::EIO);
+    assert_eq!(
+        io.flush(),
+        1,
+        "a failed metadata write-back was reported as a successful flush"
+    );
+    meta_fs.heal();
+    assert_eq!(io.flush(), 0);
+    assert_eq!(
+        io.read(HIT_SECTOR, BLOCK as u32),
+        (0, block(HIT_SECTOR, 22))
+    );
+    drop(io);
+    image.stop_and_assert_scrub_clean();
+    assert_backing_scrubs_clean(&mut image);
+}

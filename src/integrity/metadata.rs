@@ -35,6 +35,11 @@ pub struct PiMetadata {
     intent: IntentLog,
     /// The loss of mapped pages has been logged (once is enough: every request says it).
     loss_logged: AtomicBool,
+    /// Syncs that failed so far, and how many of them a rewrite through the file has made
+    /// good (see [`PiMetadata::rewrite_through_file`]). A sync is only as good as the last
+    /// failure it covers.
+    failed_syncs: AtomicU64,
+    failed_syncs_rewritten: AtomicU64,
 }
 
 impl std::fmt::Debug for PiMetadata {
@@ -178,6 +183,8 @@ impl PiMetadata {
             writable,
             intent,
             loss_logged: AtomicBool::new(false),
+            failed_syncs: AtomicU64::new(0),
+            failed_syncs_rewritten: AtomicU64::new(0),
         };
         meta.intent.load(meta.bitmap_words());
         if writable {
@@ -382,20 +389,68 @@ impl PiMetadata {
         if !self.writable || len == 0 {
             return Ok(());
         }
-        let start = offset & !4095;
-        let end = (offset + len).min(self.map.len());
-        // SAFETY: [start, end) lies within the mapping (page-aligned start, end clamped).
-        let rc = unsafe {
-            libc::msync(
-                self.map.as_ptr().add(start).cast(),
-                end - start,
-                libc::MS_SYNC,
-            )
-        };
-        if rc != 0 {
+        let result = self.rewrite_after_failed_sync().and_then(|()| {
+            let start = offset & !4095;
+            let end = (offset + len).min(self.map.len());
+            // SAFETY: [start, end) lies within the mapping (page-aligned start, end clamped).
+            let rc = unsafe {
+                libc::msync(
+                    self.map.as_ptr().add(start).cast(),
+                    end - start,
+                    libc::MS_SYNC,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            self.failed_syncs.fetch_add(1, Ordering::SeqCst);
+        }
+        result.and_then(|()| self.intact())
+    }
+
+    /// After a failed sync, write the whole mapping out again before trusting any later
+    /// sync. A page whose write-back failed is marked clean by the kernel with its new
+    /// content only in memory: a later msync finds nothing dirty and succeeds, and a flush
+    /// would report OK over a tuple the disk never got (fsyncgate).
+    fn rewrite_after_failed_sync(&self) -> io::Result<()> {
+        let failed = self.failed_syncs.load(Ordering::SeqCst);
+        if failed == self.failed_syncs_rewritten.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.redirty_every_page();
+        // SAFETY: the whole mapping, from its page-aligned start.
+        if unsafe { libc::msync(self.map.as_ptr().cast(), self.map.len(), libc::MS_SYNC) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        self.intact()
+        // A sync that fails while this runs is counted after `failed` was read, and so
+        // still asks the next sync to write everything out again.
+        self.failed_syncs_rewritten
+            .fetch_max(failed, Ordering::SeqCst);
+        tracing::info!(
+            metadata = %self.path.display(),
+            "the PI metadata was written out again after a failed sync"
+        );
+        Ok(())
+    }
+
+    /// Mark every page of the mapping dirty without changing a byte: a write access to a
+    /// clean page makes the kernel dirty it again. The write is a compare-exchange of a word
+    /// with itself: an idempotent read-modify-write may be compiled to a plain load, and a
+    /// copy written back (through the file or the mapping) could undo a concurrent store.
+    fn redirty_every_page(&self) {
+        let words = self.map.as_ptr().cast::<AtomicU64>();
+        for page in 0..self.map.len() / 4096 {
+            // SAFETY: the mapping is page-aligned and a whole number of pages long
+            // (Header::file_len), so the page's first word is aligned and inside it; other
+            // threads store into it through atomics only.
+            let word = unsafe { &*words.add(page * 4096 / 8) };
+            let value = word.load(Ordering::Relaxed);
+            // A failed exchange means another thread just stored there: dirty as well.
+            let _ = word.compare_exchange(value, value, Ordering::Relaxed, Ordering::Relaxed);
+        }
     }
 
     /// Write-intent: make sure the regions covering `count` intervals from `lba` are marked
