@@ -332,3 +332,66 @@ fn a_failed_metadata_write_back_fails_the_flush_and_the_next_flush_writes_it_aga
     image.stop_and_assert_scrub_clean();
     assert_backing_scrubs_clean(&mut image);
 }
+
+/// The journal's disk fails while a real guard error is found: the read still fails with an
+/// I/O error and is counted, the daemon keeps serving, and the record is not lost: it is
+/// written by the first flush after the disk works again.
+#[test]
+fn a_guard_error_found_while_the_journal_cannot_be_written_fails_and_is_journalled_later() {
+    use std::os::unix::fs::FileExt;
+    let mut image = FuseImage::new(8 * MIB);
+    let mut io = SyncIo::connect(&image.daemon().socket);
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 30)), 0);
+    assert_eq!(io.write(MISS_SECTOR, &block(MISS_SECTOR, 31)), 0);
+    assert_eq!(io.flush(), 0);
+    // Corrupt the block beneath FUSE, behind the daemon's back.
+    let disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image.fs.backing())
+        .unwrap();
+    let byte = image.fs.backing_bytes(MIB + 100, 1)[0];
+    disk.write_all_at(&[!byte], MIB + 100).unwrap();
+
+    image.fs.fail_other_files(libc::EIO);
+    assert_eq!(
+        io.read(HIT_SECTOR, BLOCK as u32).0,
+        1,
+        "corrupt data was returned while the journal failed"
+    );
+    assert_eq!(counter(&image, "guard_errors"), 1);
+    // The daemon keeps serving.
+    assert_eq!(
+        io.read(MISS_SECTOR, BLOCK as u32),
+        (0, block(MISS_SECTOR, 31))
+    );
+    assert_eq!(io.write(MISS_SECTOR, &block(MISS_SECTOR, 32)), 0);
+    let journal_beneath = journal_path(image.fs.backing());
+    let guard_records = || {
+        journal_records(image.fs.backing())
+            .into_iter()
+            .filter(|r| r["event"] == "guard_error" && r["lba"] == 256)
+            .count()
+    };
+    assert_eq!(
+        guard_records(),
+        0,
+        "{} was written while its disk failed",
+        journal_beneath.display()
+    );
+
+    image.fs.heal();
+    assert_eq!(io.flush(), 0);
+    assert_eq!(
+        guard_records(),
+        1,
+        "the guard error's record was lost when the journal failed"
+    );
+    // The guest repairs the block.
+    assert_eq!(io.write(HIT_SECTOR, &block(HIT_SECTOR, 33)), 0);
+    assert_eq!(
+        io.read(HIT_SECTOR, BLOCK as u32),
+        (0, block(HIT_SECTOR, 33))
+    );
+    drop(io);
+    image.stop_and_assert_scrub_clean();
+}

@@ -6,7 +6,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -95,12 +97,36 @@ pub fn mutations_path(image: &Path) -> PathBuf {
 /// must not fill the host's filesystem. One older generation (`JOURNAL.1`) is kept.
 pub const MAX_JOURNAL_BYTES: u64 = 64 << 20;
 
+/// Records kept in memory while the journal cannot be written (its disk fails); beyond
+/// this the newest are dropped, counted and the count logged once writing works again.
+pub const MAX_PENDING_RECORDS: usize = 4096;
+
 /// An open journal, shared by every queue.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    file: Mutex<Option<File>>,
+    state: Mutex<JournalState>,
+    /// `state.pending.len()`, readable without the lock (the flush path asks every time).
+    pending_len: AtomicUsize,
     max_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct JournalState {
+    file: Option<File>,
+    /// Records not yet durable because the last attempt failed, oldest first: written
+    /// again, before anything newer, by the next append or [`Journal::retry_pending`].
+    pending: Vec<Record>,
+    /// Records dropped because `pending` was full.
+    dropped: u64,
+    /// A write failed part-way: the file may end in a torn line, which the next write
+    /// must end first (the reader skips the empty or torn line, not the record after it).
+    maybe_torn: bool,
+    /// When a failure was last logged (a failing disk under a corrupted range must not
+    /// flood the log).
+    last_logged: Option<Instant>,
+    /// Failures since then.
+    unlogged_failures: u64,
 }
 
 impl Journal {
@@ -113,7 +139,8 @@ impl Journal {
     pub fn with_cap(path: PathBuf, max_bytes: u64) -> Journal {
         Journal {
             path,
-            file: Mutex::new(None),
+            state: Mutex::new(JournalState::default()),
+            pending_len: AtomicUsize::new(0),
             max_bytes,
         }
     }
@@ -130,7 +157,8 @@ impl Journal {
     }
 
     /// Append `record` and make it durable. Failing to journal is logged, never fatal: the
-    /// structured log line and the guest's I/O error still report the failure.
+    /// structured log line and the guest's I/O error still report the failure, and the
+    /// record is kept to be written again (see [`Journal::retry_pending`]).
     pub fn append(&self, record: &Record) {
         self.append_all(std::slice::from_ref(record));
     }
@@ -138,31 +166,110 @@ impl Journal {
     /// Append `records` and make them durable with one sync (a failing range of thousands of
     /// intervals is one request, not thousands of fdatasyncs in the queue thread).
     pub fn append_all(&self, records: &[Record]) {
-        if let Err(e) = self.try_append_all(records) {
-            tracing::error!(journal = %self.path.display(), error = %e, "cannot append to the PI error journal");
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let room = MAX_PENDING_RECORDS.saturating_sub(state.pending.len());
+        state.dropped += records.len().saturating_sub(room) as u64;
+        state
+            .pending
+            .extend_from_slice(&records[..records.len().min(room)]);
+        self.write_pending(&mut state);
+    }
+
+    /// Write the records an earlier failure left in memory, if any. Cheap when there are
+    /// none; the daemon calls it on every flush and at shutdown.
+    pub fn retry_pending(&self) {
+        if self.pending_len.load(Ordering::Relaxed) == 0 {
+            return;
         }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_pending(&mut state);
+    }
+
+    /// Records not yet durable.
+    pub fn pending(&self) -> usize {
+        self.pending_len.load(Ordering::Relaxed)
+    }
+
+    fn write_pending(&self, state: &mut JournalState) {
+        if state.pending.is_empty() {
+            return;
+        }
+        match self.try_write(state) {
+            Ok(()) => {
+                if state.last_logged.is_some() {
+                    tracing::info!(
+                        journal = %self.path.display(),
+                        records = state.pending.len(),
+                        "the PI error journal can be written again: the records kept since it failed are in it now"
+                    );
+                    state.last_logged = None;
+                }
+                if state.dropped > 0 {
+                    tracing::error!(
+                        journal = %self.path.display(),
+                        dropped = state.dropped,
+                        "PI error journal records were dropped while it could not be written (the structured log above still has every guard error)"
+                    );
+                    state.dropped = 0;
+                }
+                state.pending.clear();
+                state.unlogged_failures = 0;
+            }
+            Err(e) => {
+                // A file whose write or sync failed is opened afresh next time.
+                state.file = None;
+                state.maybe_torn = true;
+                state.unlogged_failures += 1;
+                let now = Instant::now();
+                if state
+                    .last_logged
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    tracing::error!(
+                        journal = %self.path.display(),
+                        error = %e,
+                        failures = state.unlogged_failures,
+                        kept = state.pending.len(),
+                        "cannot append to the PI error journal; its records are kept in memory and written again later"
+                    );
+                    state.last_logged = Some(now);
+                    state.unlogged_failures = 0;
+                }
+            }
+        }
+        self.pending_len
+            .store(state.pending.len(), Ordering::Relaxed);
     }
 
     #[cfg(test)]
     fn try_append(&self, record: &Record) -> io::Result<()> {
-        self.try_append_all(std::slice::from_ref(record))
+        let mut state = self.state.lock().unwrap();
+        state.pending.push(record.clone());
+        let result = self.try_write(&mut state);
+        state.pending.clear();
+        result
     }
 
-    fn try_append_all(&self, records: &[Record]) -> io::Result<()> {
+    /// Write every pending record and sync. A record whose earlier write landed but whose
+    /// sync failed is written again: a duplicate line is better than a lost one.
+    fn try_write(&self, state: &mut JournalState) -> io::Result<()> {
         let mut text = String::new();
-        for record in records {
+        if state.maybe_torn {
+            text.push('\n');
+        }
+        for record in &state.pending {
             text.push_str(&serde_json::to_string(record).map_err(io::Error::other)?);
             text.push('\n');
         }
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if file
+        if state
+            .file
             .as_ref()
             .and_then(|f| f.metadata().ok())
             .is_some_and(|m| m.len() + text.len() as u64 > self.max_bytes)
         {
             // Rotate: the full file becomes JOURNAL.1 (replacing an older one), and the new
             // file starts with a record saying so.
-            *file = None;
+            state.file = None;
             std::fs::rename(&self.path, self.rotated_path())?;
             let mut rotated = serde_json::to_string(&Record::now(Event::Rotated, 0, 0, "journal"))
                 .map_err(io::Error::other)?;
@@ -170,8 +277,8 @@ impl Journal {
             text.insert_str(0, &rotated);
             tracing::warn!(journal = %self.path.display(), rotated = %self.rotated_path().display(), "the PI error journal reached its size cap and was rotated");
         }
-        if file.is_none() {
-            *file = Some(crate::storage::files::open_no_follow(
+        if state.file.is_none() {
+            state.file = Some(crate::storage::files::open_no_follow(
                 &self.path,
                 std::os::unix::fs::OpenOptionsExt::mode(
                     OpenOptions::new().create(true).append(true),
@@ -179,9 +286,11 @@ impl Journal {
                 ),
             )?);
         }
-        let f = file.as_mut().expect("opened above");
+        let f = state.file.as_mut().expect("opened above");
         f.write_all(text.as_bytes())?;
-        f.sync_data()
+        f.sync_data()?;
+        state.maybe_torn = false;
+        Ok(())
     }
 
     /// Every record in the journal at `path`, oldest first; missing file = no records.
@@ -250,6 +359,61 @@ mod tests {
             .try_append(&Record::now(Event::Recovered, 1, 512, "recovery"))
             .is_err());
         assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn records_that_could_not_be_written_are_kept_and_written_first_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-yet");
+        let path = missing.join("j.jsonl");
+        let journal = Journal::new(path.clone());
+        journal.append(&Record::now(Event::GuardError, 1, 4096, "read"));
+        journal.append_all(&[
+            Record::now(Event::GuardError, 2, 4096, "read"),
+            Record::now(Event::GuardError, 3, 4096, "read"),
+        ]);
+        assert_eq!(journal.pending(), 3);
+        journal.retry_pending();
+        assert_eq!(journal.pending(), 3, "still cannot be written");
+
+        std::fs::create_dir(&missing).unwrap();
+        journal.retry_pending();
+        assert_eq!(journal.pending(), 0);
+        journal.append(&Record::now(Event::GuardError, 4, 4096, "read"));
+        let (records, skipped) = Journal::read(&path).unwrap();
+        assert_eq!(skipped, 0);
+        let lbas: Vec<u64> = records.iter().map(|r| r.lba).collect();
+        assert_eq!(lbas, [1, 2, 3, 4], "kept records lost or out of order");
+    }
+
+    #[test]
+    fn a_journal_that_cannot_be_written_keeps_a_bounded_number_of_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Journal::new(dir.path().join("missing").join("j.jsonl"));
+        let burst: Vec<Record> = (0..1000)
+            .map(|lba| Record::now(Event::GuardError, lba, 4096, "read"))
+            .collect();
+        for _ in 0..10 {
+            journal.append_all(&burst);
+        }
+        assert_eq!(journal.pending(), MAX_PENDING_RECORDS);
+        assert_eq!(
+            journal.state.lock().unwrap().dropped,
+            10_000 - MAX_PENDING_RECORDS as u64
+        );
+    }
+
+    #[test]
+    fn a_torn_last_line_does_not_swallow_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        std::fs::write(&path, b"{\"time\":\"2026").unwrap();
+        let journal = Journal::new(path.clone());
+        journal.state.lock().unwrap().maybe_torn = true;
+        journal.append(&Record::now(Event::GuardError, 5, 4096, "read"));
+        let (records, skipped) = Journal::read(&path).unwrap();
+        assert_eq!((records.len(), skipped), (1, 1));
+        assert_eq!(records[0].lba, 5);
     }
 
     #[test]

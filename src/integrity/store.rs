@@ -238,6 +238,7 @@ impl PiStore {
 
     /// Flush the tuples and close cleanly (no write intents left).
     pub fn close_clean(&self) -> io::Result<()> {
+        self.journal.retry_pending();
         self.meta.close_clean()
     }
 }

@@ -323,10 +323,13 @@ pub fn finish_ranges(
 }
 
 /// A flush's data sync succeeded: make the tuples durable, then drop the write intents of
-/// regions that are durable and idle since `ticket` was taken.
+/// regions that are durable and idle since `ticket` was taken. Journal records a failing
+/// disk kept back are written again too; the flush does not fail for them (they describe
+/// requests that already failed, and the log line of each is already out).
 pub fn finish_flush(store: &PiStore, ticket: FlushTicket) -> io::Result<()> {
     store.meta.sync()?;
     store.meta.clear_intents(ticket);
+    store.journal.retry_pending();
     Ok(())
 }
 

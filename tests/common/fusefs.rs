@@ -1,5 +1,7 @@
 //! A FUSE filesystem for tests: one file, `disk.img`, passed through to a real file, whose
-//! I/O the test can slow down or fail at run time. It puts a real kernel path (VFS, FUSE,
+//! I/O the test can slow down or fail at run time. Other files (the daemon's journal and
+//! stats beside the image) can be created, written, renamed and removed; they live in the
+//! backing file's directory, and their writes and syncs can be failed as a whole. It puts a real kernel path (VFS, FUSE,
 //! io_uring's workers) under the daemon while letting a test decide how each operation ends:
 //! - slow writes: the data lands in the backing file at once, the reply comes later (a disk
 //!   that has written but not yet acknowledged, which is what a crash leaves half done);
@@ -7,10 +9,11 @@
 //!   then the error (EIO, ENOSPC) is returned;
 //! - failing reads in a byte range, and failing the next fsyncs.
 
-use std::ffi::OsStr;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -18,8 +21,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use super::{guardblk, Daemon};
 use fuser::{
     BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
+    INodeNo, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 
 const FILE_NAME: &str = "disk.img";
@@ -41,6 +44,8 @@ struct Knobs {
     failing_fsyncs: u32,
     /// fsyncs that reached the filesystem (failed ones included).
     fsyncs: u64,
+    /// Writes and fsyncs of every file but `disk.img` fail with this errno.
+    failing_other_files: Option<i32>,
 }
 
 fn overlaps(range: &Range<u64>, offset: u64, len: u64) -> bool {
@@ -49,6 +54,11 @@ fn overlaps(range: &Range<u64>, offset: u64, len: u64) -> bool {
 
 struct PassThrough {
     backing: File,
+    /// The directory holding `backing`, where the other files live.
+    dir: PathBuf,
+    /// The other files by inode: name and open file.
+    others: Mutex<BTreeMap<INodeNo, (OsString, Arc<File>)>>,
+    next_ino: std::sync::atomic::AtomicU64,
     /// Open the file with FOPEN_DIRECT_IO (no page cache, no shared mapping).
     direct_io: bool,
     knobs: Arc<Mutex<Knobs>>,
@@ -124,6 +134,9 @@ impl FaultFs {
         let session = fuser::spawn_mount(
             PassThrough {
                 backing: file,
+                dir: backing.parent().unwrap().to_path_buf(),
+                others: Mutex::new(BTreeMap::new()),
+                next_ino: std::sync::atomic::AtomicU64::new(FILE_INO.0 + 1),
                 direct_io,
                 knobs: Arc::clone(&knobs),
             },
@@ -185,6 +198,12 @@ impl FaultFs {
         self.knobs.lock().unwrap().failing_fsyncs = n;
     }
 
+    /// From now on, writes and fsyncs of every file but the image (the journal, the stats)
+    /// fail with `errno`.
+    pub fn fail_other_files(&self, errno: i32) {
+        self.knobs.lock().unwrap().failing_other_files = Some(errno);
+    }
+
     /// fsyncs that reached the filesystem so far.
     pub fn fsyncs(&self) -> u64 {
         self.knobs.lock().unwrap().fsyncs
@@ -204,6 +223,7 @@ impl FaultFs {
         knobs.failing_writes = None;
         knobs.failing_reads = None;
         knobs.failing_fsyncs = 0;
+        knobs.failing_other_files = None;
     }
 }
 
@@ -219,7 +239,14 @@ impl PassThrough {
                 1,
             )
         } else {
-            return None;
+            let file = self.other(ino)?;
+            let meta = file.metadata().ok()?;
+            (
+                FileType::RegularFile,
+                meta.len(),
+                std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) as u16 & 0o7777,
+                1,
+            )
         };
         Some(FileAttr {
             ino,
@@ -239,14 +266,42 @@ impl PassThrough {
             blksize: 4096,
         })
     }
+
+    fn other(&self, ino: INodeNo) -> Option<Arc<File>> {
+        self.others
+            .lock()
+            .unwrap()
+            .get(&ino)
+            .map(|(_, f)| Arc::clone(f))
+    }
+
+    fn other_by_name(&self, name: &OsStr) -> Option<INodeNo> {
+        let others = self.others.lock().unwrap();
+        others
+            .iter()
+            .find(|(_, (n, _))| n == name)
+            .map(|(ino, _)| *ino)
+    }
+
+    /// The file behind `ino`, and whether the failures set for other files apply to it.
+    fn file(&self, ino: INodeNo) -> Option<(Arc<File>, Option<i32>)> {
+        if ino == FILE_INO {
+            return None;
+        }
+        let failing = self.knobs.lock().unwrap().failing_other_files;
+        self.other(ino).map(|f| (f, failing))
+    }
 }
 
 impl Filesystem for PassThrough {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.attr(FILE_INO) {
-            Some(attr) if parent == INodeNo::ROOT && name == FILE_NAME => {
-                reply.entry(&TTL, &attr, fuser::Generation(0))
-            }
+        let ino = if name == FILE_NAME {
+            Some(FILE_INO)
+        } else {
+            self.other_by_name(name)
+        };
+        match ino.and_then(|ino| self.attr(ino)) {
+            Some(attr) if parent == INodeNo::ROOT => reply.entry(&TTL, &attr, fuser::Generation(0)),
             _ => reply.error(Errno::ENOENT),
         }
     }
@@ -260,7 +315,10 @@ impl Filesystem for PassThrough {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         if ino != FILE_INO {
-            return reply.error(Errno::EISDIR);
+            return match self.other(ino) {
+                Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+                None => reply.error(Errno::EISDIR),
+            };
         }
         if self.direct_io {
             reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
@@ -272,7 +330,7 @@ impl Filesystem for PassThrough {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         size: u32,
@@ -280,6 +338,13 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some((file, _)) = self.file(ino) {
+            let mut buf = vec![0u8; size as usize];
+            return match file.read_at(&mut buf, offset) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(Errno::from(e)),
+            };
+        }
         if let Some((range, errno)) = &self.knobs.lock().unwrap().failing_reads {
             if overlaps(range, offset, u64::from(size)) {
                 return reply.error(Errno::from_i32(*errno));
@@ -309,7 +374,7 @@ impl Filesystem for PassThrough {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -318,6 +383,15 @@ impl Filesystem for PassThrough {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        if let Some((file, failing)) = self.file(ino) {
+            if let Some(errno) = failing {
+                return reply.error(Errno::from_i32(errno));
+            }
+            return match file.write_all_at(data, offset) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(Errno::from(e)),
+            };
+        }
         let failing = match &self.knobs.lock().unwrap().failing_writes {
             Some((range, errno)) if overlaps(range, offset, data.len() as u64) => Some(*errno),
             _ => None,
@@ -360,11 +434,20 @@ impl Filesystem for PassThrough {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if let Some((file, failing)) = self.file(ino) {
+            if let Some(errno) = failing {
+                return reply.error(Errno::from_i32(errno));
+            }
+            return match file.sync_data() {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(Errno::from(e)),
+            };
+        }
         {
             let mut knobs = self.knobs.lock().unwrap();
             knobs.fsyncs += 1;
@@ -377,6 +460,123 @@ impl Filesystem for PassThrough {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(Errno::from(e)),
         }
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        if parent != INodeNo::ROOT {
+            return reply.error(Errno::ENOENT);
+        }
+        if name == FILE_NAME || self.other_by_name(name).is_some() {
+            return reply.error(Errno::EEXIST);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(mode & !umask & 0o7777)
+            .open(self.dir.join(name));
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => return reply.error(Errno::from(e)),
+        };
+        let ino = INodeNo(
+            self.next_ino
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        );
+        self.others
+            .lock()
+            .unwrap()
+            .insert(ino, (name.to_owned(), Arc::new(file)));
+        match self.attr(ino) {
+            Some(attr) => reply.created(
+                &TTL,
+                &attr,
+                fuser::Generation(0),
+                FileHandle(0),
+                FopenFlags::FOPEN_DIRECT_IO,
+            ),
+            None => reply.error(Errno::EIO),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        if let (Some(size), Some((file, _))) = (size, self.file(ino)) {
+            if let Err(e) = file.set_len(size) {
+                return reply.error(Errno::from(e));
+            }
+        }
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(ino) = self.other_by_name(name) else {
+            return reply.error(if name == FILE_NAME {
+                Errno::EPERM
+            } else {
+                Errno::ENOENT
+            });
+        };
+        if let Err(e) = std::fs::remove_file(self.dir.join(name)) {
+            return reply.error(Errno::from(e));
+        }
+        self.others.lock().unwrap().remove(&ino);
+        reply.ok();
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        name: &OsStr,
+        _newparent: INodeNo,
+        newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let Some(ino) = self.other_by_name(name) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if newname == FILE_NAME {
+            return reply.error(Errno::EPERM);
+        }
+        if let Err(e) = std::fs::rename(self.dir.join(name), self.dir.join(newname)) {
+            return reply.error(Errno::from(e));
+        }
+        let mut others = self.others.lock().unwrap();
+        others.retain(|_, (n, _)| n != newname);
+        if let Some(entry) = others.get_mut(&ino) {
+            entry.0 = newname.to_owned();
+        }
+        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
