@@ -778,15 +778,20 @@ impl Frontend<'_> {
                 vec![self.inflight.as_ref().unwrap_or(self.guest).as_raw_fd()]
             }
         };
-        match self
-            .socket
-            .send_with_fds(&[&header[..], &message.body[..]], &fds)
-        {
-            Ok(n) => assert_eq!(n, HEADER_LEN + message.body.len(), "short send"),
-            Err(e) if is_timeout(e.errno()) => {
-                panic!("the backend stopped reading its socket for {REPLY_TIMEOUT:?}")
+        loop {
+            match self
+                .socket
+                .send_with_fds(&[&header[..], &message.body[..]], &fds)
+            {
+                Ok(n) => assert_eq!(n, HEADER_LEN + message.body.len(), "short send"),
+                Err(e) if is_timeout(e.errno()) => {
+                    panic!("the backend stopped reading its socket for {REPLY_TIMEOUT:?}")
+                }
+                // Interrupted before anything was sent (a signal, as in read_reply).
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(_) => return false, // closed by the handler
             }
-            Err(_) => return false, // closed by the handler
+            break;
         }
         if let Some(kick) = eventfd {
             let queue = (le_u64(&message.body, 0) & 0xff) as usize;
@@ -826,12 +831,17 @@ impl Frontend<'_> {
     /// The next reply, or None when the connection closed first.
     fn read_reply(&mut self) -> Option<Reply> {
         let mut header = [0u8; HEADER_LEN];
-        let (n, file) = match self.socket.recv_with_fd(&mut header) {
-            Ok(got) => got,
-            Err(e) if is_timeout(e.errno()) => {
-                panic!("no answer and no close within {REPLY_TIMEOUT:?}: the handler hangs")
+        let (n, file) = loop {
+            match self.socket.recv_with_fd(&mut header) {
+                Ok(got) => break got,
+                Err(e) if is_timeout(e.errno()) => {
+                    panic!("no answer and no close within {REPLY_TIMEOUT:?}: the handler hangs")
+                }
+                // libFuzzer's watchdog (SIGALRM every second) interrupts the wait: not a
+                // close. Taking it for one left the reply to be found later as "unasked".
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(_) => return None,
             }
-            Err(_) => return None,
         };
         if n == 0 {
             return None;
@@ -957,7 +967,13 @@ impl Frontend<'_> {
             return self.outcome;
         }
         let mut stray = [0u8; 64];
-        match self.socket.read(&mut stray) {
+        let read = loop {
+            match self.socket.read(&mut stray) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        match read {
             Ok(0) => {}
             Ok(n) => panic!(
                 "the backend sent {n} bytes nobody asked for: {:02x?}",
