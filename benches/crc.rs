@@ -25,8 +25,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use guardblk::integrity::guard::{
-    copy_crc16_t10dif, copy_crc64_nvme, copy_with_guards, crc16_t10dif,
-    crc16_t10dif_and_crc64_nvme, crc64_nvme, implementation, portable,
+    copy_crc16_t10dif, copy_crc16_t10dif_x2, copy_crc64_nvme, copy_crc64_nvme_x2, copy_with_guards,
+    crc16_t10dif, crc16_t10dif_and_crc64_nvme, crc64_nvme, implementation, portable,
 };
 
 #[link(name = "isal")]
@@ -207,6 +207,155 @@ mod issue {
             }
         };
     }
+    /// As `asm_loop`, on zmm registers (AVX-512), for the zmm kernels' instructions and the
+    /// candidates for other mixes (GFNI affine transforms, ternary logic).
+    macro_rules! asm_loop_zmm {
+        ($name:ident, $op:literal, $imm:literal, $features:literal, indep) => {
+            asm_loop_zmm!(@ $name, $op, $imm, $features, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        };
+        ($name:ident, $op:literal, $imm:literal, $features:literal, chain) => {
+            asm_loop_zmm!(@ $name, $op, $imm, $features, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        };
+        (@ $name:ident, $op:literal, $imm:literal, $features:literal, [$($r:literal),*]) => {
+            #[target_feature(enable = $features)]
+            fn $name(n: u64) {
+                // SAFETY: register-only arithmetic on clobbered vector registers; the
+                // features are enabled on this function and checked by the caller.
+                unsafe {
+                    std::arch::asm!(
+                        "vpxorq zmm15, zmm15, zmm15",
+                        "2:",
+                        ".rept 10",
+                        $(concat!($op, " zmm", $r, ", zmm", $r, ", zmm15", $imm),)*
+                        ".endr",
+                        "sub {n}, 1",
+                        "jnz 2b",
+                        n = inout(reg) n => _,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        out("zmm15") _,
+                        options(nomem, nostack),
+                    );
+                }
+            }
+        };
+    }
+    /// Two instructions alternated over 12 independent registers: whether they issue on
+    /// different ports (the pair's rate is the sum of each one's alone) or share one.
+    macro_rules! asm_pair_zmm {
+        ($name:ident, $a:literal, $ai:literal, $b:literal, $bi:literal) => {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,vpclmulqdq,gfni")]
+            fn $name(n: u64) {
+                // SAFETY: as in `asm_loop_zmm`.
+                unsafe {
+                    std::arch::asm!(
+                        "vpxorq zmm15, zmm15, zmm15",
+                        "2:",
+                        ".rept 10",
+                        concat!($a, " zmm0, zmm0, zmm15", $ai), concat!($b, " zmm1, zmm1, zmm15", $bi),
+                        concat!($a, " zmm2, zmm2, zmm15", $ai), concat!($b, " zmm3, zmm3, zmm15", $bi),
+                        concat!($a, " zmm4, zmm4, zmm15", $ai), concat!($b, " zmm5, zmm5, zmm15", $bi),
+                        concat!($a, " zmm6, zmm6, zmm15", $ai), concat!($b, " zmm7, zmm7, zmm15", $bi),
+                        concat!($a, " zmm8, zmm8, zmm15", $ai), concat!($b, " zmm9, zmm9, zmm15", $bi),
+                        concat!($a, " zmm10, zmm10, zmm15", $ai), concat!($b, " zmm11, zmm11, zmm15", $bi),
+                        ".endr",
+                        "sub {n}, 1",
+                        "jnz 2b",
+                        n = inout(reg) n => _,
+                        out("zmm0") _, out("zmm1") _, out("zmm2") _, out("zmm3") _,
+                        out("zmm4") _, out("zmm5") _, out("zmm6") _, out("zmm7") _,
+                        out("zmm8") _, out("zmm9") _, out("zmm10") _, out("zmm11") _,
+                        out("zmm15") _,
+                        options(nomem, nostack),
+                    );
+                }
+            }
+        };
+    }
+    asm_pair_zmm!(
+        clmul_affine_zmm,
+        "vpclmulqdq",
+        ", 0",
+        "vgf2p8affineqb",
+        ", 0"
+    );
+    asm_pair_zmm!(clmul_permb_zmm, "vpclmulqdq", ", 0", "vpermi2b", "");
+    asm_pair_zmm!(affine_permb_zmm, "vgf2p8affineqb", ", 0", "vpermi2b", "");
+    asm_pair_zmm!(
+        clmul_ternlog_zmm,
+        "vpclmulqdq",
+        ", 0",
+        "vpternlogq",
+        ", 0x96"
+    );
+    asm_pair_zmm!(affine_shufb_zmm, "vgf2p8affineqb", ", 0", "vpshufb", "");
+
+    const ZMM: &str = "avx512f,avx512bw,vpclmulqdq,gfni";
+    asm_loop_zmm!(
+        clmul_zmm,
+        "vpclmulqdq",
+        ", 0",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        indep
+    );
+    asm_loop_zmm!(
+        clmul_zmm_chain,
+        "vpclmulqdq",
+        ", 0",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        chain
+    );
+    asm_loop_zmm!(
+        ternlog_zmm,
+        "vpternlogq",
+        ", 0x96",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        indep
+    );
+    asm_loop_zmm!(
+        xor_zmm,
+        "vpxorq",
+        "",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        indep
+    );
+    asm_loop_zmm!(
+        shufb_zmm,
+        "vpshufb",
+        "",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        indep
+    );
+    asm_loop_zmm!(
+        permb_zmm,
+        "vpermi2b",
+        "",
+        "avx512f,avx512bw,avx512vbmi,vpclmulqdq,gfni",
+        indep
+    );
+    asm_loop_zmm!(
+        affine_zmm,
+        "vgf2p8affineqb",
+        ", 0",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        indep
+    );
+    asm_loop_zmm!(
+        affine_zmm_chain,
+        "vgf2p8affineqb",
+        ", 0",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        chain
+    );
+    asm_loop_zmm!(
+        gfmul_zmm,
+        "vgf2p8mulb",
+        "",
+        "avx512f,avx512bw,vpclmulqdq,gfni",
+        indep
+    );
+
     asm_loop!(clmul_ymm, "vpclmulqdq", ", 0", indep);
     asm_loop!(clmul_ymm_chain, "vpclmulqdq", ", 0", chain);
     asm_loop!(muludq_ymm, "vpmuludq", "", indep);
@@ -302,6 +451,62 @@ mod issue {
             // SAFETY: the features this kernel enables (AVX2, VPCLMULQDQ) were detected above.
             per_ns(ops, || unsafe { xor_ymm(N) }),
         );
+        let zmm = ZMM.split(',').all(|f| match f {
+            "avx512f" => std::is_x86_feature_detected!("avx512f"),
+            "avx512bw" => std::is_x86_feature_detected!("avx512bw"),
+            "vpclmulqdq" => std::is_x86_feature_detected!("vpclmulqdq"),
+            "gfni" => std::is_x86_feature_detected!("gfni"),
+            _ => false,
+        });
+        if !zmm {
+            println!("no AVX-512 + VPCLMULQDQ + GFNI here: zmm rates skipped");
+            return;
+        }
+        type Loop = unsafe fn(u64);
+        let zmm_rows: [(&str, Loop); 7] = [
+            ("vpclmulqdq zmm, independent", clmul_zmm),
+            ("vpternlogq zmm, independent", ternlog_zmm),
+            ("vpxorq zmm, independent", xor_zmm),
+            ("vpshufb zmm, independent", shufb_zmm),
+            ("vgf2p8affineqb zmm, independent", affine_zmm),
+            ("vgf2p8mulb zmm, independent", gfmul_zmm),
+            ("vpclmulqdq zmm, latency", clmul_zmm_chain),
+        ];
+        for (name, f) in zmm_rows {
+            // SAFETY: AVX-512F/BW, VPCLMULQDQ and GFNI were detected above.
+            let r = per_ns(ops, || unsafe { f(N) });
+            if name.ends_with("latency") {
+                println!("{name:<38} {:>6.2} ns   {:>5.2} cycles", 1.0 / r, ghz / r);
+            } else {
+                row(name, r);
+            }
+        }
+        // SAFETY: as above.
+        let lat = per_ns(ops, || unsafe { affine_zmm_chain(N) });
+        println!(
+            "{:<38} {:>6.2} ns   {:>5.2} cycles",
+            "vgf2p8affineqb zmm, latency",
+            1.0 / lat,
+            ghz / lat
+        );
+        if std::is_x86_feature_detected!("avx512vbmi") {
+            // SAFETY: AVX-512 VBMI was just detected, the rest above.
+            row(
+                "vpermi2b zmm, independent",
+                per_ns(ops, || unsafe { permb_zmm(N) }),
+            );
+            let pairs: [(&str, Loop); 5] = [
+                ("vpclmulqdq + vgf2p8affineqb zmm", clmul_affine_zmm),
+                ("vpclmulqdq + vpermi2b zmm", clmul_permb_zmm),
+                ("vgf2p8affineqb + vpermi2b zmm", affine_permb_zmm),
+                ("vpclmulqdq + vpternlogq zmm", clmul_ternlog_zmm),
+                ("vgf2p8affineqb + vpshufb zmm", affine_shufb_zmm),
+            ];
+            for (name, f) in pairs {
+                // SAFETY: AVX-512 VBMI was just detected, the rest above.
+                row(name, per_ns(ops, || unsafe { f(N) }));
+            }
+        }
     }
 }
 
@@ -437,6 +642,21 @@ fn main() {
             black_box(copy_crc64_nvme(&mut dst[o..o + n], c));
         })
     });
+    // Two intervals per call, interleaved in one kernel: `rate` hands out pairs.
+    let fused16x2 = row("fused copy + crc16, 2 intervals at once", &mut |n| {
+        rate(seconds, buf, 2 * n, |c| {
+            let o = offset(buf, c);
+            let (d0, d1) = dst[o..o + 2 * n].split_at_mut(n);
+            black_box(copy_crc16_t10dif_x2([d0, d1], [&c[..n], &c[n..]]));
+        })
+    });
+    let fused64x2 = row("fused copy + crc64, 2 intervals at once", &mut |n| {
+        rate(seconds, buf, 2 * n, |c| {
+            let o = offset(buf, c);
+            let (d0, d1) = dst[o..o + 2 * n].split_at_mut(n);
+            black_box(copy_crc64_nvme_x2([d0, d1], [&c[..n], &c[n..]]));
+        })
+    });
     let mut guards16 = Vec::with_capacity(buf.len() / 512);
     row("copy, then crc16 (two passes, ref.)", &mut |n| {
         rate(seconds, buf, buf.len(), |src| {
@@ -549,6 +769,14 @@ fn main() {
         (
             "fused copy+crc64 vs memcpy",
             ratio("copy+crc64 / memcpy", fused64, memcpy),
+        ),
+        (
+            "fused copy+crc16 x2 vs memcpy",
+            ratio("copy+crc16, 2 at once / memcpy", fused16x2, memcpy),
+        ),
+        (
+            "fused copy+crc64 x2 vs memcpy",
+            ratio("copy+crc64, 2 at once / memcpy", fused64x2, memcpy),
         ),
     ];
     println!();

@@ -84,9 +84,7 @@ fn mul_add(a: __m512i, k: __m512i, x: __m512i) -> __m512i {
 /// with `COPY`, also store every loaded byte to `dst`, from the same registers.
 ///
 /// # Safety
-/// The CPU must support the enabled features ([`available`]); `src` must be valid for
-/// reads of `m` bytes and, with `COPY`, `dst` valid for writes of `m` bytes. No alignment
-/// is required (unaligned and masked loads/stores only).
+/// As [`kernel_n`], for one stream.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,vpclmulqdq,pclmulqdq,sse4.1")]
 unsafe fn kernel<S: Spec, const COPY: bool>(
@@ -95,6 +93,28 @@ unsafe fn kernel<S: Spec, const COPY: bool>(
     m: usize,
     state: u64,
 ) -> u64 {
+    // SAFETY: the caller's contract, for one stream.
+    unsafe { kernel_n::<S, COPY, 1>([src], [dst], m, [state])[0] }
+}
+
+/// [`kernel`] over `N` independent streams of `m` bytes each (`N` intervals of one
+/// request), their instructions interleaved: a short interval's fixed cost — the dependent
+/// chain from the last fold through the lane sum and the Barrett reduction, about 40 cycles
+/// — overlaps the other streams' folding instead of waiting for the next call.
+///
+/// # Safety
+/// The CPU must support the enabled features ([`available`]); every `src[j]` must be valid
+/// for reads of `m` bytes and, with `COPY`, every `dst[j]` valid for writes of `m` bytes,
+/// not overlapping any source. No alignment is required (unaligned and masked loads/stores
+/// only).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,vpclmulqdq,pclmulqdq,sse4.1")]
+unsafe fn kernel_n<S: Spec, const COPY: bool, const N: usize>(
+    src: [*const u8; N],
+    dst: [*mut u8; N],
+    m: usize,
+    state: [u64; N],
+) -> [u64; N] {
     debug_assert!(m >= 16 && m & 15 == 0);
     // Byte reversal within each 128-bit lane, for the non-reflected CRC.
     let bswap = _mm512_broadcast_i32x4(_mm_set_epi8(
@@ -107,123 +127,130 @@ unsafe fn kernel<S: Spec, const COPY: bool>(
         // stays inside the table.
         unsafe { _mm512_loadu_si512(lanes.add((MAX_DIST - dist) / 16) as *const _) }
     };
-    // With COPY: store four raw 64-byte blocks at `off`.
-    let store4 = |off: usize, v: [__m512i; 4]| {
+    // With COPY: store stream j's four raw 64-byte blocks at `off`.
+    let store4 = |j: usize, off: usize, v: [__m512i; 4]| {
         if COPY {
             for (i, x) in v.iter().enumerate() {
-                // SAFETY: callers pass off + 256 <= m; dst is valid for m bytes.
-                unsafe { _mm512_storeu_si512(dst.add(off + 64 * i) as *mut _, *x) };
+                // SAFETY: callers pass off + 256 <= m; dst[j] is valid for m bytes.
+                unsafe { _mm512_storeu_si512(dst[j].add(off + 64 * i) as *mut _, *x) };
             }
         }
     };
-    // Four raw 64-byte loads at `off`. With COPY, the kernel stores each group only after
-    // loading the next one (`pending`), so no load waits behind a store that may alias it
-    // in the low 12 address bits (4K aliasing); measured +12% at 512 B.
-    let load4 = |off: usize| -> [__m512i; 4] {
-        // SAFETY: callers pass off + 256 <= m; src is valid for m bytes.
+    // Stream j's four raw 64-byte loads at `off`. With COPY, the kernel stores each group
+    // only after loading the next one (`pending`), so no load waits behind a store that may
+    // alias it in the low 12 address bits (4K aliasing); measured +12% at 512 B.
+    let load4 = |j: usize, off: usize| -> [__m512i; 4] {
+        // SAFETY: callers pass off + 256 <= m; src[j] is valid for m bytes.
         unsafe {
             [
-                _mm512_loadu_si512(src.add(off) as *const _),
-                _mm512_loadu_si512(src.add(off + 64) as *const _),
-                _mm512_loadu_si512(src.add(off + 128) as *const _),
-                _mm512_loadu_si512(src.add(off + 192) as *const _),
+                _mm512_loadu_si512(src[j].add(off) as *const _),
+                _mm512_loadu_si512(src[j].add(off + 64) as *const _),
+                _mm512_loadu_si512(src[j].add(off + 128) as *const _),
+                _mm512_loadu_si512(src[j].add(off + 192) as *const _),
             ]
         }
     };
     // Byte reversal if needed.
-    let prep4 = |v: [__m512i; 4]| -> [__m512i; 4] {
+    let prep = |x: __m512i| -> __m512i {
         if S::REFLECTED {
-            v
+            x
         } else {
-            v.map(|x| _mm512_shuffle_epi8(x, bswap))
+            _mm512_shuffle_epi8(x, bswap)
         }
     };
-    // One 64-byte load (+ store) at `off`, byte-reversed if needed.
-    let load = |off: usize| -> __m512i {
-        // SAFETY: callers pass off + 64 <= m; src/dst are valid for m bytes.
-        let v = unsafe { _mm512_loadu_si512(src.add(off) as *const _) };
+    // Stream j's 64-byte load (+ store) at `off`, byte-reversed if needed.
+    let load = |j: usize, off: usize| -> __m512i {
+        // SAFETY: callers pass off + 64 <= m; src[j]/dst[j] are valid for m bytes.
+        let v = unsafe { _mm512_loadu_si512(src[j].add(off) as *const _) };
         if COPY {
-            // SAFETY: as above, for dst.
-            unsafe { _mm512_storeu_si512(dst.add(off) as *mut _, v) };
+            // SAFETY: as above, for dst[j].
+            unsafe { _mm512_storeu_si512(dst[j].add(off) as *mut _, v) };
         }
-        if S::REFLECTED {
-            v
-        } else {
-            _mm512_shuffle_epi8(v, bswap)
-        }
+        prep(v)
     };
     // The carried-in register goes into the top bits of the first block: qword 0 of the
     // first lane (reflected), or its top 16 bits after byte reversal (not reflected).
-    let inject = if S::REFLECTED {
-        _mm512_zextsi128_si512(_mm_cvtsi64_si128(state as i64))
-    } else {
-        _mm512_zextsi128_si512(_mm_set_epi64x((state << 48) as i64, 0))
-    };
+    let mut first = state.map(|st| {
+        if S::REFLECTED {
+            _mm512_zextsi128_si512(_mm_cvtsi64_si128(st as i64))
+        } else {
+            _mm512_zextsi128_si512(_mm_set_epi64x((st << 48) as i64, 0))
+        }
+    });
 
+    let zero = _mm512_setzero_si512();
     let mut off = 0usize;
-    let mut sum = _mm512_setzero_si512();
-    let mut first = inject;
+    let mut sum = [zero; N];
     if m >= 256 {
-        let raw = load4(0);
-        let [mut a0, mut a1, mut a2, mut a3] = prep4(raw);
-        a0 = _mm512_xor_si512(a0, first);
-        let mut pending = raw;
-        first = _mm512_setzero_si512();
+        let mut pending = [[zero; 4]; N];
+        let mut acc = [[zero; 4]; N];
+        for j in 0..N {
+            pending[j] = load4(j, 0);
+            acc[j] = pending[j].map(prep);
+            acc[j][0] = _mm512_xor_si512(acc[j][0], first[j]);
+            first[j] = zero;
+        }
         off = 256;
         let k = _mm512_broadcast_i32x4(_mm_set_epi64x(S::FOLD256[1] as i64, S::FOLD256[0] as i64));
         while m - off >= 256 {
-            let raw = load4(off);
-            store4(off - 256, pending);
-            pending = raw;
-            let b = prep4(raw);
-            a0 = mul_add(a0, k, b[0]);
-            a1 = mul_add(a1, k, b[1]);
-            a2 = mul_add(a2, k, b[2]);
-            a3 = mul_add(a3, k, b[3]);
+            for j in 0..N {
+                let raw = load4(j, off);
+                store4(j, off - 256, pending[j]);
+                pending[j] = raw;
+                for i in 0..4 {
+                    acc[j][i] = mul_add(acc[j][i], k, prep(raw[i]));
+                }
+            }
             off += 256;
         }
-        store4(off - 256, pending);
         // The accumulators hold bytes [off-256, off): carry each lane to the end.
         let t = m - off;
-        sum = mul_add(a0, lane_k(t + 240), sum);
-        sum = mul_add(a1, lane_k(t + 176), sum);
-        sum = mul_add(a2, lane_k(t + 112), sum);
-        sum = mul_add(a3, lane_k(t + 48), sum);
+        for j in 0..N {
+            store4(j, off - 256, pending[j]);
+            for (i, a) in acc[j].iter().enumerate() {
+                sum[j] = mul_add(*a, lane_k(t + 240 - 64 * i), sum[j]);
+            }
+        }
     }
     while m - off >= 64 {
-        let v = _mm512_xor_si512(load(off), first);
-        first = _mm512_setzero_si512();
-        sum = mul_add(v, lane_k(m - off - 16), sum);
+        let k = lane_k(m - off - 16);
+        for j in 0..N {
+            let v = _mm512_xor_si512(load(j, off), first[j]);
+            first[j] = zero;
+            sum[j] = mul_add(v, k, sum[j]);
+        }
         off += 64;
     }
     if off < m {
         // 1 to 3 lanes left: masked load (+ store); the zeroed lanes contribute nothing.
         let mask: __mmask8 = (1u8 << ((m - off) / 8)) - 1;
-        // SAFETY: the mask enables exactly the qwords of [off, m), inside src/dst;
-        // masked-off elements are neither read nor written.
-        let mut v = unsafe { _mm512_maskz_loadu_epi64(mask, src.add(off) as *const _) };
-        if COPY {
-            // SAFETY: as above.
-            unsafe { _mm512_mask_storeu_epi64(dst.add(off) as *mut _, mask, v) };
+        let k = lane_k(m - off - 16);
+        for j in 0..N {
+            // SAFETY: the mask enables exactly the qwords of [off, m), inside src[j] and
+            // dst[j]; masked-off elements are neither read nor written.
+            let v = unsafe { _mm512_maskz_loadu_epi64(mask, src[j].add(off) as *const _) };
+            if COPY {
+                // SAFETY: as above.
+                unsafe { _mm512_mask_storeu_epi64(dst[j].add(off) as *mut _, mask, v) };
+            }
+            let v = _mm512_xor_si512(prep(v), first[j]);
+            sum[j] = mul_add(v, k, sum[j]);
         }
-        if !S::REFLECTED {
-            v = _mm512_shuffle_epi8(v, bswap);
-        }
-        v = _mm512_xor_si512(v, first);
-        sum = mul_add(v, lane_k(m - off - 16), sum);
     }
 
     // Sum the four lanes: w ≡ M·x^k (mod P).
-    let w = _mm_ternarylogic_epi64(
-        _mm512_castsi512_si128(sum),
-        _mm512_extracti32x4_epi32(sum, 1),
-        _mm_xor_si128(
-            _mm512_extracti32x4_epi32(sum, 2),
-            _mm512_extracti32x4_epi32(sum, 3),
-        ),
-        0x96,
-    );
-    reduce::<S>(w)
+    sum.map(|s| {
+        let w = _mm_ternarylogic_epi64(
+            _mm512_castsi512_si128(s),
+            _mm512_extracti32x4_epi32(s, 1),
+            _mm_xor_si128(
+                _mm512_extracti32x4_epi32(s, 2),
+                _mm512_extracti32x4_epi32(s, 3),
+            ),
+            0x96,
+        );
+        reduce::<S>(w)
+    })
 }
 
 /// w (degree <= 78) mod P for CRC-16. With T = floor(w/x^16) and mu = floor(x^78/P),
@@ -477,6 +504,35 @@ entry_points!(
     kernel,
     dual_kernel
 );
+
+/// Copy `N` intervals of equal length (a multiple of 16) and return the CRC register of
+/// each, `init` to start, from one interleaved pass ([`kernel_n`]): CRC-16/T10-DIF for `S` =
+/// [`T10Dif`], CRC-64/NVME for [`Nvme`] (registers as the single-interval entry points use
+/// them).
+///
+/// # Safety
+/// [`available`] must have returned true. Panics unless every length is the same non-zero
+/// multiple of 16.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,vpclmulqdq,pclmulqdq,sse4.1")]
+pub(crate) unsafe fn copy_update_n<S: Spec, const N: usize>(
+    init: u64,
+    dst: [&mut [u8]; N],
+    src: [&[u8]; N],
+) -> [u64; N] {
+    let m = src[0].len();
+    assert!(
+        m != 0
+            && m.is_multiple_of(16)
+            && src.iter().all(|s| s.len() == m)
+            && dst.iter().all(|d| d.len() == m),
+        "copy+crc x{N}: lengths must be equal multiples of 16"
+    );
+    let d = dst.map(|d| d.as_mut_ptr());
+    // SAFETY: features enabled (caller contract); each source is readable and each
+    // destination writable for m bytes, and `&mut` guarantees no destination overlaps
+    // another buffer.
+    unsafe { kernel_n::<S, true, N>(src.map(|s| s.as_ptr()), d, m, [init; N]) }
+}
 
 /// The same kernels on 256-bit vectors: AVX2 + VPCLMULQDQ on ymm (PCLMULQDQ/SSE4.1 for
 /// the reduction), for CPUs without AVX-512 such as AMD Zen 3. Same lane tables, same
