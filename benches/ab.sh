@@ -7,6 +7,7 @@
 #
 #   bash benches/ab.sh --base REV [--rounds N] [--seconds S] [--pi type1|type3|nvme64|none]
 #                      [--workload "RW BS QD"]... [--size SIZE] [--target tmpfs|xfs]
+#                      [--interval 512|4096] [--serve-arg ARG]...
 #                      [--daemon-cpu N] [--client-cpu N]
 #
 # Defaults: 7 rounds of 3 s; PI type1 and no PI; workloads "randwrite 4k 32" and "randread 4k 32";
@@ -18,6 +19,8 @@ set -euo pipefail
 base=
 rounds=7
 seconds=3
+interval=4096
+serve_args=()
 pis=(type1 none)
 workloads=()
 size=1G
@@ -36,6 +39,8 @@ while (($#)); do
         --base) base="$2"; shift ;;
         --rounds) rounds="$2"; shift ;;
         --seconds) seconds="$2"; shift ;;
+        --interval) interval="$2"; shift ;;
+        --serve-arg) serve_args+=("$2"); shift ;;
         --pi) ((pi_set)) || pis=(); pi_set=1; pis+=("$2"); shift ;;
         --workload) workloads+=("$2"); shift ;;
         --size) size="$2"; shift ;;
@@ -101,11 +106,11 @@ for pi in "${pis[@]}"; do
         n=$v-$pi
         dd if="$tgt_dir/seed.img" of="$tgt_dir/$n.img" bs=1M iflag=direct oflag=direct status=none
         if [[ $pi != none ]]; then
-            "$work/guardblk-$v" import "$tgt_dir/$n.img" --pi "$pi" --interval 4096 >"$work/$n.import" 2>&1 ||
+            "$work/guardblk-$v" import "$tgt_dir/$n.img" --pi "$pi" --interval "$interval" >"$work/$n.import" 2>&1 ||
                 { cat "$work/$n.import" >&2; exit 1; }
         fi
         taskset -c "$daemon_cpu" "$work/guardblk-$v" serve "$tgt_dir/$n.img" --socket "$work/$n.sock" \
-            --queues 1 >/dev/null 2>"$work/$n.log" &
+            --queues 1 "${serve_args[@]}" >/dev/null 2>"$work/$n.log" &
         pid[$n]=$!
         for _ in $(seq 200); do
             grep -qs "guardblk ready" "$work/$n.log" && break

@@ -139,6 +139,39 @@ impl Intervals {
         self.pieces.iter().map(|p| p.1).sum::<usize>() / self.interval
     }
 
+    /// The next two intervals, if both lie in place (each contiguous in host memory, not
+    /// necessarily adjacent); else `None`, and nothing is consumed. Lets a copying caller
+    /// hand both to one interleaved kernel.
+    #[inline]
+    pub(crate) fn next_two_in_place(&mut self) -> Option<[&[u8]; 2]> {
+        let interval = self.interval;
+        let (ptr0, len0) = *self.pieces.get(self.piece)?;
+        if len0 - self.within < interval {
+            return None;
+        }
+        let first = (ptr0, self.within);
+        // Where the second starts: further in this piece, or at the start of the next.
+        let (mut piece, mut within) = (self.piece, self.within + interval);
+        if within == len0 {
+            (piece, within) = (piece + 1, 0);
+        }
+        let (ptr1, len1) = *self.pieces.get(piece)?;
+        if len1 - within < interval {
+            return None;
+        }
+        let second = (ptr1, within);
+        within += interval;
+        if within == len1 {
+            (piece, within) = (piece + 1, 0);
+        }
+        (self.piece, self.within) = (piece, within);
+        // SAFETY: each range lies inside its piece, a host mapping of guest memory that the
+        // request's memory snapshot keeps mapped (see `next` for what the bytes may do).
+        Some([first, second].map(|(ptr, at)| unsafe {
+            std::slice::from_raw_parts(ptr.add(at).cast_const(), interval)
+        }))
+    }
+
     /// The next interval: in place if contiguous, else assembled in the scratch buffer (the
     /// variant tells a copying caller whether it can copy straight from the source).
     #[inline]
