@@ -239,18 +239,22 @@ unsafe fn kernel_n<S: Spec, const COPY: bool, const N: usize>(
     }
 
     // Sum the four lanes: w ≡ M·x^k (mod P).
-    sum.map(|s| {
-        let w = _mm_ternarylogic_epi64(
-            _mm512_castsi512_si128(s),
-            _mm512_extracti32x4_epi32(s, 1),
-            _mm_xor_si128(
-                _mm512_extracti32x4_epi32(s, 2),
-                _mm512_extracti32x4_epi32(s, 3),
-            ),
-            0x96,
-        );
-        reduce::<S>(w)
-    })
+    sum.map(|s| reduce::<S>(sum_lanes(s)))
+}
+
+/// The xor of a zmm register's four 128-bit lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl")]
+fn sum_lanes(s: __m512i) -> __m128i {
+    _mm_ternarylogic_epi64(
+        _mm512_castsi512_si128(s),
+        _mm512_extracti32x4_epi32(s, 1),
+        _mm_xor_si128(
+            _mm512_extracti32x4_epi32(s, 2),
+            _mm512_extracti32x4_epi32(s, 3),
+        ),
+        0x96,
+    )
 }
 
 /// w (degree <= 78) mod P for CRC-16. With T = floor(w/x^16) and mu = floor(x^78/P),
@@ -377,18 +381,7 @@ unsafe fn dual_kernel<A: Spec, B: Spec>(src: *const u8, m: usize, sa: u64, sb: u
         suma = mul_add(va, lane_k(ta, m - off - 16), suma);
         sumb = mul_add(vb, lane_k(tb, m - off - 16), sumb);
     }
-    let lanes4 = |s: __m512i| -> __m128i {
-        _mm_ternarylogic_epi64(
-            _mm512_castsi512_si128(s),
-            _mm512_extracti32x4_epi32(s, 1),
-            _mm_xor_si128(
-                _mm512_extracti32x4_epi32(s, 2),
-                _mm512_extracti32x4_epi32(s, 3),
-            ),
-            0x96,
-        )
-    };
-    (reduce::<A>(lanes4(suma)), reduce::<B>(lanes4(sumb)))
+    (reduce::<A>(sum_lanes(suma)), reduce::<B>(sum_lanes(sumb)))
 }
 
 /// The register-level entry points, the same for both vector widths: whole 16-byte blocks
