@@ -5,7 +5,7 @@
 //! turns them into host slices; the ranges themselves were validated against the same memory
 //! snapshot by the parser.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::parse::GuestRange;
 
@@ -43,12 +43,37 @@ fn pieces<'a>(
     ranges: &'a [GuestRange],
 ) -> impl Iterator<Item = (*mut u8, usize)> + 'a {
     ranges.iter().flat_map(move |range| {
-        mem.get_slices(range.addr, range.len as usize).map(|slice| {
-            // The parser checked every range against this same memory snapshot.
-            let slice = slice.expect("range validated against this memory snapshot");
-            (slice.ptr_guard_mut().as_ptr(), slice.len())
-        })
+        let len = range.len as usize;
+        let whole = in_one_region(mem, range);
+        // The general case: a range across regions, one piece per region.
+        let split = (whole.is_none() && len > 0).then(|| {
+            mem.get_slices(range.addr, len).map(|slice| {
+                // The parser checked every range against this same memory snapshot.
+                let slice = slice.expect("range validated against this memory snapshot");
+                (slice.ptr_guard_mut().as_ptr(), slice.len())
+            })
+        });
+        whole
+            .map(|ptr| (ptr, len))
+            .into_iter()
+            .chain(split.into_iter().flatten())
     })
+}
+
+/// The host address of a non-empty range that lies inside one memory region, as nearly every
+/// range does: one region lookup and one bounds check. (vm-memory's slice iterator, which
+/// handles ranges across regions, cost 3-5 % of a queue thread's CPU in profiles of 4 KiB and
+/// 128 KiB loads.)
+#[inline]
+fn in_one_region(mem: &GuestMemoryMmap, range: &GuestRange) -> Option<*mut u8> {
+    if range.len == 0 {
+        return None;
+    }
+    let (region, at) = mem.to_region_addr(range.addr)?;
+    if at.0.checked_add(u64::from(range.len))? > region.len() {
+        return None;
+    }
+    region.get_host_address(at).ok()
 }
 
 /// Host pieces of the guest ranges, for the CRC kernels.
@@ -228,6 +253,52 @@ impl Interval<'_> {
     pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Interval::InPlace(b) | Interval::Assembled(b) => b,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pieces from the one-region shortcut are exactly vm-memory's slices, for ranges
+    /// inside a region, up to its edges, across the boundary of two adjacent regions, and
+    /// empty.
+    #[test]
+    fn host_pieces_match_vm_memory_slices() {
+        const REGION: u64 = 0x4000;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), REGION as usize),
+            (GuestAddress(REGION), REGION as usize),
+        ])
+        .unwrap();
+        let cases = [
+            (0, 4096),
+            (100, 1),
+            (REGION - 4096, 4096),
+            (REGION - 1, 1),
+            (REGION - 512, 1024),
+            (REGION, 4096),
+            (1, 2 * REGION - 1),
+            (REGION * 2 - 4096, 4096),
+            (200, 0),
+        ];
+        for (addr, len) in cases {
+            let range = GuestRange {
+                addr: GuestAddress(addr),
+                len: len as u32,
+            };
+            let expected: Vec<(*mut u8, usize)> = mem
+                .get_slices(range.addr, len as usize)
+                .map(|s| {
+                    let s = s.unwrap();
+                    (s.ptr_guard_mut().as_ptr(), s.len())
+                })
+                .collect();
+            let got = host_pieces(&mem, std::slice::from_ref(&range));
+            assert_eq!(got, expected, "range {addr:#x}+{len:#x}");
+            let crosses = addr < REGION && addr + len > REGION;
+            assert_eq!(got.len(), usize::from(len > 0) + usize::from(crosses));
         }
     }
 }
