@@ -185,7 +185,7 @@ pub struct ScrubArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// Image (file or block device) to describe.
+    /// Image (file or block device) to describe, or rbd:POOL/IMAGE for a Ceph RBD image.
     pub image: PathBuf,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -193,6 +193,35 @@ pub struct InfoArgs {
     /// The image's PI metadata, if not IMAGE.pi.
     #[arg(long, value_name = "PATH")]
     pub pi_meta: Option<PathBuf>,
+    #[command(flatten)]
+    pub ceph: CephArgs,
+}
+
+/// How an rbd:POOL/IMAGE target reaches its cluster (the names qemu's rbd driver uses).
+#[derive(Debug, Args)]
+pub struct CephArgs {
+    /// Ceph configuration file for an rbd: target [default: librados's search: $CEPH_CONF,
+    /// /etc/ceph/ceph.conf, ~/.ceph/config, ./ceph.conf]
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph client id for an rbd: target, without "client." (its key comes from the keyring
+    /// the configuration names)
+    #[arg(long, value_name = "NAME", default_value = "admin")]
+    pub ceph_id: String,
+    /// Longest wait, in seconds, for the Ceph monitors when connecting and for any one Ceph
+    /// operation; a cluster that does not answer turns into an error, not a hang
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ceph_timeout: u64,
+}
+
+impl CephArgs {
+    pub fn options(&self) -> crate::storage::rbd::CephOptions {
+        crate::storage::rbd::CephOptions {
+            conf: self.ceph_conf.clone(),
+            id: self.ceph_id.clone(),
+            timeout: std::time::Duration::from_secs(self.ceph_timeout),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -45,7 +45,28 @@ fn out(text: &str) {
     let _ = writeln!(stdout, "{text}");
 }
 
+/// The commands other than `info` do not take RBD images yet: say so, instead of looking for
+/// a file named "rbd:...".
+fn refuse_rbd(command: &Command) -> Result<(), ToolError> {
+    let (verb, image) = match command {
+        Command::Create(a) => ("create", Some(&a.image)),
+        Command::Import(a) => ("import", Some(&a.image)),
+        Command::Scrub(a) => ("scrub", Some(&a.image)),
+        Command::Inject(a) => ("inject", Some(&a.image)),
+        Command::Serve(a) => ("serve", a.image.as_ref()),
+        _ => ("", None),
+    };
+    match image {
+        Some(image) if commands::is_rbd_target(image) => Err(ToolError::Refused(format!(
+            "guardblk {verb} does not take Ceph RBD images yet ({}); `guardblk info` does",
+            image.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn run(command: Command) -> Result<ExitCode, ToolError> {
+    refuse_rbd(&command)?;
     match command {
         Command::Create(args) => {
             let created = commands::create(
@@ -76,6 +97,14 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             if !report.is_clean() {
                 return Ok(ExitCode::from(SCRUB_FOUND_ERRORS));
             }
+        }
+        Command::Info(args) if commands::is_rbd_target(&args.image) => {
+            let report = commands::info_rbd(&args.image, &args.ceph.options())?;
+            out(&if args.json {
+                report.json().to_string()
+            } else {
+                report.text()
+            });
         }
         Command::Info(args) => {
             let report = commands::info(&args.image, args.pi_meta.as_deref())?;

@@ -12,6 +12,7 @@ use crate::integrity::journal::{self, Event, Journal, Record};
 use crate::integrity::metadata::{Header, VolumeState};
 use crate::integrity::store;
 use crate::integrity::{MetadataError, PiMetadata};
+use crate::storage::rbd::{CephOptions, RbdError, RbdImage, RbdSpec};
 use crate::storage::ImageError;
 use crate::telemetry::DaemonStats;
 
@@ -374,5 +375,66 @@ pub fn info(image_path: &Path, pi_meta: Option<&Path>) -> Result<InfoReport, Too
             records,
             skipped,
         },
+    })
+}
+
+/// `guardblk info rbd:POOL/IMAGE`: the image as Ceph reports it.
+#[derive(Debug)]
+pub struct RbdInfoReport {
+    pub spec: RbdSpec,
+    pub size: u64,
+    pub conf: Option<PathBuf>,
+    pub id: String,
+}
+
+impl RbdInfoReport {
+    pub fn text(&self) -> String {
+        let conf = self.conf.as_ref().map_or_else(
+            || "librados's default configuration".to_string(),
+            |p| p.display().to_string(),
+        );
+        format!(
+            "image:     {} (Ceph RBD: pool {}, image {}; {conf}, client.{})\n\
+             size:      {} bytes ({}), {} sectors of 512 bytes\n\
+             PI:        none (guardblk cannot keep PI for RBD images yet)",
+            self.spec,
+            self.spec.pool,
+            self.spec.image,
+            self.id,
+            self.size,
+            human(self.size),
+            self.size / 512,
+        )
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "image": self.spec.to_string(),
+            "kind": "rbd",
+            "pool": self.spec.pool,
+            "rbd_image": self.spec.image,
+            "size": self.size,
+            "ceph_conf": self.conf.as_ref().map(|p| p.display().to_string()),
+            "ceph_id": self.id,
+            "pi": Value::Null,
+        })
+    }
+}
+
+/// Whether a command-line target names an RBD image (`rbd:...`) rather than a path.
+pub fn is_rbd_target(target: &Path) -> bool {
+    target.to_str().is_some_and(|t| t.starts_with("rbd:"))
+}
+
+/// Describe an RBD image: connect, open it read-only, read its size.
+pub fn info_rbd(target: &Path, options: &CephOptions) -> Result<RbdInfoReport, ToolError> {
+    let text = target.to_str().unwrap_or_default();
+    let spec = RbdSpec::parse(text).unwrap_or_else(|| Err(RbdError::BadSpec(text.to_string())))?;
+    let image = RbdImage::open(&spec, options, true)?;
+    Ok(RbdInfoReport {
+        spec,
+        size: image.size(),
+        conf: options.conf.clone(),
+        id: options.id.clone(),
     })
 }

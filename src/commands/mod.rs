@@ -27,7 +27,7 @@ mod stats;
 
 pub use create::{create, Created};
 pub use import::{import, Imported};
-pub use info::{info, InfoReport};
+pub use info::{info, info_rbd, is_rbd_target, InfoReport, RbdInfoReport};
 pub use inject::{inject, Injected};
 pub use scrub::{scrub, ScrubReport};
 pub use serve::{open_pi, serve, ServeRequest};
@@ -44,6 +44,8 @@ pub enum ToolError {
     Cli(#[from] CliError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Rbd(#[from] crate::storage::rbd::RbdError),
     /// The command refuses to do this (the message says why and what to do instead).
     #[error("{0}")]
     Refused(String),

@@ -9,6 +9,7 @@ pub mod files;
 pub mod image;
 pub mod inline;
 pub mod op;
+pub mod rbd;
 pub mod sigbus;
 pub mod uring;
 

@@ -1,0 +1,466 @@
+//! Ceph RBD images through librbd, loaded at run time.
+//!
+//! guardblk does not link against Ceph: `librbd.so.1` and `librados.so.2` (Debian: librbd1,
+//! librados2) are opened with dlopen the first time an `rbd:` target is used, as QEMU loads
+//! its rbd block driver as a module. A machine without Ceph runs every other target, and an
+//! `rbd:` target there fails with one sentence saying which package is missing. No maintained
+//! Rust binding for librbd exists (checked: `ceph`, `ceph-rust`, `librbd-sys`, `ceph-rbd`;
+//! none has the vectored asynchronous calls, one has an unsound read), so the few C calls are
+//! declared here.
+//!
+//! What this module offers so far: naming an image (`rbd:POOL/IMAGE`), connecting with a
+//! configuration file and client id and bounded time-outs, opening an image and reading its
+//! size. Errors from Ceph become [`RbdError`]s that say what failed and where.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// An `rbd:POOL/IMAGE` target as the command line names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSpec {
+    pub pool: String,
+    pub image: String,
+}
+
+impl RbdSpec {
+    /// `Some` for a target that starts with `rbd:` (parsed, or an error saying what is
+    /// wrong with it); `None` for anything else (a file or device path).
+    pub fn parse(target: &str) -> Option<Result<RbdSpec, RbdError>> {
+        let rest = target.strip_prefix("rbd:")?;
+        let bad = || RbdError::BadSpec(target.to_string());
+        let Some((pool, image)) = rest.split_once('/') else {
+            return Some(Err(bad()));
+        };
+        let valid = |s: &str| !s.is_empty() && !s.contains(['/', '@', '\0']);
+        if !valid(pool) || !valid(image) {
+            return Some(Err(bad()));
+        }
+        Some(Ok(RbdSpec {
+            pool: pool.to_string(),
+            image: image.to_string(),
+        }))
+    }
+}
+
+impl fmt::Display for RbdSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rbd:{}/{}", self.pool, self.image)
+    }
+}
+
+/// How to reach the cluster: qemu's rbd driver's `conf` and `user`.
+#[derive(Debug, Clone)]
+pub struct CephOptions {
+    /// Ceph configuration file; `None`: librados's default search (CEPH_CONF,
+    /// /etc/ceph/ceph.conf, ...).
+    pub conf: Option<PathBuf>,
+    /// Client id without the `client.` prefix (`admin`).
+    pub id: String,
+    /// Longest wait for the monitors when connecting, and for any one operation.
+    pub timeout: Duration,
+}
+
+impl Default for CephOptions {
+    fn default() -> CephOptions {
+        CephOptions {
+            conf: None,
+            id: "admin".to_string(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RbdError {
+    #[error("'{0}' is not an RBD image name: write rbd:POOL/IMAGE")]
+    BadSpec(String),
+    #[error(
+        "Ceph's client libraries are not installed ({library}: {reason}); install librbd1 \
+         (apt-get install librbd1) to serve rbd: images"
+    )]
+    NoLibrary {
+        library: &'static str,
+        reason: String,
+    },
+    #[error("cannot read the Ceph configuration {}: {}", .path.display(), errno_text(*.errno))]
+    Config { path: PathBuf, errno: i32 },
+    #[error("Ceph option {option}={value} was refused: {}", errno_text(*.errno))]
+    Option {
+        option: &'static str,
+        value: String,
+        errno: i32,
+    },
+    #[error("could not connect to the Ceph cluster as client.{id} within {} s: {}", .timeout.as_secs(), errno_text(*.errno))]
+    Connect {
+        id: String,
+        timeout: Duration,
+        errno: i32,
+    },
+    #[error("client.{id} may not connect to the Ceph cluster (permission denied): check its keyring and caps")]
+    ConnectDenied { id: String },
+    #[error("there is no pool '{pool}' in the Ceph cluster")]
+    NoPool { pool: String },
+    #[error("there is no RBD image '{image}' in pool '{pool}'")]
+    NoImage { pool: String, image: String },
+    #[error("client.{id} may not open {spec} (permission denied): check its caps on pool '{}'", .spec.pool)]
+    Denied { id: String, spec: RbdSpec },
+    #[error("{what} {spec}: {}", errno_text(*.errno))]
+    Call {
+        what: &'static str,
+        spec: RbdSpec,
+        errno: i32,
+    },
+}
+
+/// "No such file or directory (os error 2)" for a positive errno.
+fn errno_text(errno: i32) -> String {
+    std::io::Error::from_raw_os_error(errno).to_string()
+}
+
+type RadosT = *mut c_void;
+type IoctxT = *mut c_void;
+type ImageT = *mut c_void;
+
+/// The C calls used, resolved once from the two libraries.
+struct Api {
+    rados_create: unsafe extern "C" fn(*mut RadosT, *const c_char) -> c_int,
+    rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
+    rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
+    rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
+    rados_shutdown: unsafe extern "C" fn(RadosT),
+    rados_ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoctxT) -> c_int,
+    rados_ioctx_destroy: unsafe extern "C" fn(IoctxT),
+    rbd_open: unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    rbd_open_read_only:
+        unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
+    rbd_close: unsafe extern "C" fn(ImageT) -> c_int,
+    rbd_get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
+}
+
+/// Open `name` with dlopen, keeping it loaded for the life of the process.
+fn open_library(name: &'static str) -> Result<*mut c_void, RbdError> {
+    let c_name = CString::new(name).expect("library names have no NUL");
+    // SAFETY: dlopen with a valid C string; the handle is never closed, so symbols resolved
+    // from it stay valid for the process's lifetime.
+    let handle = unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    if handle.is_null() {
+        return Err(RbdError::NoLibrary {
+            library: name,
+            reason: dl_error(),
+        });
+    }
+    Ok(handle)
+}
+
+fn dl_error() -> String {
+    // SAFETY: dlerror returns NULL or a valid C string owned by libdl, read at once.
+    let e = unsafe { libc::dlerror() };
+    if e.is_null() {
+        "unknown error".to_string()
+    } else {
+        // SAFETY: non-null, NUL-terminated, as above.
+        unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Resolve `symbol` in `handle` as a function pointer of type `F`.
+///
+/// # Safety
+/// `F` must be the `unsafe extern "C" fn` type that matches the symbol's C declaration.
+unsafe fn symbol<F: Copy>(
+    handle: *mut c_void,
+    library: &'static str,
+    symbol: &str,
+) -> Result<F, RbdError> {
+    let c_symbol = CString::new(symbol).expect("symbol names have no NUL");
+    // SAFETY: a valid handle from dlopen and a valid C string.
+    let p = unsafe { libc::dlsym(handle, c_symbol.as_ptr()) };
+    if p.is_null() {
+        return Err(RbdError::NoLibrary {
+            library,
+            reason: format!("it has no {symbol}"),
+        });
+    }
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: p is the address of the function the caller vouched `F` describes; function
+    // pointers and data pointers have the same size and representation on Linux.
+    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+}
+
+fn api() -> Result<&'static Api, RbdError> {
+    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    let loaded = API.get_or_init(|| load().map_err(|e| e.to_string()));
+    loaded.as_ref().map_err(|reason| RbdError::NoLibrary {
+        library: "librbd.so.1",
+        reason: reason.clone(),
+    })
+}
+
+fn load() -> Result<Api, RbdError> {
+    const RADOS: &str = "librados.so.2";
+    const RBD: &str = "librbd.so.1";
+    let rados = open_library(RADOS)?;
+    let rbd = open_library(RBD)?;
+    // SAFETY: each type below is the C prototype of its symbol in librados.h / librbd.h
+    // (Ceph 16, and unchanged since the calls were introduced).
+    unsafe {
+        Ok(Api {
+            rados_create: symbol(rados, RADOS, "rados_create")?,
+            rados_conf_read_file: symbol(rados, RADOS, "rados_conf_read_file")?,
+            rados_conf_set: symbol(rados, RADOS, "rados_conf_set")?,
+            rados_connect: symbol(rados, RADOS, "rados_connect")?,
+            rados_shutdown: symbol(rados, RADOS, "rados_shutdown")?,
+            rados_ioctx_create: symbol(rados, RADOS, "rados_ioctx_create")?,
+            rados_ioctx_destroy: symbol(rados, RADOS, "rados_ioctx_destroy")?,
+            rbd_open: symbol(rbd, RBD, "rbd_open")?,
+            rbd_open_read_only: symbol(rbd, RBD, "rbd_open_read_only")?,
+            rbd_close: symbol(rbd, RBD, "rbd_close")?,
+            rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
+        })
+    }
+}
+
+/// A connection to a cluster (librados `rados_t`), shut down on drop.
+struct Cluster {
+    api: &'static Api,
+    handle: RadosT,
+}
+
+impl Cluster {
+    fn connect(options: &CephOptions) -> Result<Cluster, RbdError> {
+        let api = api()?;
+        let id = CString::new(options.id.as_str()).map_err(|_| RbdError::ConnectDenied {
+            id: options.id.clone(),
+        })?;
+        let mut handle: RadosT = std::ptr::null_mut();
+        // SAFETY: a valid out-pointer and C string.
+        let rc = unsafe { (api.rados_create)(&mut handle, id.as_ptr()) };
+        if rc < 0 {
+            return Err(RbdError::Connect {
+                id: options.id.clone(),
+                timeout: options.timeout,
+                errno: -rc,
+            });
+        }
+        // From here on `cluster` shuts the handle down on every return.
+        let cluster = Cluster { api, handle };
+        let conf = options
+            .conf
+            .as_deref()
+            .map(|p| CString::new(p.as_os_str().as_encoded_bytes()))
+            .transpose()
+            .map_err(|_| RbdError::Config {
+                path: options.conf.clone().unwrap_or_default(),
+                errno: libc::EINVAL,
+            })?;
+        // Read the file first and check it exists ourselves: librados reports a missing file
+        // as ENOENT, which reads like a missing pool or image.
+        if let Some(path) = &options.conf {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(RbdError::Config {
+                    path: path.clone(),
+                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                });
+            }
+        }
+        let conf_ptr = conf.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+        // SAFETY: a live handle; NULL means librados's default search path.
+        let rc = unsafe { (api.rados_conf_read_file)(handle, conf_ptr) };
+        if rc < 0 {
+            return Err(RbdError::Config {
+                path: options
+                    .conf
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("(librados's default search path)")),
+                errno: -rc,
+            });
+        }
+        // Bounded waits: a cluster that is not there, or goes away, turns into an error
+        // instead of a hang.
+        let secs = options.timeout.as_secs().max(1).to_string();
+        for option in [
+            "client_mount_timeout",
+            "rados_mon_op_timeout",
+            "rados_osd_op_timeout",
+        ] {
+            cluster.set(option, &secs)?;
+        }
+        // librados's own messages would go to our stderr, beside our one-sentence errors.
+        for option in ["log_to_stderr", "err_to_stderr"] {
+            cluster.set(option, "false")?;
+        }
+        // SAFETY: a live, configured handle.
+        let rc = unsafe { (api.rados_connect)(handle) };
+        match -rc {
+            0 => Ok(cluster),
+            libc::EACCES | libc::EPERM => Err(RbdError::ConnectDenied {
+                id: options.id.clone(),
+            }),
+            errno => Err(RbdError::Connect {
+                id: options.id.clone(),
+                timeout: options.timeout,
+                errno,
+            }),
+        }
+    }
+
+    fn set(&self, option: &'static str, value: &str) -> Result<(), RbdError> {
+        let (o, v) = (
+            CString::new(option).expect("option names have no NUL"),
+            CString::new(value).expect("option values here have no NUL"),
+        );
+        // SAFETY: a live handle and valid C strings.
+        let rc = unsafe { (self.api.rados_conf_set)(self.handle, o.as_ptr(), v.as_ptr()) };
+        if rc < 0 {
+            return Err(RbdError::Option {
+                option,
+                value: value.to_string(),
+                errno: -rc,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from rados_create and is shut down exactly once; every
+        // ioctx and image made from it was dropped first (they borrow the cluster).
+        unsafe { (self.api.rados_shutdown)(self.handle) };
+    }
+}
+
+/// An open RBD image with its pool context and cluster connection, all released on drop.
+pub struct RbdImage {
+    size: u64,
+    image: ImageT,
+    ioctx: IoctxT,
+    // Dropped last (fields drop in order): the image and ioctx must go first.
+    cluster: Cluster,
+}
+
+impl RbdImage {
+    /// Connect to the cluster and open `spec`.
+    pub fn open(
+        spec: &RbdSpec,
+        options: &CephOptions,
+        read_only: bool,
+    ) -> Result<RbdImage, RbdError> {
+        let cluster = Cluster::connect(options)?;
+        let api = cluster.api;
+        let pool = CString::new(spec.pool.as_str()).expect("validated by RbdSpec::parse");
+        let name = CString::new(spec.image.as_str()).expect("validated by RbdSpec::parse");
+        let mut ioctx: IoctxT = std::ptr::null_mut();
+        // SAFETY: a connected cluster, a valid C string and out-pointer.
+        let rc = unsafe { (api.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
+        if rc < 0 {
+            return Err(match -rc {
+                libc::ENOENT => RbdError::NoPool {
+                    pool: spec.pool.clone(),
+                },
+                libc::EACCES | libc::EPERM => RbdError::Denied {
+                    id: options.id.clone(),
+                    spec: spec.clone(),
+                },
+                errno => RbdError::Call {
+                    what: "opening the pool of",
+                    spec: spec.clone(),
+                    errno,
+                },
+            });
+        }
+        let mut image: ImageT = std::ptr::null_mut();
+        let open = if read_only {
+            api.rbd_open_read_only
+        } else {
+            api.rbd_open
+        };
+        // SAFETY: a live ioctx, valid C strings (no snapshot: NULL) and out-pointer.
+        let rc = unsafe { open(ioctx, name.as_ptr(), &mut image, std::ptr::null()) };
+        if rc < 0 {
+            // SAFETY: the ioctx is live and not used again.
+            unsafe { (api.rados_ioctx_destroy)(ioctx) };
+            return Err(match -rc {
+                libc::ENOENT => RbdError::NoImage {
+                    pool: spec.pool.clone(),
+                    image: spec.image.clone(),
+                },
+                libc::EACCES | libc::EPERM => RbdError::Denied {
+                    id: options.id.clone(),
+                    spec: spec.clone(),
+                },
+                errno => RbdError::Call {
+                    what: "opening",
+                    spec: spec.clone(),
+                    errno,
+                },
+            });
+        }
+        let mut rbd = RbdImage {
+            size: 0,
+            image,
+            ioctx,
+            cluster,
+        };
+        let mut size = 0u64;
+        // SAFETY: a live image and a valid out-pointer.
+        let rc = unsafe { (api.rbd_get_size)(rbd.image, &mut size) };
+        if rc < 0 {
+            return Err(RbdError::Call {
+                what: "reading the size of",
+                spec: spec.clone(),
+                errno: -rc,
+            });
+        }
+        rbd.size = size;
+        Ok(rbd)
+    }
+
+    /// Bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+impl Drop for RbdImage {
+    fn drop(&mut self) {
+        let api = self.cluster.api;
+        // SAFETY: both handles are live and released exactly once, image before ioctx,
+        // before the cluster (dropped after this, as the last field).
+        unsafe {
+            (api.rbd_close)(self.image);
+            (api.rados_ioctx_destroy)(self.ioctx);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rbd_targets_are_told_from_paths_and_checked() {
+        assert_eq!(RbdSpec::parse("disk.img").map(|r| r.is_ok()), None);
+        assert_eq!(RbdSpec::parse("/dev/rbd0").map(|r| r.is_ok()), None);
+        let spec = RbdSpec::parse("rbd:pool/image").unwrap().unwrap();
+        assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("pool", "image"));
+        assert_eq!(spec.to_string(), "rbd:pool/image");
+        for bad in [
+            "rbd:",
+            "rbd:pool",
+            "rbd:/image",
+            "rbd:pool/",
+            "rbd:a/b/c",
+            "rbd:p/i@snap",
+        ] {
+            let err = RbdSpec::parse(bad).unwrap().unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("'{bad}' is not an RBD image name: write rbd:POOL/IMAGE")
+            );
+        }
+    }
+}
