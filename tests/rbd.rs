@@ -183,3 +183,32 @@ fn info_describes_an_rbd_image_and_names_every_ceph_failure_in_one_sentence() {
     );
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+/// Without Ceph's libraries (librados hidden behind an empty file in a private mount
+/// namespace; needs root, as the FUSE tests do) an rbd: target is one sentence naming the
+/// package, and nothing else about guardblk changes.
+#[test]
+fn without_the_ceph_libraries_an_rbd_target_names_the_package_to_install() {
+    let hidden = ["librados.so.2", "librbd.so.1"]
+        .iter()
+        .map(|l| format!("mount --bind /dev/null $(readlink -f /usr/lib/x86_64-linux-gnu/{l} || echo /nonexistent) 2>/dev/null;"))
+        .collect::<String>();
+    let out = Command::new("unshare")
+        .args([
+            "-m",
+            "sh",
+            "-c",
+            &format!("{hidden} exec \"$0\" info rbd:pool/image"),
+            BIN,
+        ])
+        .output()
+        .unwrap();
+    assert_one_sentence(
+        &out,
+        "Ceph's client libraries are not installed (librados.so.2: ",
+    );
+    assert_one_sentence(
+        &out,
+        "install librbd1 (apt-get install librbd1) to use rbd: images",
+    );
+}

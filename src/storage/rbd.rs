@@ -79,7 +79,7 @@ pub enum RbdError {
     BadSpec(String),
     #[error(
         "Ceph's client libraries are not installed ({library}: {reason}); install librbd1 \
-         (apt-get install librbd1) to serve rbd: images"
+         (apt-get install librbd1) to use rbd: images"
     )]
     NoLibrary {
         library: &'static str,
@@ -191,15 +191,24 @@ unsafe fn symbol<F: Copy>(
 }
 
 fn api() -> Result<&'static Api, RbdError> {
-    static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    let loaded = API.get_or_init(|| load().map_err(|e| e.to_string()));
-    loaded.as_ref().map_err(|reason| RbdError::NoLibrary {
-        library: "librbd.so.1",
-        reason: reason.clone(),
+    static API: OnceLock<Result<Api, (&'static str, String)>> = OnceLock::new();
+    API.get_or_init(load)
+        .as_ref()
+        .map_err(|(library, reason)| RbdError::NoLibrary {
+            library,
+            reason: reason.clone(),
+        })
+}
+
+/// The API, or which library failed and why.
+fn load() -> Result<Api, (&'static str, String)> {
+    load_api().map_err(|e| match e {
+        RbdError::NoLibrary { library, reason } => (library, reason),
+        other => ("librbd.so.1", other.to_string()),
     })
 }
 
-fn load() -> Result<Api, RbdError> {
+fn load_api() -> Result<Api, RbdError> {
     const RADOS: &str = "librados.so.2";
     const RBD: &str = "librbd.so.1";
     let rados = open_library(RADOS)?;
