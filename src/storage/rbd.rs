@@ -241,8 +241,10 @@ struct Cluster {
 impl Cluster {
     fn connect(options: &CephOptions) -> Result<Cluster, RbdError> {
         let api = api()?;
-        let id = CString::new(options.id.as_str()).map_err(|_| RbdError::ConnectDenied {
+        let id = CString::new(options.id.as_str()).map_err(|_| RbdError::Connect {
             id: options.id.clone(),
+            timeout: options.timeout,
+            errno: libc::EINVAL,
         })?;
         let mut handle: RadosT = std::ptr::null_mut();
         // SAFETY: a valid out-pointer and C string.
@@ -265,8 +267,8 @@ impl Cluster {
                 path: options.conf.clone().unwrap_or_default(),
                 errno: libc::EINVAL,
             })?;
-        // Read the file first and check it exists ourselves: librados reports a missing file
-        // as ENOENT, which reads like a missing pool or image.
+        // Check that the file is there before librados reads it: its own error for a
+        // missing file is a bare ENOENT.
         if let Some(path) = &options.conf {
             if let Err(e) = std::fs::metadata(path) {
                 return Err(RbdError::Config {
