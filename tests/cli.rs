@@ -19,19 +19,6 @@ fn serve(image: &Path, socket: &Path, extra: &[&str]) -> Output {
     guardblk(&[&base[..], extra].concat())
 }
 
-/// The command failed with exactly one line on stderr, containing `needle`.
-fn assert_one_sentence(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "command succeeded; stderr: {stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "expected one line, got:\n{stderr}"
-    );
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-}
-
 #[test]
 fn help_describes_every_subcommand() {
     let out = guardblk(&["--help"]);

@@ -92,18 +92,6 @@ fn info(target: &str, conf: &Path, extra: &[&str]) -> Output {
     guardblk(&[&base[..], extra].concat())
 }
 
-/// Failed with one line on stderr containing `needle`, and nothing else said.
-fn assert_one_sentence(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "command succeeded; stderr: {stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "expected one line, got:\n{stderr}"
-    );
-    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
-}
-
 #[test]
 fn info_describes_an_rbd_image_and_names_every_ceph_failure_in_one_sentence() {
     let cluster = Cluster::start();

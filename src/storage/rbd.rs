@@ -368,20 +368,16 @@ impl RbdImage {
         // SAFETY: a connected cluster, a valid C string and out-pointer.
         let rc = unsafe { (api.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
         if rc < 0 {
-            return Err(match -rc {
-                libc::ENOENT => RbdError::NoPool {
-                    pool: spec.pool.clone(),
-                },
-                libc::EACCES | libc::EPERM => RbdError::Denied {
-                    id: options.id.clone(),
-                    spec: spec.clone(),
-                },
-                errno => RbdError::Call {
-                    what: "opening the pool of",
-                    spec: spec.clone(),
-                    errno,
-                },
-            });
+            let missing = RbdError::NoPool {
+                pool: spec.pool.clone(),
+            };
+            return Err(open_error(
+                -rc,
+                missing,
+                "opening the pool of",
+                spec,
+                options,
+            ));
         }
         let mut image: ImageT = std::ptr::null_mut();
         let open = if read_only {
@@ -394,21 +390,11 @@ impl RbdImage {
         if rc < 0 {
             // SAFETY: the ioctx is live and not used again.
             unsafe { (api.rados_ioctx_destroy)(ioctx) };
-            return Err(match -rc {
-                libc::ENOENT => RbdError::NoImage {
-                    pool: spec.pool.clone(),
-                    image: spec.image.clone(),
-                },
-                libc::EACCES | libc::EPERM => RbdError::Denied {
-                    id: options.id.clone(),
-                    spec: spec.clone(),
-                },
-                errno => RbdError::Call {
-                    what: "opening",
-                    spec: spec.clone(),
-                    errno,
-                },
-            });
+            let missing = RbdError::NoImage {
+                pool: spec.pool.clone(),
+                image: spec.image.clone(),
+            };
+            return Err(open_error(-rc, missing, "opening", spec, options));
         }
         let mut rbd = RbdImage {
             size: 0,
@@ -433,6 +419,29 @@ impl RbdImage {
     /// Bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+}
+
+/// What a failed open of the pool or the image means: `missing` for ENOENT, a permission
+/// error, or the call's own errno.
+fn open_error(
+    errno: i32,
+    missing: RbdError,
+    what: &'static str,
+    spec: &RbdSpec,
+    options: &CephOptions,
+) -> RbdError {
+    match errno {
+        libc::ENOENT => missing,
+        libc::EACCES | libc::EPERM => RbdError::Denied {
+            id: options.id.clone(),
+            spec: spec.clone(),
+        },
+        errno => RbdError::Call {
+            what,
+            spec: spec.clone(),
+            errno,
+        },
     }
 }
 
