@@ -97,7 +97,7 @@ pub fn read_upto(image: &Image, buf: &mut [u8], offset: u64) -> io::Result<()> {
     while done < valid {
         // Read aligned pieces; the final one may be short at the end of the image.
         let piece = &mut window.as_mut_slice()[done..];
-        match std::os::unix::fs::FileExt::read_at(image_file(image), piece, start + done as u64) {
+        match image.read_some_at(piece, start + done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -107,10 +107,6 @@ pub fn read_upto(image: &Image, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let skip = (offset - start) as usize;
     buf.copy_from_slice(&window.as_slice()[skip..skip + buf.len()]);
     Ok(())
-}
-
-fn image_file(image: &Image) -> &std::fs::File {
-    image.file()
 }
 
 /// Whether every byte is zero (word at a time; the compiler vectorises the loop).

@@ -8,11 +8,14 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use super::image::Backing;
 use super::inline::InlineEngine;
 #[cfg(test)]
 use super::op::OpKind;
 use super::op::{Completion, Op};
+use super::rbd::engine::RbdEngine;
 use super::uring::UringEngine;
+use super::Image;
 
 /// How a queue's storage operations reach the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +27,8 @@ pub enum EngineKind {
     /// operation to a kernel worker thread that does the same copy; doing it here saves two
     /// context switches per operation.
     Inline,
+    /// librbd's asynchronous calls, for `rbd:` images (the only engine they have).
+    Rbd,
 }
 
 impl std::fmt::Display for EngineKind {
@@ -31,6 +36,7 @@ impl std::fmt::Display for EngineKind {
         f.write_str(match self {
             EngineKind::IoUring => "io_uring",
             EngineKind::Inline => "inline",
+            EngineKind::Rbd => "librbd",
         })
     }
 }
@@ -47,6 +53,7 @@ pub enum EngineChoice {
 pub enum Engine {
     Uring(Box<UringEngine>),
     Inline(InlineEngine),
+    Rbd(RbdEngine),
     /// Tests: the inline engine on a target that lacks features or fails; see [`Faulty`].
     #[cfg(test)]
     Faulty(Faulty),
@@ -63,6 +70,24 @@ pub struct Faulty {
 }
 
 impl Engine {
+    /// An engine of `kind` for `image` with room for `depth` operations in flight. A kind
+    /// the image cannot use (io_uring for an `rbd:` image, librbd for a file) is refused
+    /// with EINVAL; [`Image::engine_for`] never picks one.
+    pub fn for_image(kind: EngineKind, image: &Image, depth: u32) -> io::Result<Engine> {
+        match (image.backing(), kind) {
+            (Backing::File(file), EngineKind::IoUring | EngineKind::Inline) => {
+                Engine::new(kind, file.fd(), depth, image.submission_may_block())
+            }
+            (Backing::Rbd(rbd), EngineKind::Rbd) => {
+                Ok(Engine::Rbd(RbdEngine::new(std::sync::Arc::clone(rbd))?))
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the {kind} engine cannot serve {}", image.name()),
+            )),
+        }
+    }
+
     /// An engine of `kind` with room for `depth` operations in flight against `image_fd`;
     /// `force_async` for targets whose I/O would block the submitting thread.
     pub fn new(
@@ -76,6 +101,12 @@ impl Engine {
                 Engine::Uring(Box::new(UringEngine::new(image_fd, depth, force_async)?))
             }
             EngineKind::Inline => Engine::Inline(InlineEngine::new(image_fd)),
+            EngineKind::Rbd => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the librbd engine serves rbd: images, not file descriptors",
+                ))
+            }
         })
     }
 
@@ -95,6 +126,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => Some(e.completion_fd()),
             Engine::Inline(_) => None,
+            Engine::Rbd(e) => Some(e.completion_fd()),
             #[cfg(test)]
             Engine::Faulty(_) => None,
         }
@@ -107,6 +139,7 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.in_flight(),
             Engine::Inline(e) => e.in_flight(),
+            Engine::Rbd(e) => e.in_flight(),
             #[cfg(test)]
             Engine::Faulty(f) => f.inner.in_flight() + f.refused.len(),
         }
@@ -117,6 +150,10 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.queue(op),
             Engine::Inline(e) => {
+                e.queue(op);
+                Ok(())
+            }
+            Engine::Rbd(e) => {
                 e.queue(op);
                 Ok(())
             }
@@ -146,6 +183,8 @@ impl Engine {
                 e.run_queued();
                 Ok(())
             }
+            // Operations started when queued.
+            Engine::Rbd(_) => Ok(()),
             #[cfg(test)]
             Engine::Faulty(f) => {
                 f.inner.run_queued();
@@ -162,6 +201,7 @@ impl Engine {
                 e.run_queued();
                 Ok(())
             }
+            Engine::Rbd(e) => e.wait_for_completion(),
             #[cfg(test)]
             Engine::Faulty(f) => {
                 f.inner.run_queued();
@@ -175,6 +215,10 @@ impl Engine {
         match self {
             Engine::Uring(e) => e.reap(out),
             Engine::Inline(e) => {
+                e.reap(out);
+                Ok(())
+            }
+            Engine::Rbd(e) => {
                 e.reap(out);
                 Ok(())
             }

@@ -1,16 +1,20 @@
-//! The disk image: a raw file (or block device) the daemon serves, opened for direct I/O.
+//! The disk image the daemon serves: a raw file or block device (opened for direct I/O), or
+//! a Ceph RBD image ([`super::rbd`]).
 //!
-//! Owns opening, creating, sizing and locking the image. Knows nothing about virtio or
-//! requests; the I/O itself goes through [`super::engine`].
+//! Owns opening, creating, sizing and locking the image, and synchronous I/O for tools.
+//! Knows nothing about virtio or requests; the data path's I/O goes through
+//! [`super::engine`], which asks [`Image::backing`] which engines can reach it.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use thiserror::Error;
 
+use super::rbd::{CephOptions, RbdError, RbdImage, RbdSpec};
 use super::{files, AlignedBuf, EngineChoice, EngineKind};
 
 /// The unit all virtio-blk offsets are expressed in.
@@ -36,6 +40,8 @@ pub enum ImageError {
     Create { path: PathBuf, source: io::Error },
     #[error("image size {size} is not a positive multiple of 512 bytes")]
     BadSize { size: u64 },
+    #[error(transparent)]
+    Rbd(#[from] RbdError),
 }
 
 /// Alignment the kernel demands of O_DIRECT buffers and file offsets on this image.
@@ -58,15 +64,36 @@ const V9FS_MAGIC: i64 = 0x0102_1997;
 /// An open disk image shared (read-only after opening) by every queue.
 #[derive(Debug)]
 pub struct Image {
+    /// What the operator named: a file or device path, or `rbd:POOL/IMAGE`.
     path: PathBuf,
-    file: File,
-    /// Holds the exclusive flock that says "this image is being served" (see `open`).
-    lock: File,
     size: u64,
     read_only: bool,
+    backing: Backing,
+}
+
+/// Where the image's bytes live.
+#[derive(Debug)]
+pub enum Backing {
+    File(FileImage),
+    /// Shared by every queue's engine: one librbd handle, so one exclusive-lock owner.
+    Rbd(Arc<RbdImage>),
+}
+
+/// A raw image file or block device.
+#[derive(Debug)]
+pub struct FileImage {
+    file: File,
+    /// Holds the exclusive flock that says "this image is being served" (see `Image::open`).
+    lock: File,
     /// `None` when the host filesystem refused O_DIRECT and the image is served buffered.
     direct_io: Option<DirectIoAlignment>,
     block_device: bool,
+}
+
+impl FileImage {
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
 }
 
 impl Image {
@@ -170,15 +197,60 @@ impl Image {
         let direct_io = direct.then(|| direct_io_alignment(&file));
         Ok(Image {
             path: path.into(),
-            file,
-            lock,
             size,
             read_only,
-            direct_io,
-            block_device,
+            backing: Backing::File(FileImage {
+                file,
+                lock,
+                direct_io,
+                block_device,
+            }),
         })
     }
 
+    /// Connect to the cluster and open the RBD image `spec` for serving or for tools.
+    pub fn open_rbd(
+        spec: &RbdSpec,
+        options: &CephOptions,
+        read_only: bool,
+    ) -> Result<Image, ImageError> {
+        let rbd = RbdImage::open(spec, options, read_only)?;
+        let path = PathBuf::from(spec.to_string());
+        let size = rbd.size();
+        if size == 0 {
+            return Err(ImageError::Empty { path });
+        }
+        if size % SECTOR_SIZE != 0 {
+            return Err(ImageError::NotSectorMultiple { path, size });
+        }
+        Ok(Image {
+            path,
+            size,
+            read_only,
+            backing: Backing::Rbd(Arc::new(rbd)),
+        })
+    }
+
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The file image, if this is one.
+    fn file_image(&self) -> Option<&FileImage> {
+        match &self.backing {
+            Backing::File(f) => Some(f),
+            Backing::Rbd(_) => None,
+        }
+    }
+
+    /// How to name the image to the operator: its path, or `rbd:POOL/IMAGE`.
+    pub fn name(&self) -> std::path::Display<'_> {
+        self.path.display()
+    }
+
+    /// The path the operator named. For an `rbd:` image this is its name, not a local
+    /// file: the PI metadata, journal and statistics beside a file image have no place
+    /// beside it, and the commands that use them refuse `rbd:` images before they get here.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -195,28 +267,52 @@ impl Image {
         self.read_only
     }
 
+    /// `None` for images served through the page cache, and for `rbd:` images (librbd
+    /// takes any buffer and offset).
     pub fn direct_io(&self) -> Option<DirectIoAlignment> {
-        self.direct_io
+        self.file_image().and_then(|f| f.direct_io)
     }
 
     pub fn is_block_device(&self) -> bool {
-        self.block_device
+        self.file_image().is_some_and(|f| f.block_device)
     }
 
     /// Read exactly `buf.len()` bytes at `offset`, synchronously (tools and slow paths; the
     /// data path uses the engines). Under O_DIRECT, `buf` and `offset` must be aligned.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::read_exact_at(&self.file, buf, offset)
+        match &self.backing {
+            Backing::File(f) => std::os::unix::fs::FileExt::read_exact_at(&f.file, buf, offset),
+            Backing::Rbd(rbd) => rbd.read_at(buf, offset),
+        }
+    }
+
+    /// Read up to `buf.len()` bytes at `offset`; fewer (0 at the end) only at the end of
+    /// the image.
+    pub fn read_some_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match &self.backing {
+            Backing::File(f) => std::os::unix::fs::FileExt::read_at(&f.file, buf, offset),
+            Backing::Rbd(rbd) => {
+                let n = buf.len().min(self.size.saturating_sub(offset) as usize);
+                rbd.read_at(&mut buf[..n], offset)?;
+                Ok(n)
+            }
+        }
     }
 
     /// Write all of `buf` at `offset`, synchronously; same alignment rules as `read_at`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.file, buf, offset)
+        match &self.backing {
+            Backing::File(f) => std::os::unix::fs::FileExt::write_all_at(&f.file, buf, offset),
+            Backing::Rbd(rbd) => rbd.write_at(buf, offset),
+        }
     }
 
-    /// fdatasync the image.
+    /// Make completed writes durable: fdatasync a file, flush an RBD image.
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        match &self.backing {
+            Backing::File(f) => f.file.sync_data(),
+            Backing::Rbd(rbd) => rbd.flush(),
+        }
     }
 
     /// Start of the next allocated extent at or after `offset` (`None`: only a hole follows).
@@ -234,7 +330,15 @@ impl Image {
         if offset >= self.size {
             return None;
         }
-        if self.block_device {
+        let Some(f) = self.file_image() else {
+            // RBD: everything counts as data (reading a hole costs the cluster little).
+            return Some(if whence == libc::SEEK_DATA {
+                offset
+            } else {
+                self.size
+            });
+        };
+        if f.block_device {
             return Some(if whence == libc::SEEK_DATA {
                 offset
             } else {
@@ -243,7 +347,7 @@ impl Image {
         }
         // SAFETY: lseek on a valid descriptor; the data path never uses the file position
         // (it uses positioned I/O only), so moving it is harmless.
-        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), offset as libc::off_t, whence) };
+        let rc = unsafe { libc::lseek(f.fd(), offset as libc::off_t, whence) };
         if rc < 0 {
             return match io::Error::last_os_error().raw_os_error() {
                 Some(libc::ENXIO) => None,
@@ -261,14 +365,16 @@ impl Image {
     /// Without it io_uring hands every operation to a worker thread, so the inline engine
     /// is faster (see `storage::inline`).
     pub fn supports_nonblocking_io(&self) -> bool {
-        let mut probe =
-            AlignedBuf::zeroed(self.direct_io.map_or(SECTOR_SIZE, |a| a.offset) as usize);
+        let Some(f) = self.file_image() else {
+            return false;
+        };
+        let mut probe = AlignedBuf::zeroed(f.direct_io.map_or(SECTOR_SIZE, |a| a.offset) as usize);
         let iov = libc::iovec {
             iov_base: probe.as_mut_ptr() as *mut libc::c_void,
             iov_len: probe.len(),
         };
         // SAFETY: one iovec over our own buffer, valid for its length during the call.
-        let rc = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
+        let rc = unsafe { libc::preadv2(f.fd(), &iov, 1, 0, libc::RWF_NOWAIT) };
         rc >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
     }
 
@@ -276,11 +382,18 @@ impl Image {
     /// (tmpfs and ramfs, FUSE, network filesystems, or no O_DIRECT at all: the page cache)
     /// rather than moving it from the caller's buffer by DMA. Decides whether a zero-copy PI
     /// write can save a copy at all (`requests::policy`).
+    ///
+    /// librbd copies a write into its messages before sending it (`rbd_disable_zero_copy_writes`
+    /// is on by default, so that a buffer changing in flight cannot break the messenger's CRC),
+    /// so `rbd:` images count as copying.
     pub fn kernel_copies_data(&self) -> bool {
+        if self.file_image().is_none() {
+            return true;
+        }
         if self.is_block_device() {
             return false; // the node sits on devtmpfs; the device itself DMAs
         }
-        if self.direct_io.is_none() {
+        if self.direct_io().is_none() {
             return true;
         }
         // Filesystem magics (linux/magic.h) whose "direct" I/O is a copy by the kernel.
@@ -313,17 +426,22 @@ impl Image {
 
     /// The magic number of the filesystem holding the image (statfs f_type).
     fn fs_magic(&self) -> Option<i64> {
+        let f = self.file_image()?;
         // SAFETY: statfs is plain data; fstatfs fills it for our open descriptor.
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: as above; the struct outlives the call.
-        if unsafe { libc::fstatfs(self.file.as_raw_fd(), &mut st) } != 0 {
+        if unsafe { libc::fstatfs(f.fd(), &mut st) } != 0 {
             return None;
         }
         Some(st.f_type as i64)
     }
 
-    /// The engine to use for this image when the operator chose `choice`.
+    /// The engine to use for this image when the operator chose `choice` (which the command
+    /// line only lets name io_uring or inline for files; librbd is all `rbd:` images have).
     pub fn engine_for(&self, choice: EngineChoice) -> EngineKind {
+        if self.file_image().is_none() {
+            return EngineKind::Rbd;
+        }
         match choice {
             EngineChoice::Auto => self.preferred_engine(),
             EngineChoice::Fixed(kind) => kind,
@@ -341,22 +459,20 @@ impl Image {
 
     /// Drop the image lock now, at the end of a clean shutdown, rather than at exit.
     pub fn release_lock(&self) {
-        files::unlock(&self.lock);
+        if let Some(f) = self.file_image() {
+            files::unlock(&f.lock);
+        }
     }
 
-    /// The open image, for synchronous positioned I/O by tools.
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    /// The image file's descriptor; `None` for an `rbd:` image.
+    pub fn fd(&self) -> Option<RawFd> {
+        self.file_image().map(FileImage::fd)
     }
 
     /// Whether a transfer with these buffers at this offset can go to the kernel as is.
     /// Buffered images accept anything; O_DIRECT ones need aligned addresses and lengths.
     pub fn accepts_direct(&self, offset: u64, buffers: &[libc::iovec]) -> bool {
-        let Some(align) = self.direct_io else {
+        let Some(align) = self.direct_io() else {
             return true;
         };
         offset.is_multiple_of(align.offset)

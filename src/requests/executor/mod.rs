@@ -250,12 +250,7 @@ impl Executor {
         } = protection;
         // Two ops per request covers write + sync; range requests with more segments wait for
         // submission-queue room inside the engine.
-        let engine = Engine::new(
-            engine,
-            image.fd(),
-            u32::from(queue_size) * 2,
-            image.submission_may_block(),
-        )?;
+        let engine = Engine::for_image(engine, &image, u32::from(queue_size) * 2)?;
         let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);

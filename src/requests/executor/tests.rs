@@ -284,7 +284,7 @@ fn write_zeroes_of_the_largest_advertised_segment_succeeds_where_only_writing_ze
         ..limits(4096)
     };
     let mut r = rig_of(EngineKind::Inline, true, image_bytes, limits);
-    r.exec.engine = Engine::Faulty(Engine::without_fallocate(r.image.fd()));
+    r.exec.engine = Engine::Faulty(Engine::without_fallocate(r.image.fd().unwrap()));
     let sector = |byte: u64| byte / 512;
     // Data to zero: blocks early, past the first 1 GiB and at the very end of the segment,
     // and a second, small segment; and a neighbour right after the big one that must stay.
@@ -361,7 +361,7 @@ fn a_zeroing_that_fails_part_way_leaves_no_false_guard_error() {
         assert_eq!(status, VIRTIO_BLK_S_OK);
     }
     let old = r.fill_guest(4096, 0x77);
-    let mut faulty = Engine::without_fallocate(r.image.fd());
+    let mut faulty = Engine::without_fallocate(r.image.fd().unwrap());
     faulty.fail_writes_from = GIB;
     r.exec.engine = Engine::Faulty(faulty);
 

@@ -8,15 +8,25 @@
 //! none has the vectored asynchronous calls, one has an unsound read), so the few C calls are
 //! declared here.
 //!
-//! What this module offers so far: naming an image (`rbd:POOL/IMAGE`), connecting with a
-//! configuration file and client id and bounded time-outs, opening an image and reading its
-//! size. Errors from Ceph become [`RbdError`]s that say what failed and where.
+//! Naming an image (`rbd:POOL/IMAGE`), connecting with a configuration file, a client id and
+//! bounded time-outs, opening an image, and synchronous I/O for tools. The data path's
+//! asynchronous I/O is [`engine`]. Errors from Ceph become [`RbdError`]s that say what failed
+//! and where.
+//!
+//! librbd's own cache is switched off (`rbd_cache=false`, as QEMU does for `cache.direct=on`):
+//! a write the guest sees completed is on the OSDs, a flush has nothing of ours to write
+//! back, and a read returns what the cluster holds, which is what PI verifies.
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+mod api;
+pub mod engine;
+
+use std::ffi::{c_char, CString};
 use std::fmt;
+use std::io;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
+
+use api::{api, Api, ImageT, IoctxT, RadosT};
 
 /// An `rbd:POOL/IMAGE` target as the command line names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,118 +130,6 @@ fn errno_text(errno: i32) -> String {
     std::io::Error::from_raw_os_error(errno).to_string()
 }
 
-type RadosT = *mut c_void;
-type IoctxT = *mut c_void;
-type ImageT = *mut c_void;
-
-/// The C calls used, resolved once from the two libraries.
-struct Api {
-    rados_create: unsafe extern "C" fn(*mut RadosT, *const c_char) -> c_int,
-    rados_conf_read_file: unsafe extern "C" fn(RadosT, *const c_char) -> c_int,
-    rados_conf_set: unsafe extern "C" fn(RadosT, *const c_char, *const c_char) -> c_int,
-    rados_connect: unsafe extern "C" fn(RadosT) -> c_int,
-    rados_shutdown: unsafe extern "C" fn(RadosT),
-    rados_ioctx_create: unsafe extern "C" fn(RadosT, *const c_char, *mut IoctxT) -> c_int,
-    rados_ioctx_destroy: unsafe extern "C" fn(IoctxT),
-    rbd_open: unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
-    rbd_open_read_only:
-        unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
-    rbd_close: unsafe extern "C" fn(ImageT) -> c_int,
-    rbd_get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
-}
-
-/// Open `name` with dlopen, keeping it loaded for the life of the process.
-fn open_library(name: &'static str) -> Result<*mut c_void, RbdError> {
-    let c_name = CString::new(name).expect("library names have no NUL");
-    // SAFETY: dlopen with a valid C string; the handle is never closed, so symbols resolved
-    // from it stay valid for the process's lifetime.
-    let handle = unsafe { libc::dlopen(c_name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    if handle.is_null() {
-        return Err(RbdError::NoLibrary {
-            library: name,
-            reason: dl_error(),
-        });
-    }
-    Ok(handle)
-}
-
-fn dl_error() -> String {
-    // SAFETY: dlerror returns NULL or a valid C string owned by libdl, read at once.
-    let e = unsafe { libc::dlerror() };
-    if e.is_null() {
-        "unknown error".to_string()
-    } else {
-        // SAFETY: non-null, NUL-terminated, as above.
-        unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
-    }
-}
-
-/// Resolve `symbol` in `handle` as a function pointer of type `F`.
-///
-/// # Safety
-/// `F` must be the `unsafe extern "C" fn` type that matches the symbol's C declaration.
-unsafe fn symbol<F: Copy>(
-    handle: *mut c_void,
-    library: &'static str,
-    symbol: &str,
-) -> Result<F, RbdError> {
-    let c_symbol = CString::new(symbol).expect("symbol names have no NUL");
-    // SAFETY: a valid handle from dlopen and a valid C string.
-    let p = unsafe { libc::dlsym(handle, c_symbol.as_ptr()) };
-    if p.is_null() {
-        return Err(RbdError::NoLibrary {
-            library,
-            reason: format!("it has no {symbol}"),
-        });
-    }
-    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
-    // SAFETY: p is the address of the function the caller vouched `F` describes; function
-    // pointers and data pointers have the same size and representation on Linux.
-    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
-}
-
-fn api() -> Result<&'static Api, RbdError> {
-    static API: OnceLock<Result<Api, (&'static str, String)>> = OnceLock::new();
-    API.get_or_init(load)
-        .as_ref()
-        .map_err(|(library, reason)| RbdError::NoLibrary {
-            library,
-            reason: reason.clone(),
-        })
-}
-
-/// The API, or which library failed and why.
-fn load() -> Result<Api, (&'static str, String)> {
-    load_api().map_err(|e| match e {
-        RbdError::NoLibrary { library, reason } => (library, reason),
-        other => ("librbd.so.1", other.to_string()),
-    })
-}
-
-fn load_api() -> Result<Api, RbdError> {
-    const RADOS: &str = "librados.so.2";
-    const RBD: &str = "librbd.so.1";
-    let rados = open_library(RADOS)?;
-    let rbd = open_library(RBD)?;
-    // SAFETY: each type below is the C prototype of its symbol in librados.h / librbd.h
-    // (Ceph 16, and unchanged since the calls were introduced).
-    unsafe {
-        Ok(Api {
-            rados_create: symbol(rados, RADOS, "rados_create")?,
-            rados_conf_read_file: symbol(rados, RADOS, "rados_conf_read_file")?,
-            rados_conf_set: symbol(rados, RADOS, "rados_conf_set")?,
-            rados_connect: symbol(rados, RADOS, "rados_connect")?,
-            rados_shutdown: symbol(rados, RADOS, "rados_shutdown")?,
-            rados_ioctx_create: symbol(rados, RADOS, "rados_ioctx_create")?,
-            rados_ioctx_destroy: symbol(rados, RADOS, "rados_ioctx_destroy")?,
-            rbd_open: symbol(rbd, RBD, "rbd_open")?,
-            rbd_open_read_only: symbol(rbd, RBD, "rbd_open_read_only")?,
-            rbd_close: symbol(rbd, RBD, "rbd_close")?,
-            rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
-        })
-    }
-}
-
 /// A connection to a cluster (librados `rados_t`), shut down on drop.
 struct Cluster {
     api: &'static Api,
@@ -300,7 +198,8 @@ impl Cluster {
             cluster.set(option, &secs)?;
         }
         // librados's own messages would go to our stderr, beside our one-sentence errors.
-        for option in ["log_to_stderr", "err_to_stderr"] {
+        // No librbd cache: see the module comment.
+        for option in ["log_to_stderr", "err_to_stderr", "rbd_cache"] {
             cluster.set(option, "false")?;
         }
         // SAFETY: a live, configured handle.
@@ -346,12 +245,21 @@ impl Drop for Cluster {
 
 /// An open RBD image with its pool context and cluster connection, all released on drop.
 pub struct RbdImage {
+    spec: RbdSpec,
     size: u64,
     image: ImageT,
     ioctx: IoctxT,
     // Dropped last (fields drop in order): the image and ioctx must go first.
     cluster: Cluster,
 }
+
+// SAFETY: librbd image handles are thread-safe: any thread may issue synchronous or
+// asynchronous operations on one concurrently (librbd serialises internally; QEMU and SPDK
+// share one handle between threads the same way). The handles are only closed in Drop,
+// when no other reference exists.
+unsafe impl Send for RbdImage {}
+// SAFETY: as above.
+unsafe impl Sync for RbdImage {}
 
 impl RbdImage {
     /// Connect to the cluster and open `spec`.
@@ -397,6 +305,7 @@ impl RbdImage {
             return Err(open_error(-rc, missing, "opening", spec, options));
         }
         let mut rbd = RbdImage {
+            spec: spec.clone(),
             size: 0,
             image,
             ioctx,
@@ -419,6 +328,83 @@ impl RbdImage {
     /// Bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    pub fn spec(&self) -> &RbdSpec {
+        &self.spec
+    }
+
+    fn api(&self) -> &'static Api {
+        self.cluster.api
+    }
+
+    /// Read exactly `buf.len()` bytes at `offset`, synchronously (tools; the data path uses
+    /// [`engine::RbdEngine`]).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let piece = &mut buf[done..];
+            // SAFETY: a live image; librbd writes at most piece.len() bytes into piece.
+            let rc = unsafe {
+                (self.api().rbd_read2)(
+                    self.image,
+                    offset + done as u64,
+                    piece.len(),
+                    piece.as_mut_ptr() as *mut c_char,
+                    0,
+                )
+            };
+            match rc {
+                rc if rc < 0 => return Err(io::Error::from_raw_os_error(-rc as i32)),
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Write all of `buf` at `offset`, synchronously.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let piece = &buf[done..];
+            // SAFETY: a live image; librbd reads piece.len() bytes from piece.
+            let rc = unsafe {
+                (self.api().rbd_write2)(
+                    self.image,
+                    offset + done as u64,
+                    piece.len(),
+                    piece.as_ptr() as *const c_char,
+                    0,
+                )
+            };
+            match rc {
+                rc if rc < 0 => return Err(io::Error::from_raw_os_error(-rc as i32)),
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => done += n as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every completed write durable (nothing is cached here; see the module comment,
+    /// but an image opened by other means may be).
+    pub fn flush(&self) -> io::Result<()> {
+        // SAFETY: a live image.
+        let rc = unsafe { (self.api().rbd_flush)(self.image) };
+        if rc < 0 {
+            return Err(io::Error::from_raw_os_error(-rc));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RbdImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RbdImage")
+            .field("spec", &self.spec)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
     }
 }
 
