@@ -13,6 +13,7 @@ use crate::protocol::DeviceSettings;
 use crate::requests::parse::VIRTIO_BLK_ID_BYTES;
 use crate::requests::policy::AutoPath;
 use crate::requests::WritePolicy;
+use crate::storage::rbd::RbdSpec;
 use crate::storage::{EngineChoice, EngineKind};
 
 /// Size of the image `guardblk serve` creates when given no IMAGE.
@@ -326,7 +327,8 @@ pub enum IoEngine {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Raw disk image (file or block device) to serve. If omitted, ./guardblk-default.img is
+    /// Raw disk image (file or block device) to serve, or a Ceph RBD image as rbd:POOL/IMAGE
+    /// (see --ceph-conf; served without PI for now). If omitted, ./guardblk-default.img is
     /// created if missing (8 GiB, sparse, type1 PI with 4096-byte intervals, like `create`) and
     /// served.
     pub image: Option<PathBuf>,
@@ -395,6 +397,8 @@ pub struct ServeArgs {
     /// (what `guardblk info` shows), none for an image without PI.
     #[arg(long, value_name = "PATH")]
     pub stats_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -434,6 +438,12 @@ pub enum CliError {
     UncheckedBounce,
     #[error("--auto-path only applies to --bounce auto")]
     AutoPathWithoutAuto,
+    #[error("--io-engine {0} does not apply to rbd: images, which are served through librbd")]
+    RbdEngine(&'static str),
+    #[error("--pi-meta does not apply to rbd: images: guardblk serves them without PI for now")]
+    RbdPiMeta,
+    #[error("'{0}' is not an RBD image name: write rbd:POOL/IMAGE")]
+    BadRbdName(String),
 }
 
 /// "8G" → 8 GiB. Suffixes K, M, G, T (optionally followed by "iB" or "B") are powers of 1024.
@@ -477,8 +487,31 @@ impl ServeArgs {
 
     /// What to serve and how, validated.
     pub fn to_request(&self) -> Result<ServeRequest, CliError> {
+        let rbd = self
+            .image
+            .as_deref()
+            .and_then(|image| image.to_str())
+            .and_then(|text| {
+                Some(RbdSpec::parse(text)?.map_err(|_| CliError::BadRbdName(text.into())))
+            })
+            .transpose()?;
+        if rbd.is_some() {
+            match self.io_engine {
+                IoEngine::Auto => {}
+                IoEngine::IoUring => return Err(CliError::RbdEngine("io-uring")),
+                IoEngine::Inline => return Err(CliError::RbdEngine("inline")),
+            }
+            if self.pi_meta.is_some() {
+                return Err(CliError::RbdPiMeta);
+            }
+        }
         Ok(ServeRequest {
-            image_path: self.image_path(),
+            image_path: match &rbd {
+                Some(spec) => PathBuf::from(spec.to_string()),
+                None => self.image_path(),
+            },
+            rbd,
+            ceph: self.ceph.options(),
             default_image: self.image.is_none(),
             pi_meta: self.pi_meta.clone(),
             read_only: self.read_only,

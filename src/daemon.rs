@@ -226,7 +226,12 @@ fn bind_socket(path: &Path, mode: u32) -> Result<(UnixListener, SocketFile), Dae
 
 /// Block SIGINT/SIGTERM in every thread and turn them into a write to `shutdown`.
 /// Must run before any other thread is spawned so they all inherit the mask.
-fn spawn_signal_thread(shutdown: Arc<EventFd>) -> Result<(), DaemonError> {
+/// Block SIGINT and SIGTERM in the calling thread and every thread it starts from now on,
+/// so that only the signal thread (which waits for them) receives them. Call it before
+/// anything starts threads of its own: librados starts a dozen when it connects, and a
+/// signal delivered to one of those would kill the daemon on the spot instead of shutting
+/// it down.
+pub fn block_shutdown_signals() -> Result<libc::sigset_t, DaemonError> {
     // SAFETY: sigset manipulation on a local, zero-initialised sigset_t.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -240,6 +245,11 @@ fn spawn_signal_thread(shutdown: Arc<EventFd>) -> Result<(), DaemonError> {
     if rc != 0 {
         return Err(DaemonError::Signals(io::Error::from_raw_os_error(rc)));
     }
+    Ok(set)
+}
+
+fn spawn_signal_thread(shutdown: Arc<EventFd>) -> Result<(), DaemonError> {
+    let set = block_shutdown_signals()?;
     thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {

@@ -45,20 +45,19 @@ fn out(text: &str) {
     let _ = writeln!(stdout, "{text}");
 }
 
-/// The commands other than `info` do not take RBD images yet: say so, instead of looking for
-/// a file named "rbd:...".
+/// The commands other than `info` and `serve` do not take RBD images yet: say so, instead of
+/// looking for a file named "rbd:...".
 fn refuse_rbd(command: &Command) -> Result<(), ToolError> {
     let (verb, image) = match command {
         Command::Create(a) => ("create", Some(&a.image)),
         Command::Import(a) => ("import", Some(&a.image)),
         Command::Scrub(a) => ("scrub", Some(&a.image)),
         Command::Inject(a) => ("inject", Some(&a.image)),
-        Command::Serve(a) => ("serve", a.image.as_ref()),
         _ => ("", None),
     };
     match image {
         Some(image) if commands::is_rbd_target(image) => Err(ToolError::Refused(format!(
-            "guardblk {verb} does not take Ceph RBD images yet ({}); `guardblk info` does",
+            "guardblk {verb} does not take Ceph RBD images yet ({}); `guardblk info` and `guardblk serve` do",
             image.display()
         ))),
         _ => Ok(()),

@@ -6,9 +6,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use blkio::ReqFlags;
 use common::*;
+
+const MIB: u64 = 1 << 20;
 
 /// A running test cluster, stopped and removed on drop.
 struct Cluster {
@@ -31,8 +35,13 @@ impl Cluster {
         }
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("cluster");
-        // A port of its own, so a developer's cluster on the default port is left alone.
-        let port = 27000 + (std::process::id() % 20) * 100;
+        // A port of its own, so a developer's cluster on the default port is left alone, and
+        // one per cluster, so this file's tests can run at once.
+        static STARTED: AtomicU32 = AtomicU32::new(0);
+        // Each cluster takes 100 ports (see cluster.sh).
+        let port = 20000
+            + (std::process::id() % 100) * 400
+            + STARTED.fetch_add(1, Ordering::Relaxed) % 4 * 100;
         let out = Command::new("bash")
             .arg(script())
             .arg("start")
@@ -69,6 +78,23 @@ impl Cluster {
             "rbd {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Every byte of `image` as the cluster holds it (`rbd export`), read beside guardblk.
+    fn export(&self, image: &str) -> Vec<u8> {
+        let file = self.dir.join("export.raw");
+        let _ = std::fs::remove_file(&file);
+        self.rbd(&["export", "--no-progress", image, file.to_str().unwrap()]);
+        std::fs::read(&file).unwrap()
+    }
+
+    /// Serve `rbd:IMAGE` of this cluster with the extra `args`.
+    fn serve(&self, image: &str, args: &[&str]) -> Daemon {
+        Daemon::serve(
+            tempfile::tempdir().unwrap(),
+            PathBuf::from(format!("rbd:{image}")),
+            &[&["--ceph-conf", self.conf().to_str().unwrap()], args].concat(),
+        )
     }
 }
 
@@ -198,5 +224,279 @@ fn without_the_ceph_libraries_an_rbd_target_names_the_package_to_install() {
     assert_one_sentence(
         &out,
         "install librbd1 (apt-get install librbd1) to use rbd: images",
+    );
+}
+
+/// The libblkio suite of tests/libblkio.rs against an `rbd:` image: the daemon serves it
+/// through librbd's asynchronous calls, and what the guest wrote is checked in the cluster
+/// itself with `rbd export`.
+#[test]
+fn libblkio_suite_on_an_rbd_image() {
+    let cluster = Cluster::start();
+    let size = 64 * MIB;
+    cluster.rbd(&["create", "--size", "64M", "rbd/disk"]);
+    let mut d = cluster.serve("rbd/disk", &["--queues", "4"]);
+    d.wait_for_log("io_engine=librbd");
+
+    // Pattern write / read / verify over the whole disk, 8 MiB in flight on one queue.
+    let chunk = MIB as usize;
+    let depth = 8usize;
+    let mut c = Client::connect(&d.socket, 1, chunk * depth).unwrap();
+    assert_eq!(c.capacity(), size);
+    for pass_is_read in [false, true] {
+        if pass_is_read {
+            c.buf().fill(0);
+        }
+        for offset in (0..size).step_by(chunk * depth) {
+            for slot in 0..depth {
+                let disk_off = offset + (slot * chunk) as u64;
+                let ptr = c.buf_ptr(slot * chunk);
+                if pass_is_read {
+                    c.queues[0].read(disk_off, ptr, chunk, slot, ReqFlags::empty());
+                } else {
+                    fill_pattern(&mut c.buf()[slot * chunk..(slot + 1) * chunk], disk_off, 1);
+                    c.queues[0].write(disk_off, ptr, chunk, slot, ReqFlags::empty());
+                }
+            }
+            for (slot, ret) in wait_all(&mut c.queues[0], depth) {
+                assert_eq!(ret, 0, "request of slot {slot} at {offset} failed");
+            }
+            if pass_is_read {
+                for slot in 0..depth {
+                    let disk_off = offset + (slot * chunk) as u64;
+                    check_pattern(&c.buf()[slot * chunk..(slot + 1) * chunk], disk_off, 1).unwrap();
+                }
+            }
+        }
+    }
+    c.queues[0].flush(0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut c.queues[0], 1)[0].1, 0, "flush failed");
+    drop(c);
+    check_pattern(&cluster.export("rbd/disk"), 0, 1).unwrap();
+
+    // Discard and write-zeroes read back as zeros (librbd's discard alone would not promise
+    // that below its 64 KiB granularity), neighbours untouched, on disk too.
+    let len = 4 * MIB as usize;
+    let mut c = Client::connect(&d.socket, 1, len).unwrap();
+    c.queues[0].discard(MIB, MIB, 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut c.queues[0], 1)[0].1, 0);
+    c.queues[0].write_zeroes(3 * MIB + 4096, 8192, 0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut c.queues[0], 1)[0].1, 0);
+    c.queues[0].write_zeroes(2 * MIB + 512, 1024, 0, ReqFlags::NO_UNMAP);
+    assert_eq!(wait_all(&mut c.queues[0], 1)[0].1, 0);
+    c.buf().fill(0xAA);
+    assert_eq!(read(&mut c, 0, 0, 0, len), 0);
+    let m = MIB as usize;
+    let zeroed = [
+        (m, 2 * m),
+        (2 * m + 512, 2 * m + 1536),
+        (3 * m + 4096, 3 * m + 12288),
+    ];
+    let check = |buf: &[u8], what: &str| {
+        let mut at = 0;
+        for (start, end) in zeroed {
+            check_pattern(&buf[at..start], at as u64, 1).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                buf[start..end].iter().all(|&b| b == 0),
+                "{what}: {start}..{end} is not zero"
+            );
+            at = end;
+        }
+        check_pattern(&buf[at..len], at as u64, 1).unwrap_or_else(|e| panic!("{what}: {e}"));
+    };
+    check(&c.buf()[..len], "read back");
+    check(&cluster.export("rbd/disk")[..len], "rbd export");
+
+    // Requests past the end fail; the image does not grow.
+    assert!(
+        read(&mut c, 0, size, 0, 4096) < 0,
+        "read past the end succeeded"
+    );
+    assert!(
+        write(&mut c, 0, size - 4096, 0, 8192) < 0,
+        "write straddling the end succeeded"
+    );
+    d.wait_for_log("past the disk");
+    drop(c);
+
+    // Four queues at once, each rewriting its own 16 MiB of the disk, 16 x 64 KiB in flight;
+    // buffers at odd addresses, which librbd takes as they are.
+    let c = Client::connect(&d.socket, 4, 4 * 2 * MIB as usize).unwrap();
+    let base = c.region.addr;
+    let Client {
+        queues,
+        blkio,
+        region,
+    } = c;
+    let threads: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(qi, mut q)| {
+            std::thread::spawn(move || {
+                let buf = (base + qi * 2 * MIB as usize) as *mut u8;
+                // SAFETY: disjoint 2 MiB slices of one live mapping, one per thread.
+                let slice = unsafe { std::slice::from_raw_parts_mut(buf, 2 * MIB as usize) };
+                let (bs, depth, skew) = (64 * 1024, 16, 512 * qi);
+                for pass in 0..16u64 {
+                    let disk = |i: usize| qi as u64 * 16 * MIB + pass * MIB + (i * bs) as u64;
+                    for i in 0..depth {
+                        let b = &mut slice[skew + i * bs..skew + (i + 1) * bs];
+                        fill_pattern(b, disk(i), 2);
+                        q.write(disk(i), b.as_ptr(), bs, i, ReqFlags::empty());
+                    }
+                    assert!(
+                        wait_all(&mut q, depth).iter().all(|(_, r)| *r == 0),
+                        "queue {qi} write failed"
+                    );
+                    slice.fill(0);
+                    for i in 0..depth {
+                        q.read(
+                            disk(i),
+                            slice[skew + i * bs..].as_mut_ptr(),
+                            bs,
+                            i,
+                            ReqFlags::empty(),
+                        );
+                    }
+                    assert!(
+                        wait_all(&mut q, depth).iter().all(|(_, r)| *r == 0),
+                        "queue {qi} read failed"
+                    );
+                    for i in 0..depth {
+                        check_pattern(&slice[skew + i * bs..skew + (i + 1) * bs], disk(i), 2)
+                            .unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop((blkio, region));
+
+    // Everything the guest wrote and flushed is in the cluster after the daemon stops, and
+    // the daemon stops cleanly (closing the image releases its exclusive lock).
+    assert!(d.terminate().success(), "{}", d.log_text());
+    let exported = cluster.export("rbd/disk");
+    check_pattern(&exported, 0, 2).unwrap();
+
+    // Read-only: reads served, writes refused, the image unchanged.
+    let d = cluster.serve("rbd/disk", &["--read-only"]);
+    let mut c = Client::connect_with(&d.socket, 1, 65536, true).unwrap();
+    assert_eq!(read(&mut c, 0, 65536, 0, 65536), 0);
+    check_pattern(&c.buf()[..65536], 65536, 2).unwrap();
+    assert!(
+        write(&mut c, 0, 0, 0, 4096) < 0,
+        "write to a read-only disk succeeded"
+    );
+    drop(c);
+    assert!(
+        cluster.export("rbd/disk") == exported,
+        "read-only image changed"
+    );
+}
+
+/// What `serve` says about RBD targets it cannot serve, in one sentence each, before it
+/// listens on anything.
+#[test]
+fn serve_names_each_rbd_problem_in_one_sentence() {
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "8M", "rbd/disk"]);
+    let conf = cluster.conf();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("s.sock");
+    let serve = |target: &str, extra: &[&str]| {
+        let base = [
+            "serve",
+            target,
+            "--ceph-conf",
+            conf.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+        ];
+        guardblk(&[&base[..], extra].concat())
+    };
+    assert_one_sentence(
+        &serve("rbd:rbd/missing", &[]),
+        "there is no RBD image 'missing' in pool 'rbd'",
+    );
+    assert_one_sentence(
+        &serve("rbd:nopool/disk", &[]),
+        "there is no pool 'nopool' in the Ceph cluster",
+    );
+    assert_one_sentence(
+        &serve("rbd:disk", &[]),
+        "'rbd:disk' is not an RBD image name: write rbd:POOL/IMAGE",
+    );
+    assert_one_sentence(
+        &serve("rbd:rbd/disk", &["--io-engine", "io-uring"]),
+        "--io-engine io-uring does not apply to rbd: images",
+    );
+    assert_one_sentence(
+        &serve("rbd:rbd/disk", &["--pi-meta", "/tmp/x.pi"]),
+        "--pi-meta does not apply to rbd: images",
+    );
+    assert!(!socket.exists(), "a refused serve left a socket behind");
+}
+
+/// A cluster that goes away under a guest: its requests fail with IOERR once --ceph-timeout
+/// passes, the daemon keeps answering (stats), and it still shuts down when told to.
+#[test]
+fn a_cluster_that_goes_away_turns_into_io_errors_not_a_hang() {
+    let cluster = Cluster::start();
+    cluster.rbd(&["create", "--size", "16M", "rbd/disk"]);
+    let mut d = cluster.serve("rbd/disk", &["--queues", "1", "--ceph-timeout", "3"]);
+    let mut c = Client::connect(&d.socket, 1, 16 * 65536).unwrap();
+    fill_pattern(&mut c.buf()[..65536], 0, 7);
+    assert_eq!(write(&mut c, 0, 0, 0, 65536), 0);
+
+    // Every Ceph daemon killed at once (SIGKILL, as a power loss would).
+    let mut killed = 0;
+    for entry in std::fs::read_dir(cluster.dir.join("run")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "pid") {
+            let pid: i32 = std::fs::read_to_string(&path)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // SAFETY: kill(2) with a pid the cluster script recorded for its own daemon.
+            let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+            assert_eq!(rc, 0, "{}", path.display());
+            killed += 1;
+        }
+    }
+    assert_eq!(killed, 2, "expected a monitor and an OSD to kill");
+
+    let started = Instant::now();
+    for i in 0..8 {
+        let ptr = c.buf_ptr(i * 65536);
+        if i % 2 == 0 {
+            c.queues[0].read(i as u64 * 65536, ptr, 65536, i, ReqFlags::empty());
+        } else {
+            c.queues[0].write(i as u64 * 65536, ptr, 65536, i, ReqFlags::empty());
+        }
+    }
+    let mut results = Vec::new();
+    while results.len() < 8 && started.elapsed() < Duration::from_secs(60) {
+        results.extend(reap_some(&mut c.queues[0], 8, Duration::from_secs(5)));
+    }
+    let took = started.elapsed();
+    assert_eq!(results.len(), 8, "requests still pending after {took:?}");
+    assert!(results.iter().all(|(_, r)| *r < 0), "{results:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "errors took {took:?} with a 3 s time-out"
+    );
+    // The daemon still answers, and counted every failure.
+    assert_eq!(d.stats()["counters"]["io_errors"], 8, "{}", d.stats());
+    drop(c);
+    let stopping = Instant::now();
+    assert!(d.terminate().success(), "{}", d.log_text());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "shutdown took {:?}",
+        stopping.elapsed()
     );
 }

@@ -7,6 +7,7 @@ use crate::cli::{self, DEFAULT_IMAGE_SIZE};
 use crate::daemon::ServeConfig;
 use crate::integrity::store::{self, PiStore};
 use crate::integrity::PiFormat;
+use crate::storage::rbd::{CephOptions, RbdSpec};
 use crate::storage::Image;
 use crate::telemetry::RecoveryStats;
 
@@ -16,7 +17,11 @@ use super::ToolError;
 /// What `guardblk serve` was asked to do, validated (cli.rs builds it from the command line).
 #[derive(Debug, Clone)]
 pub struct ServeRequest {
+    /// The image as named: a path, or `rbd:POOL/IMAGE` for an RBD image.
     pub image_path: PathBuf,
+    /// The image is this RBD image, reached with `ceph`.
+    pub rbd: Option<RbdSpec>,
+    pub ceph: CephOptions,
     /// No image was named: the default one is created (with PI) if it does not exist.
     pub default_image: bool,
     pub pi_meta: Option<PathBuf>,
@@ -27,6 +32,7 @@ pub struct ServeRequest {
 /// `guardblk serve`: create the default image if needed (with PI, like `create`), open image
 /// and PI metadata, print how to attach, and serve until SIGINT/SIGTERM.
 pub fn serve(request: &ServeRequest) -> Result<(), ToolError> {
+    crate::daemon::block_shutdown_signals()?;
     let image_path = &request.image_path;
     let pi_meta = request.pi_meta.as_deref();
     if request.default_image && !image_path.exists() {
@@ -34,10 +40,19 @@ pub fn serve(request: &ServeRequest) -> Result<(), ToolError> {
         let created = create(image_path, size, Some(PiFormat::Type1), 4096, pi_meta)?;
         println!("default image: {created}");
     }
-    let image = Image::open(image_path, request.read_only)?;
-    let (pi, recovery) = match open_pi(&image, pi_meta)? {
-        Some((store, recovery)) => (Some(store), Some(recovery)),
-        None => (None, None),
+    let (image, pi, recovery) = match &request.rbd {
+        Some(spec) => {
+            let image = Image::open_rbd(spec, &request.ceph, request.read_only)?;
+            tracing::info!(image = %spec, "serving without PI: guard tags for rbd: images are not implemented yet");
+            (image, None, None)
+        }
+        None => {
+            let image = Image::open(image_path, request.read_only)?;
+            match open_pi(&image, pi_meta)? {
+                Some((store, recovery)) => (image, Some(store), Some(recovery)),
+                None => (image, None, None),
+            }
+        }
     };
     let config = &request.config;
     println!(
