@@ -138,13 +138,16 @@ fn parse_watch(text: &str) -> Result<f64, String> {
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
-    /// Path of the image to create.
+    /// Path of the image to create, or rbd:POOL/IMAGE to create a Ceph RBD image (its PI
+    /// metadata is then the RBD image IMAGE.pi beside it).
     pub image: PathBuf,
     /// Capacity, a multiple of 512 bytes: plain bytes or with a K, M, G or T suffix (powers of 1024), e.g. 8G.
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
     #[command(flatten)]
     pub layout: PiLayoutArgs,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 /// How a new or imported image is protected.
@@ -165,15 +168,17 @@ pub struct PiLayoutArgs {
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// Existing raw image (file or block device) to protect; its size must be a multiple of --interval.
+    /// Existing raw image (file, block device or rbd:POOL/IMAGE) to protect; its size must be a multiple of --interval.
     pub image: PathBuf,
     #[command(flatten)]
     pub layout: PiLayoutArgs,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ScrubArgs {
-    /// PI-protected image (file or block device) to verify.
+    /// PI-protected image (file, block device or rbd:POOL/IMAGE) to verify.
     pub image: PathBuf,
     /// Print JSON lines instead of text: one journal record per corrupt block, then a
     /// {"summary":{...}} line.
@@ -182,6 +187,8 @@ pub struct ScrubArgs {
     /// The image's PI metadata, if not IMAGE.pi.
     #[arg(long, value_name = "PATH")]
     pub pi_meta: Option<PathBuf>,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +220,10 @@ pub struct CephArgs {
     /// operation; a cluster that does not answer turns into an error, not a hang
     #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ceph_timeout: u64,
+    /// Where guardblk keeps this host's files about rbd: images (the PI error journal and
+    /// statistics that sit beside a file image), as POOL/IMAGE.pi-journal.jsonl and so on
+    #[arg(long, value_name = "DIR", default_value = crate::storage::rbd::DEFAULT_STATE_DIR)]
+    pub rbd_state_dir: PathBuf,
 }
 
 impl CephArgs {
@@ -221,13 +232,14 @@ impl CephArgs {
             conf: self.ceph_conf.clone(),
             id: self.ceph_id.clone(),
             timeout: std::time::Duration::from_secs(self.ceph_timeout),
+            state_dir: absolute(&self.rbd_state_dir),
         }
     }
 }
 
 #[derive(Debug, Args)]
 pub struct InjectArgs {
-    /// PI-protected image (file or block device) to corrupt.
+    /// PI-protected image (file, block device or rbd:POOL/IMAGE) to corrupt.
     pub image: PathBuf,
     /// Block to corrupt, in protection-interval units (LBA 3 with 4096-byte intervals is byte offset 12288).
     #[arg(long, value_name = "N")]
@@ -238,6 +250,8 @@ pub struct InjectArgs {
     /// The image's PI metadata, if not IMAGE.pi.
     #[arg(long, value_name = "PATH")]
     pub pi_meta: Option<PathBuf>,
+    #[command(flatten)]
+    pub ceph: CephArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -328,7 +342,7 @@ pub enum IoEngine {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Raw disk image (file or block device) to serve, or a Ceph RBD image as rbd:POOL/IMAGE
-    /// (see --ceph-conf; served without PI for now). If omitted, ./guardblk-default.img is
+    /// (see --ceph-conf; its PI metadata is the RBD image IMAGE.pi beside it). If omitted, ./guardblk-default.img is
     /// created if missing (8 GiB, sparse, type1 PI with 4096-byte intervals, like `create`) and
     /// served.
     pub image: Option<PathBuf>,
@@ -440,8 +454,6 @@ pub enum CliError {
     AutoPathWithoutAuto,
     #[error("--io-engine {0} does not apply to rbd: images, which are served through librbd")]
     RbdEngine(&'static str),
-    #[error("--pi-meta does not apply to rbd: images: guardblk serves them without PI for now")]
-    RbdPiMeta,
     #[error("'{0}' is not an RBD image name: write rbd:POOL/IMAGE")]
     BadRbdName(String),
 }
@@ -500,9 +512,6 @@ impl ServeArgs {
                 IoEngine::Auto => {}
                 IoEngine::IoUring => return Err(CliError::RbdEngine("io-uring")),
                 IoEngine::Inline => return Err(CliError::RbdEngine("inline")),
-            }
-            if self.pi_meta.is_some() {
-                return Err(CliError::RbdPiMeta);
             }
         }
         Ok(ServeRequest {

@@ -412,7 +412,7 @@ pub fn serve(
     let tracker = Arc::new(MutationTracker::new(image.size(), MUTATION_DECAY));
     let marks_file = pi
         .as_ref()
-        .map(|_| crate::integrity::journal::mutations_path(image.path()));
+        .map(|_| crate::integrity::journal::mutations_path(&image.state_base()));
     if let Some(path) = &marks_file {
         restore_marks(&tracker, path);
         let (tracker, path) = (Arc::clone(&tracker), path.clone());
@@ -427,7 +427,7 @@ pub fn serve(
     }
     let stats_file = config.stats_file.clone().or_else(|| {
         pi.as_ref()
-            .map(|_| crate::integrity::journal::stats_path(image.path()))
+            .map(|_| crate::integrity::journal::stats_path(&image.state_base()))
     });
     let shared = Shared {
         image: Arc::clone(&image),

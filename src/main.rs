@@ -45,27 +45,7 @@ fn out(text: &str) {
     let _ = writeln!(stdout, "{text}");
 }
 
-/// The commands other than `info` and `serve` do not take RBD images yet: say so, instead of
-/// looking for a file named "rbd:...".
-fn refuse_rbd(command: &Command) -> Result<(), ToolError> {
-    let (verb, image) = match command {
-        Command::Create(a) => ("create", Some(&a.image)),
-        Command::Import(a) => ("import", Some(&a.image)),
-        Command::Scrub(a) => ("scrub", Some(&a.image)),
-        Command::Inject(a) => ("inject", Some(&a.image)),
-        _ => ("", None),
-    };
-    match image {
-        Some(image) if commands::is_rbd_target(image) => Err(ToolError::Refused(format!(
-            "guardblk {verb} does not take Ceph RBD images yet ({}); `guardblk info` and `guardblk serve` do",
-            image.display()
-        ))),
-        _ => Ok(()),
-    }
-}
-
 fn run(command: Command) -> Result<ExitCode, ToolError> {
-    refuse_rbd(&command)?;
     match command {
         Command::Create(args) => {
             let created = commands::create(
@@ -74,6 +54,7 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
                 args.layout.pi.format(),
                 args.layout.interval,
                 args.layout.pi_meta.as_deref(),
+                &args.ceph.options(),
             )?;
             out(&created.to_string());
         }
@@ -83,11 +64,13 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
                 args.layout.pi.format(),
                 args.layout.interval,
                 args.layout.pi_meta.as_deref(),
+                &args.ceph.options(),
             )?;
             out(&imported.to_string());
         }
         Command::Scrub(args) => {
-            let report = commands::scrub(&args.image, args.pi_meta.as_deref())?;
+            let report =
+                commands::scrub(&args.image, args.pi_meta.as_deref(), &args.ceph.options())?;
             out(&if args.json {
                 report.json_lines()
             } else {
@@ -98,7 +81,8 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
             }
         }
         Command::Info(args) if commands::is_rbd_target(&args.image) => {
-            let report = commands::info_rbd(&args.image, &args.ceph.options())?;
+            let report =
+                commands::info_rbd(&args.image, args.pi_meta.as_deref(), &args.ceph.options())?;
             out(&if args.json {
                 report.json().to_string()
             } else {
@@ -119,6 +103,7 @@ fn run(command: Command) -> Result<ExitCode, ToolError> {
                 args.lba,
                 args.kind.into(),
                 args.pi_meta.as_deref(),
+                &args.ceph.options(),
             )?;
             out(&injected.to_string());
         }

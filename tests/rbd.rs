@@ -90,11 +90,86 @@ impl Cluster {
 
     /// Serve `rbd:IMAGE` of this cluster with the extra `args`.
     fn serve(&self, image: &str, args: &[&str]) -> Daemon {
-        Daemon::serve(
+        let d = self.spawn(image, args);
+        d.wait_for_log("guardblk ready");
+        d
+    }
+
+    /// As [`Cluster::serve`], without waiting for the daemon to be ready.
+    fn spawn(&self, image: &str, args: &[&str]) -> Daemon {
+        let ceph = self.args();
+        let ceph: Vec<&str> = ceph.iter().map(String::as_str).collect();
+        Daemon::spawn(
             tempfile::tempdir().unwrap(),
             PathBuf::from(format!("rbd:{image}")),
-            &[&["--ceph-conf", self.conf().to_str().unwrap()], args].concat(),
+            &[&ceph[..], args].concat(),
         )
+    }
+
+    /// The options every guardblk command needs for this cluster: its configuration, and
+    /// a state directory (journal, statistics) of its own.
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--ceph-conf".into(),
+            self.conf().to_str().unwrap().into(),
+            "--rbd-state-dir".into(),
+            self.state_dir().to_str().unwrap().into(),
+        ]
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.join("guardblk-state")
+    }
+
+    /// `guardblk VERB rbd:IMAGE EXTRA... --ceph-conf ... --rbd-state-dir ...`
+    fn guardblk(&self, verb: &str, image: &str, extra: &[&str]) -> Output {
+        let target = format!("rbd:{image}");
+        let ceph = self.args();
+        let ceph: Vec<&str> = ceph.iter().map(String::as_str).collect();
+        guardblk(&[&[verb, target.as_str()], extra, &ceph[..]].concat())
+    }
+
+    /// Flip every bit of the byte at `offset` of `image` straight in its RADOS object,
+    /// behind librbd and any daemon: what a bad disk or a bug below Ceph's checksums does.
+    fn corrupt_byte(&self, image: &str, offset: u64) {
+        let (pool, name) = image.split_once('/').unwrap();
+        let info = Command::new("rbd")
+            .args([
+                "-c",
+                self.conf().to_str().unwrap(),
+                "info",
+                "--format",
+                "json",
+                image,
+            ])
+            .output()
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        let prefix = info["block_name_prefix"].as_str().unwrap().to_string();
+        let object_size = info["size"]
+            .as_u64()
+            .map(|_| 1u64 << info["order"].as_u64().unwrap())
+            .unwrap();
+        let object = format!("{prefix}.{:016x}", offset / object_size);
+        let file = self.dir.join(format!("object-{name}"));
+        let rados = |args: &[&str]| {
+            let out = Command::new("rados")
+                .args(["-c", self.conf().to_str().unwrap(), "-p", pool])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "rados {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        rados(&["get", &object, file.to_str().unwrap()]);
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = (offset % object_size) as usize;
+        bytes[at] = !bytes[at];
+        std::fs::write(&file, &bytes).unwrap();
+        rados(&["put", &object, file.to_str().unwrap()]);
     }
 }
 
@@ -112,9 +187,17 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ceph/cluster.sh")
 }
 
-/// `guardblk info TARGET --ceph-conf CONF EXTRA...`
+/// `guardblk info TARGET --ceph-conf CONF EXTRA...` (this host's state in a throw-away place)
 fn info(target: &str, conf: &Path, extra: &[&str]) -> Output {
-    let base = ["info", target, "--ceph-conf", conf.to_str().unwrap()];
+    let state = conf.with_file_name("info-state");
+    let base = [
+        "info",
+        target,
+        "--ceph-conf",
+        conf.to_str().unwrap(),
+        "--rbd-state-dir",
+        state.to_str().unwrap(),
+    ];
     guardblk(&[&base[..], extra].concat())
 }
 
@@ -131,24 +214,28 @@ fn info_describes_an_rbd_image_and_names_every_ceph_failure_in_one_sentence() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(text.contains("ceph:      pool rbd, image disk ("), "{text}");
     assert!(
-        text.contains("rbd:rbd/disk (Ceph RBD: pool rbd, image disk;"),
+        text.contains("image:     rbd:rbd/disk (67108864 bytes"),
         "{text}"
     );
-    assert!(text.contains("size:      67108864 bytes"), "{text}");
-    assert!(text.contains("PI:        none"), "{text}");
+    assert!(
+        text.contains("PI:        none (rbd:rbd/disk.pi does not exist)"),
+        "{text}"
+    );
     let out = info("rbd:rbd/disk", &conf, &["--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(doc["size"], 64 << 20);
-    assert_eq!(doc["pool"], "rbd");
-    assert_eq!(doc["rbd_image"], "disk");
+    assert_eq!(doc["image"]["size"], 64 << 20);
+    assert_eq!(doc["ceph"]["pool"], "rbd");
+    assert_eq!(doc["ceph"]["image"], "disk");
     assert_eq!(doc["kind"], "rbd");
+    assert_eq!(doc["pi"], serde_json::Value::Null);
 
     // Growing the image shows at once: the size is Ceph's, not a cached one.
     cluster.rbd(&["resize", "--size", "128M", "rbd/disk"]);
     let out = info("rbd:rbd/disk", &conf, &["--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(doc["size"], 128 << 20);
+    assert_eq!(doc["image"]["size"], 128 << 20);
 
     assert_one_sentence(
         &info("rbd:rbd/missing", &conf, &[]),
@@ -171,10 +258,10 @@ fn info_describes_an_rbd_image_and_names_every_ceph_failure_in_one_sentence() {
         &info("rbd:rbd/disk", &conf, &["--ceph-id", "nobody"]),
         "client.nobody",
     );
-    // Commands that do not take RBD images yet say so.
+    // An image without PI metadata: scrub says how to add it.
     assert_one_sentence(
-        &guardblk(&["scrub", "rbd:rbd/disk"]),
-        "guardblk scrub does not take Ceph RBD images yet",
+        &cluster.guardblk("scrub", "rbd/disk", &[]),
+        "rbd:rbd/disk has no PI metadata (rbd:rbd/disk.pi does not exist); add it with `guardblk import rbd:rbd/disk`",
     );
 
     // A cluster that is not there: an error within the time-out, not a hang.
@@ -403,19 +490,13 @@ fn libblkio_suite_on_an_rbd_image() {
 fn serve_names_each_rbd_problem_in_one_sentence() {
     let cluster = Cluster::start();
     cluster.rbd(&["create", "--size", "8M", "rbd/disk"]);
-    let conf = cluster.conf();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("s.sock");
+    let ceph = cluster.args();
+    let ceph: Vec<&str> = ceph.iter().map(String::as_str).collect();
     let serve = |target: &str, extra: &[&str]| {
-        let base = [
-            "serve",
-            target,
-            "--ceph-conf",
-            conf.to_str().unwrap(),
-            "--socket",
-            socket.to_str().unwrap(),
-        ];
-        guardblk(&[&base[..], extra].concat())
+        let base = ["serve", target, "--socket", socket.to_str().unwrap()];
+        guardblk(&[&base[..], &ceph[..], extra].concat())
     };
     assert_one_sentence(
         &serve("rbd:rbd/missing", &[]),
@@ -434,10 +515,17 @@ fn serve_names_each_rbd_problem_in_one_sentence() {
         "--io-engine io-uring does not apply to rbd: images",
     );
     assert_one_sentence(
-        &serve("rbd:rbd/disk", &["--pi-meta", "/tmp/x.pi"]),
-        "--pi-meta does not apply to rbd: images",
+        &serve("rbd:rbd/disk", &["--pi-meta", "rbd:rbd/nothere.pi"]),
+        "PI metadata rbd:rbd/nothere.pi does not exist",
     );
     assert!(!socket.exists(), "a refused serve left a socket behind");
+    // One daemon per image: the second is refused while the first holds the image.
+    let first = cluster.serve("rbd/disk", &[]);
+    assert_one_sentence(
+        &serve("rbd:rbd/disk", &[]),
+        "rbd:rbd/disk is in use by another Ceph client (it holds the image's exclusive lock)",
+    );
+    drop(first);
 }
 
 /// A cluster that goes away under a guest: its requests fail with IOERR once --ceph-timeout
@@ -499,4 +587,183 @@ fn a_cluster_that_goes_away_turns_into_io_errors_not_a_hang() {
         "shutdown took {:?}",
         stopping.elapsed()
     );
+}
+
+/// PI on an RBD image: tuples in the RBD image IMAGE.pi beside it. Data written through the
+/// daemon scrubs clean; a byte changed in the cluster behind the daemon's back fails exactly
+/// the read that covers it (IOERR), and the daemon's log, the journal (this host's, under
+/// --rbd-state-dir) and scrub name its LBA. Tools are refused while a daemon holds the image.
+#[test]
+fn pi_on_rbd_fails_the_read_of_a_block_changed_behind_the_daemons_back_and_names_its_lba() {
+    let cluster = Cluster::start();
+    let out = cluster.guardblk("create", "rbd/pi", &["--size", "16M", "--pi", "type1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("metadata in rbd:rbd/pi.pi"));
+
+    let mut d = cluster.serve("rbd/pi", &["--queues", "1"]);
+    d.wait_for_log("metadata rbd:rbd/pi.pi");
+    let len = 4 * MIB as usize;
+    let mut c = Client::connect(&d.socket, 1, len).unwrap();
+    fill_pattern(c.buf(), 0, 9);
+    assert_eq!(write(&mut c, 0, 0, 0, len), 0);
+    c.queues[0].flush(0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut c.queues[0], 1)[0].1, 0);
+    // Busy: tools are refused in one sentence, and nothing is changed.
+    assert_one_sentence(
+        &cluster.guardblk("scrub", "rbd/pi", &[]),
+        "stop it before scrubbing it",
+    );
+    drop(c);
+    assert!(d.terminate().success(), "{}", d.log_text());
+
+    let out = cluster.guardblk("scrub", "rbd/pi", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("4096 blocks checked") && text.contains(" 0 guard errors"),
+        "{text}"
+    );
+
+    // LBA 300 (byte 1228800 + 1000) changed in its RADOS object.
+    let lba = 300u64;
+    cluster.corrupt_byte("rbd/pi", lba * 4096 + 1000);
+    let d = cluster.serve("rbd/pi", &["--queues", "1"]);
+    let mut c = Client::connect(&d.socket, 1, len).unwrap();
+    assert!(
+        read(&mut c, 0, lba * 4096, 0, 4096) < 0,
+        "the corrupt block was served"
+    );
+    assert!(
+        read(&mut c, 0, 0, 0, len) < 0,
+        "a read covering the corrupt block succeeded"
+    );
+    assert_eq!(
+        read(&mut c, 0, (lba + 1) * 4096, 0, 4096),
+        0,
+        "its neighbour failed"
+    );
+    check_pattern(&c.buf()[..4096], (lba + 1) * 4096, 9).unwrap();
+    d.wait_for_log(&format!(
+        "PI guard error lba={lba} byte_offset={}",
+        lba * 4096
+    ));
+    drop(c);
+    drop(d);
+    let journal =
+        std::fs::read_to_string(cluster.state_dir().join("rbd/pi.pi-journal.jsonl")).unwrap();
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.contains("\"guard_error\"") && l.contains(&format!("\"lba\":{lba},"))),
+        "{journal}"
+    );
+    let out = cluster.guardblk("scrub", "rbd/pi", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("LBA {lba} (byte offset {})", lba * 4096)),
+        "{text}"
+    );
+    assert!(text.contains(" 1 guard error"), "{text}");
+    let out = cluster.guardblk("info", "rbd/pi", &["--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["pi"]["format"], "type1", "{doc}");
+    assert_eq!(doc["pi"]["metadata"]["path"], "rbd:rbd/pi.pi", "{doc}");
+    assert_eq!(doc["journal"]["guard_error_lbas"][0]["lba"], lba, "{doc}");
+}
+
+/// A crash round on RBD: the daemon killed (SIGKILL) with writes in flight, after a flush the
+/// guest saw complete. The restart takes the image over once the cluster lets the dead
+/// client's lock go, re-checks the regions with write intents, and serves; the flushed data
+/// is intact and the image scrubs clean.
+#[test]
+fn kill_9_under_writes_on_rbd_loses_nothing_flushed_and_scrubs_clean() {
+    let cluster = Cluster::start();
+    let out = cluster.guardblk("create", "rbd/crash", &["--size", "32M", "--pi", "type1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut d = cluster.serve("rbd/crash", &["--queues", "1"]);
+    let (bs, depth) = (64 * 1024, 32usize);
+    let mut c = Client::connect(&d.socket, 1, bs * depth).unwrap();
+    // 2 MiB flushed: must survive.
+    for i in 0..depth {
+        fill_pattern(&mut c.buf()[i * bs..(i + 1) * bs], (i * bs) as u64, 11);
+        let ptr = c.buf_ptr(i * bs);
+        c.queues[0].write((i * bs) as u64, ptr, bs, i, ReqFlags::empty());
+    }
+    assert!(wait_all(&mut c.queues[0], depth)
+        .iter()
+        .all(|(_, r)| *r == 0));
+    c.queues[0].flush(0, ReqFlags::empty());
+    assert_eq!(wait_all(&mut c.queues[0], 1)[0].1, 0);
+    // Then writes all over the rest of the disk, killed with some in flight.
+    let mut rng = Rng(seed_from_env("GUARDBLK_CRASH_SEED"));
+    for round in 0..20 {
+        for i in 0..depth {
+            let block = rng.between(2 * MIB / bs as u64, 32 * MIB / bs as u64);
+            fill_pattern(
+                &mut c.buf()[i * bs..(i + 1) * bs],
+                block * bs as u64,
+                12 + round,
+            );
+            let ptr = c.buf_ptr(i * bs);
+            c.queues[0].write(block * bs as u64, ptr, bs, i, ReqFlags::empty());
+        }
+        if round < 19 {
+            wait_all(&mut c.queues[0], depth);
+        }
+    }
+    d.child.kill().unwrap();
+    let _ = d.child.wait();
+    drop(c);
+
+    let started = Instant::now();
+    let mut d = cluster.spawn("rbd/crash", &["--queues", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.log_text().contains("guardblk ready") {
+        assert!(
+            d.child.try_wait().unwrap().is_none(),
+            "restart failed:\n{}",
+            d.log_text()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "restart never ready:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "restart took {:?} (the dead client's lock)",
+        started.elapsed()
+    );
+    assert!(
+        d.log_text().contains("PI metadata was not closed cleanly"),
+        "{}",
+        d.log_text()
+    );
+    let mut c = Client::connect(&d.socket, 1, 2 * MIB as usize).unwrap();
+    assert_eq!(read(&mut c, 0, 0, 0, 2 * MIB as usize), 0);
+    check_pattern(&c.buf()[..2 * MIB as usize], 0, 11).unwrap();
+    drop(c);
+    assert!(d.terminate().success(), "{}", d.log_text());
+    let out = cluster.guardblk("scrub", "rbd/crash", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(" 0 guard errors"), "{text}");
 }

@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use crate::integrity::metadata::{DataIdentity, Header};
 use crate::integrity::store;
 use crate::integrity::{PiFormat, PiMetadata};
-use crate::storage::Image;
+use crate::storage::rbd::{CephOptions, RbdImage, RbdSpec};
+use crate::storage::{Image, ImageError, SECTOR_SIZE};
 
-use super::{human, io_error, ToolError};
+use super::{create_metadata, human, io_error, metadata_present, rbd_target, ToolError};
 
 /// What `create` made.
 #[derive(Debug)]
@@ -48,11 +49,15 @@ pub fn create(
     format: Option<PiFormat>,
     interval: u32,
     pi_meta: Option<&Path>,
+    ceph: &CephOptions,
 ) -> Result<Created, ToolError> {
     if format.is_some() && !size.is_multiple_of(u64::from(interval)) {
         return Err(ToolError::Refused(format!(
             "--size {size} is not a multiple of the {interval}-byte protection interval"
         )));
+    }
+    if let Some(spec) = rbd_target(image) {
+        return create_rbd(&spec?, size, format, interval, pi_meta, ceph);
     }
     let meta_path = store::meta_path(image, pi_meta);
     if format.is_some() && pi_meta.is_none() && meta_path.exists() {
@@ -81,6 +86,53 @@ pub fn create(
     }
     Ok(Created {
         image: image.into(),
+        size,
+        pi: Some((format, interval, meta_path)),
+    })
+}
+
+/// `create` for an RBD image: the image (librbd's defaults: thin, 4 MiB objects) and, with
+/// PI, its metadata as the RBD image `IMAGE.pi` beside it (or `--pi-meta`); the new image is
+/// removed again if the metadata cannot be made.
+fn create_rbd(
+    spec: &RbdSpec,
+    size: u64,
+    format: Option<PiFormat>,
+    interval: u32,
+    pi_meta: Option<&Path>,
+    ceph: &CephOptions,
+) -> Result<Created, ToolError> {
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+        return Err(ImageError::BadSize { size }.into());
+    }
+    let name = PathBuf::from(spec.to_string());
+    let meta_path = store::meta_path(&name, pi_meta);
+    if format.is_some() && metadata_present(&meta_path, ceph) {
+        return Err(ToolError::Refused(format!(
+            "{} already exists; refusing to overwrite it",
+            meta_path.display()
+        )));
+    }
+    RbdImage::create(spec, ceph, size)?;
+    let Some(format) = format else {
+        return Ok(Created {
+            image: name,
+            size,
+            pi: None,
+        });
+    };
+    let created = Image::open_rbd(spec, ceph, false)
+        .map_err(ToolError::from)
+        .and_then(|image| {
+            DataIdentity::of_image(&image).map_err(io_error(format!("cannot examine {name:?}")))
+        })
+        .and_then(|data| create_metadata(&meta_path, &Header::new(format, interval, data), ceph));
+    if let Err(e) = created {
+        let _ = RbdImage::remove(spec, ceph);
+        return Err(e);
+    }
+    Ok(Created {
+        image: name,
         size,
         pi: Some((format, interval, meta_path)),
     })

@@ -1,15 +1,17 @@
 //! `guardblk import`: PI metadata for an existing raw image, every tuple generated from its data.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::integrity::metadata::{DataIdentity, Header};
 use crate::integrity::store;
-use crate::integrity::{scan, PiFormat, PiMetadata};
+use crate::integrity::{scan, PiFormat};
 
-use super::{human, io_error, open_exclusive, open_store, rate_mb_s, Progress, ToolError};
+use super::{
+    create_metadata, human, io_error, metadata_present, open_exclusive, open_store, rate_mb_s,
+    remove_metadata, Progress, ToolError,
+};
+use crate::storage::rbd::CephOptions;
 
 /// What `import` did.
 #[derive(Debug)]
@@ -40,16 +42,6 @@ impl std::fmt::Display for Imported {
     }
 }
 
-/// Whether PI metadata is already at `meta_path` (a block device counts only if it holds a
-/// valid header: a fresh device is a legitimate target).
-fn metadata_present(meta_path: &Path) -> bool {
-    match std::fs::metadata(meta_path) {
-        Ok(m) if m.file_type().is_block_device() => PiMetadata::read_header(meta_path).is_ok(),
-        Ok(_) => true,
-        Err(_) => false,
-    }
-}
-
 /// `guardblk import`: create PI metadata for an existing raw image and generate a tuple for
 /// every interval of it. On failure the half-made metadata is removed.
 pub fn import(
@@ -57,6 +49,7 @@ pub fn import(
     format: Option<PiFormat>,
     interval: u32,
     pi_meta: Option<&Path>,
+    ceph: &CephOptions,
 ) -> Result<Imported, ToolError> {
     let Some(format) = format else {
         return Err(ToolError::Refused(
@@ -64,7 +57,7 @@ pub fn import(
         ));
     };
     let meta_path = store::meta_path(image_path, pi_meta);
-    if metadata_present(&meta_path) {
+    if metadata_present(&meta_path, ceph) {
         return Err(ToolError::Refused(format!(
             "{} already has PI metadata ({}); verify it with `guardblk scrub {}` instead, or delete the metadata to import again",
             image_path.display(),
@@ -72,7 +65,7 @@ pub fn import(
             image_path.display()
         )));
     }
-    let image = open_exclusive(image_path, "importing it")?;
+    let image = open_exclusive(image_path, ceph, "importing it")?;
     let size = image.size();
     if size % u64::from(interval) != 0 {
         return Err(ToolError::Refused(format!(
@@ -80,13 +73,10 @@ pub fn import(
             image_path.display()
         )));
     }
-    let data = DataIdentity::of(image.path(), size)
+    let data = DataIdentity::of_image(&image)
         .map_err(io_error(format!("cannot examine {}", image_path.display())))?;
     let header = Header::new(format, interval, data);
-    let is_device = std::fs::metadata(&meta_path)
-        .map(|m| m.file_type().is_block_device())
-        .unwrap_or(false);
-    PiMetadata::create(&meta_path, &header)?;
+    create_metadata(&meta_path, &header, ceph)?;
     let start = Instant::now();
     let result = (|| {
         let (store, _report) = open_store(&image, pi_meta)?;
@@ -113,15 +103,7 @@ pub fn import(
             elapsed: start.elapsed(),
         }),
         Err(e) => {
-            if is_device {
-                // Make the device unrecognisable as metadata again.
-                if let Ok(f) = OpenOptions::new().write(true).open(&meta_path) {
-                    let _ = f.write_all_at(&[0u8; 8], 0);
-                    let _ = f.sync_data();
-                }
-            } else {
-                let _ = std::fs::remove_file(&meta_path);
-            }
+            remove_metadata(&meta_path, ceph);
             Err(e)
         }
     }

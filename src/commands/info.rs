@@ -338,34 +338,50 @@ pub fn info(image_path: &Path, pi_meta: Option<&Path>) -> Result<InfoReport, Too
     let image_size = target_size(image_path)
         .map_err(io_error(format!("cannot examine {}", image_path.display())))?;
     let meta_path = store::meta_path(image_path, pi_meta);
-    let meta = if meta_path.exists() {
-        let header = read_header_settled(&meta_path)?;
-        let examine = || format!("cannot examine {}", meta_path.display());
-        let stat = std::fs::metadata(&meta_path).map_err(io_error(examine()))?;
-        let size = target_size(&meta_path).map_err(io_error(examine()))?;
-        let allocated = if stat.file_type().is_block_device() {
-            size
-        } else {
-            stat.blocks() * 512
-        };
-        Some(MetaInfo {
-            header,
-            size,
-            allocated,
-        })
+    let meta = file_meta_info(&meta_path)?;
+    report(image_path, image_size, meta_path, meta, image_path)
+}
+
+/// The metadata file or device at `meta_path`, if there is one.
+fn file_meta_info(meta_path: &Path) -> Result<Option<MetaInfo>, ToolError> {
+    if !meta_path.exists() {
+        return Ok(None);
+    }
+    let header = read_header_settled(meta_path)?;
+    let examine = || format!("cannot examine {}", meta_path.display());
+    let stat = std::fs::metadata(meta_path).map_err(io_error(examine()))?;
+    let size = target_size(meta_path).map_err(io_error(examine()))?;
+    let allocated = if stat.file_type().is_block_device() {
+        size
     } else {
-        None
+        stat.blocks() * 512
     };
-    let journal_path = journal::default_path(image_path);
+    Ok(Some(MetaInfo {
+        header,
+        size,
+        allocated,
+    }))
+}
+
+/// The report, with the journal and the daemon's last statistics read from beside
+/// `state_base` (the image path, or an RBD image's place under --rbd-state-dir).
+fn report(
+    image: &Path,
+    image_size: u64,
+    meta_path: PathBuf,
+    meta: Option<MetaInfo>,
+    state_base: &Path,
+) -> Result<InfoReport, ToolError> {
+    let journal_path = journal::default_path(state_base);
     let (records, skipped) = Journal::read(&journal_path)
         .map_err(io_error(format!("cannot read {}", journal_path.display())))?;
     // Published by a serving daemon when sessions start and end; absent if none ever served
     // it (or one too old to be read).
-    let daemon = std::fs::read_to_string(journal::stats_path(image_path))
+    let daemon = std::fs::read_to_string(journal::stats_path(state_base))
         .ok()
         .and_then(|text| serde_json::from_str(&text).ok());
     Ok(InfoReport {
-        image: image_path.into(),
+        image: image.into(),
         image_size,
         meta_path,
         meta,
@@ -378,13 +394,13 @@ pub fn info(image_path: &Path, pi_meta: Option<&Path>) -> Result<InfoReport, Too
     })
 }
 
-/// `guardblk info rbd:POOL/IMAGE`: the image as Ceph reports it.
+/// `guardblk info rbd:POOL/IMAGE`: the image as Ceph reports it, and its PI as for a file.
 #[derive(Debug)]
 pub struct RbdInfoReport {
     pub spec: RbdSpec,
-    pub size: u64,
     pub conf: Option<PathBuf>,
     pub id: String,
+    pub report: InfoReport,
 }
 
 impl RbdInfoReport {
@@ -394,30 +410,24 @@ impl RbdInfoReport {
             |p| p.display().to_string(),
         );
         format!(
-            "image:     {} (Ceph RBD: pool {}, image {}; {conf}, client.{})\n\
-             size:      {} bytes ({}), {} sectors of 512 bytes\n\
-             PI:        none (guardblk cannot keep PI for RBD images yet)",
-            self.spec,
+            "ceph:      pool {}, image {} ({conf}, client.{})\n{}",
             self.spec.pool,
             self.spec.image,
             self.id,
-            self.size,
-            human(self.size),
-            self.size / 512,
+            self.report.text()
         )
     }
 
     pub fn json(&self) -> Value {
-        json!({
-            "image": self.spec.to_string(),
-            "kind": "rbd",
+        let mut doc = self.report.json();
+        doc["kind"] = json!("rbd");
+        doc["ceph"] = json!({
             "pool": self.spec.pool,
-            "rbd_image": self.spec.image,
-            "size": self.size,
-            "ceph_conf": self.conf.as_ref().map(|p| p.display().to_string()),
-            "ceph_id": self.id,
-            "pi": Value::Null,
-        })
+            "image": self.spec.image,
+            "conf": self.conf.as_ref().map(|p| p.display().to_string()),
+            "id": self.id,
+        });
+        doc
     }
 }
 
@@ -426,15 +436,35 @@ pub fn is_rbd_target(target: &Path) -> bool {
     target.to_str().is_some_and(|t| t.starts_with("rbd:"))
 }
 
-/// Describe an RBD image: connect, open it read-only, read its size.
-pub fn info_rbd(target: &Path, options: &CephOptions) -> Result<RbdInfoReport, ToolError> {
+/// Describe an RBD image: connect, open it and its PI metadata (the RBD image IMAGE.pi, or
+/// `pi_meta`) read-only, and read the journal and statistics this host keeps for it.
+pub fn info_rbd(
+    target: &Path,
+    pi_meta: Option<&Path>,
+    options: &CephOptions,
+) -> Result<RbdInfoReport, ToolError> {
     let text = target.to_str().unwrap_or_default();
     let spec = RbdSpec::parse(text).unwrap_or_else(|| Err(RbdError::BadSpec(text.to_string())))?;
     let image = RbdImage::open(&spec, options, true)?;
+    let meta_path = store::meta_path(target, pi_meta);
+    let meta = match meta_path.to_str().and_then(RbdSpec::parse) {
+        None => file_meta_info(&meta_path)?,
+        Some(meta_spec) => match PiMetadata::read_header_rbd(&meta_spec?, options) {
+            Ok((header, size)) => Some(MetaInfo {
+                header,
+                size,
+                allocated: size,
+            }),
+            Err(MetadataError::Missing { .. }) => None,
+            Err(e) => return Err(e.into()),
+        },
+    };
+    let state_base = options.state_dir.join(&spec.pool).join(&spec.image);
+    let report = report(target, image.size(), meta_path, meta, &state_base)?;
     Ok(RbdInfoReport {
         spec,
-        size: image.size(),
         conf: options.conf.clone(),
         id: options.id.clone(),
+        report,
     })
 }

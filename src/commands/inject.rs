@@ -6,6 +6,7 @@ use crate::integrity::corruption::{self, Corrupted, Corruption};
 use crate::integrity::journal::{Event, Record};
 
 use super::{io_error, open_exclusive, open_store, ToolError};
+use crate::storage::rbd::CephOptions;
 
 /// What `inject` did.
 #[derive(Debug)]
@@ -60,8 +61,9 @@ pub fn inject(
     lba: u64,
     kind: Corruption,
     pi_meta: Option<&Path>,
+    ceph: &CephOptions,
 ) -> Result<Injected, ToolError> {
-    let image = open_exclusive(image_path, "injecting corruption")?;
+    let image = open_exclusive(image_path, ceph, "injecting corruption")?;
     let (store, _report) = open_store(&image, pi_meta)?;
     let blocks = store.meta.blocks();
     let interval = u64::from(store.interval());

@@ -5,6 +5,7 @@
 //! LBAs are in protection-interval units everywhere; reports give the byte offset too.
 
 use std::io::{self, IsTerminal};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -13,8 +14,10 @@ use thiserror::Error;
 use crate::cli::CliError;
 use crate::daemon::DaemonError;
 use crate::integrity::journal::Event;
+use crate::integrity::metadata::Header;
 use crate::integrity::store::PiStore;
-use crate::integrity::{recovery, MetadataError};
+use crate::integrity::{recovery, MetadataError, PiMetadata};
+use crate::storage::rbd::{CephOptions, RbdError, RbdImage, RbdSpec};
 use crate::storage::{files, Image, ImageError};
 
 mod create;
@@ -58,8 +61,23 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> ToolError {
     move |source| ToolError::Io { what, source }
 }
 
-/// Open `path` for exclusive use by a tool; a daemon serving it is reported in one sentence.
-fn open_exclusive(path: &Path, doing: &str) -> Result<Image, ToolError> {
+/// The RBD image a command-line target names (`rbd:POOL/IMAGE`), checked; `None` for a path.
+fn rbd_target(target: &Path) -> Option<Result<RbdSpec, ToolError>> {
+    let spec = RbdSpec::parse(target.to_str()?)?;
+    Some(spec.map_err(ToolError::from))
+}
+
+/// Open `path` (or an `rbd:` image) for exclusive use by a tool; a daemon serving a file
+/// or an `rbd:` image (its exclusive lock) is reported in one sentence.
+fn open_exclusive(path: &Path, ceph: &CephOptions, doing: &str) -> Result<Image, ToolError> {
+    if let Some(spec) = rbd_target(path) {
+        return Image::open_rbd(&spec?, ceph, false).map_err(|e| match e {
+            ImageError::Rbd(RbdError::Locked { spec }) => ToolError::Refused(format!(
+                "{spec} is in use by another Ceph client, such as a guardblk serving it (it holds the image's exclusive lock); stop it before {doing}"
+            )),
+            e => e.into(),
+        });
+    }
     Image::open(path, false).map_err(|e| match e {
         ImageError::Locked { path } => ToolError::Refused(format!(
             "{} is being served by a running guardblk (it holds the image lock); stop the daemon before {doing}",
@@ -67,6 +85,48 @@ fn open_exclusive(path: &Path, doing: &str) -> Result<Image, ToolError> {
         )),
         e => e.into(),
     })
+}
+
+/// Create fresh PI metadata at `meta_path`: a file or device, or an RBD image when it is named
+/// `rbd:POOL/IMAGE` (beside an `rbd:` data image).
+fn create_metadata(meta_path: &Path, header: &Header, ceph: &CephOptions) -> Result<(), ToolError> {
+    match rbd_target(meta_path) {
+        Some(spec) => Ok(PiMetadata::create_rbd(&spec?, ceph, header)?),
+        None => Ok(PiMetadata::create(meta_path, header)?),
+    }
+}
+
+/// Whether PI metadata is already at `meta_path` (a block device counts only if it holds a
+/// valid header: a fresh device is a legitimate target; an RBD image counts if it exists).
+fn metadata_present(meta_path: &Path, ceph: &CephOptions) -> bool {
+    if let Some(spec) = rbd_target(meta_path) {
+        return spec.is_ok_and(|spec| RbdImage::open(&spec, ceph, true).is_ok());
+    }
+    match std::fs::metadata(meta_path) {
+        Ok(m) if m.file_type().is_block_device() => PiMetadata::read_header(meta_path).is_ok(),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
+/// Undo [`create_metadata`] after a later step failed: remove the file or RBD image, or make
+/// a block device unrecognisable as metadata again.
+fn remove_metadata(meta_path: &Path, ceph: &CephOptions) {
+    if let Some(spec) = rbd_target(meta_path) {
+        if let Ok(spec) = spec {
+            let _ = RbdImage::remove(&spec, ceph);
+        }
+        return;
+    }
+    let is_device = std::fs::metadata(meta_path).is_ok_and(|m| m.file_type().is_block_device());
+    if is_device {
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(meta_path) {
+            let _ = std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 8], 0);
+            let _ = f.sync_data();
+        }
+    } else {
+        let _ = std::fs::remove_file(meta_path);
+    }
 }
 
 /// Open the PI store of an exclusively opened image, writable; missing metadata is explained.

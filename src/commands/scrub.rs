@@ -10,6 +10,7 @@ use crate::integrity::journal::{Event, Record};
 use crate::integrity::{scan, PiError, PiFormat};
 
 use super::{human, io_error, open_exclusive, open_store, Progress, ToolError};
+use crate::storage::rbd::CephOptions;
 
 /// What `scrub` found.
 #[derive(Debug)]
@@ -89,9 +90,13 @@ impl ScrubReport {
 /// `guardblk scrub`: verify every interval of the image. Opens image and metadata exclusively
 /// and writable, so an unclean previous shutdown is recovered first (torn writes that were in
 /// flight are re-derived and journaled as `recovered`, not reported as errors).
-pub fn scrub(image_path: &Path, pi_meta: Option<&Path>) -> Result<ScrubReport, ToolError> {
+pub fn scrub(
+    image_path: &Path,
+    pi_meta: Option<&Path>,
+    ceph: &CephOptions,
+) -> Result<ScrubReport, ToolError> {
     let start = Instant::now();
-    let image = open_exclusive(image_path, "scrubbing it")?;
+    let image = open_exclusive(image_path, ceph, "scrubbing it")?;
     let (store, report) = open_store(&image, pi_meta)?;
     let interval = u64::from(store.interval());
     let mut progress = Progress::new("scrub");

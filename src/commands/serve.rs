@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::cli::{self, DEFAULT_IMAGE_SIZE};
 use crate::daemon::ServeConfig;
 use crate::integrity::store::{self, PiStore};
+use crate::integrity::MetadataError;
 use crate::integrity::PiFormat;
+use crate::storage::image::Backing;
 use crate::storage::rbd::{CephOptions, RbdSpec};
 use crate::storage::Image;
 use crate::telemetry::RecoveryStats;
@@ -37,22 +39,23 @@ pub fn serve(request: &ServeRequest) -> Result<(), ToolError> {
     let pi_meta = request.pi_meta.as_deref();
     if request.default_image && !image_path.exists() {
         let size = cli::parse_size(DEFAULT_IMAGE_SIZE).expect("default size parses");
-        let created = create(image_path, size, Some(PiFormat::Type1), 4096, pi_meta)?;
+        let created = create(
+            image_path,
+            size,
+            Some(PiFormat::Type1),
+            4096,
+            pi_meta,
+            &request.ceph,
+        )?;
         println!("default image: {created}");
     }
-    let (image, pi, recovery) = match &request.rbd {
-        Some(spec) => {
-            let image = Image::open_rbd(spec, &request.ceph, request.read_only)?;
-            tracing::info!(image = %spec, "serving without PI: guard tags for rbd: images are not implemented yet");
-            (image, None, None)
-        }
-        None => {
-            let image = Image::open(image_path, request.read_only)?;
-            match open_pi(&image, pi_meta)? {
-                Some((store, recovery)) => (image, Some(store), Some(recovery)),
-                None => (image, None, None),
-            }
-        }
+    let image = match &request.rbd {
+        Some(spec) => Image::open_rbd(spec, &request.ceph, request.read_only)?,
+        None => Image::open(image_path, request.read_only)?,
+    };
+    let (pi, recovery) = match open_pi(&image, pi_meta)? {
+        Some((store, recovery)) => (Some(store), Some(recovery)),
+        None => (None, None),
     };
     let config = &request.config;
     println!(
@@ -73,15 +76,23 @@ pub fn open_pi(
     pi_meta: Option<&Path>,
 ) -> Result<Option<(Arc<PiStore>, RecoveryStats)>, ToolError> {
     let meta_path = store::meta_path(image.path(), pi_meta);
-    if pi_meta.is_none() && !meta_path.exists() {
+    let no_metadata = || {
         tracing::warn!(
             image = %image.path().display(),
             "no PI metadata ({} missing): serving without guard tags; `guardblk import` adds them",
             meta_path.display()
         );
-        return Ok(None);
+        Ok(None)
+    };
+    let is_rbd = matches!(image.backing(), Backing::Rbd(_));
+    if pi_meta.is_none() && !is_rbd && !meta_path.exists() {
+        return no_metadata();
     }
-    let (store, report) = PiStore::open_beside(image, pi_meta, !image.read_only())?;
+    let (store, report) = match PiStore::open_beside(image, pi_meta, !image.read_only()) {
+        // An RBD image's metadata is only found by opening it.
+        Err(MetadataError::Missing { .. }) if pi_meta.is_none() => return no_metadata(),
+        opened => opened?,
+    };
     if report.rebound {
         tracing::info!(
             meta = %meta_path.display(),

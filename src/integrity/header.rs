@@ -36,6 +36,8 @@ pub enum MetadataError {
     Open { path: PathBuf, source: io::Error },
     #[error("{path} already exists; refusing to overwrite it")]
     AlreadyExists { path: PathBuf },
+    #[error(transparent)]
+    Rbd(Box<crate::storage::rbd::RbdError>),
     #[error("cannot create PI metadata {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("{path} is not guardblk PI metadata (bad magic)")]
@@ -94,7 +96,25 @@ pub struct DataIdentity {
     pub inode: u64,
 }
 
+/// `device` of an RBD image's identity ("rbd" in ASCII): no st_dev is ever this small and
+/// odd-looking, and block devices use `inode` 0.
+pub const RBD_DEVICE: u64 = 0x0072_6264;
+
 impl DataIdentity {
+    /// The identity of an open image: a file's or device's (below), or an RBD image's
+    /// (its pool-unique id, which survives renames, hashed into `inode`).
+    pub fn of_image(image: &crate::storage::Image) -> io::Result<DataIdentity> {
+        match image.backing() {
+            crate::storage::image::Backing::File(_) => DataIdentity::of(image.path(), image.size()),
+            crate::storage::image::Backing::Rbd(rbd) => Ok(DataIdentity {
+                path: image.path().into(),
+                size: image.size(),
+                device: RBD_DEVICE,
+                inode: fnv1a(rbd.id()?.as_bytes()),
+            }),
+        }
+    }
+
     pub fn of(path: &Path, size: u64) -> io::Result<DataIdentity> {
         let meta = std::fs::metadata(path)?;
         let (device, inode) = if meta.file_type().is_block_device() {
@@ -109,6 +129,14 @@ impl DataIdentity {
             inode,
         })
     }
+}
+
+/// FNV-1a, 64 bits: a stable hash of an RBD image id (no collision resistance needed: the
+/// pairing check verifies data whenever the identity differs).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The decoded header.

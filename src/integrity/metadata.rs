@@ -2,10 +2,11 @@
 //! protection interval of the data image, kept beside the raw image (`IMAGE.pi` by default).
 //! The header page and the errors of opening a file are in `header`, re-exported here.
 //!
-//! Layout and meaning are documented in docs/FORMAT.md; keep the two in step. The file is
-//! mapped shared: tuples are loaded and stored as aligned 64-bit atomics straight in the
-//! mapping (no system call per request), the kernel writes dirty pages back, and
-//! [`PiMetadata::sync`] makes them durable.
+//! Layout and meaning are documented in docs/FORMAT.md; keep the two in step. Tuples are
+//! loaded and stored as aligned 64-bit atomics in memory (no system call per request), and
+//! [`PiMetadata::sync`] makes them durable. Where that memory comes from is the medium
+//! (`super::medium`): a file mapped shared, or an RBD image held in memory and written
+//! through at each sync. Everything here works the same on both.
 //!
 //! An all-zero tuple means "unwritten": the interval reads as zeros and verifies as such.
 //! A fresh file is all zeros, so creating metadata for a 1 TiB image writes only the header.
@@ -18,28 +19,25 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::intent::IntentLog;
+use super::medium::{FileMedium, Medium, RbdMedium};
 use super::pi::{PiFormat, Tuple};
 use crate::storage::files::{self, SharedMapping};
+use crate::storage::rbd::{CephOptions, RbdImage, RbdSpec};
 
 pub use super::header::{
     default_path, DataIdentity, Header, MetadataError, VolumeState, APP_TAG, HEADER_SIZE,
 };
 
-/// An open metadata file: header, intent bitmap and tuples.
+/// Open metadata: header, intent bitmap and tuples.
 pub struct PiMetadata {
+    /// The file, or `rbd:POOL/IMAGE.pi`, as the operator would name it.
     path: PathBuf,
-    file: File,
     header: Header,
-    map: SharedMapping,
+    medium: Medium,
     writable: bool,
     intent: IntentLog,
     /// The loss of mapped pages has been logged (once is enough: every request says it).
     loss_logged: AtomicBool,
-    /// Syncs that failed so far, and how many of them a rewrite through the file has made
-    /// good (see [`PiMetadata::rewrite_through_file`]). A sync is only as good as the last
-    /// failure it covers.
-    failed_syncs: AtomicU64,
-    failed_syncs_rewritten: AtomicU64,
 }
 
 impl std::fmt::Debug for PiMetadata {
@@ -135,14 +133,7 @@ impl PiMetadata {
             source,
         };
         let header = read_valid_header(&file, path)?;
-        if header.capacity_bytes() != data.size {
-            return Err(MetadataError::SizeMismatch {
-                meta: path.into(),
-                data: data.path.clone(),
-                expected: header.capacity_bytes(),
-                actual: data.size,
-            });
-        }
+        check_size(path, &header, data)?;
 
         // A file copied sparse, or made by an older guardblk: allocate it now (see `allocate`).
         if writable
@@ -170,6 +161,86 @@ impl PiMetadata {
                 source,
             },
         )?;
+        let medium = Medium::File(FileMedium::new(path.into(), file, map));
+        PiMetadata::with_medium(path, header, medium, data, writable)
+    }
+
+    /// The metadata in the RBD image `spec` (beside an `rbd:` data image), checked against
+    /// `data` like a file. Read into memory whole (8 bytes per interval: 2 MiB per GiB of
+    /// 4 KiB intervals) and written through at each sync.
+    pub fn open_rbd(
+        spec: &RbdSpec,
+        options: &CephOptions,
+        data: &DataIdentity,
+        writable: bool,
+    ) -> Result<PiMetadata, MetadataError> {
+        let path = PathBuf::from(spec.to_string());
+        let image =
+            RbdImage::open(spec, options, !writable).map_err(|e| rbd_open_error(&path, e))?;
+        if writable {
+            image
+                .lock_exclusive()
+                .map_err(|e| rbd_open_error(&path, e))?;
+        }
+        let io_err = |source| MetadataError::Io {
+            path: path.clone(),
+            source,
+        };
+        let header = read_rbd_header(&image, &path)?;
+        check_size(&path, &header, data)?;
+        let medium =
+            Medium::Rbd(RbdMedium::load(image, header.file_len() as usize).map_err(io_err)?);
+        PiMetadata::with_medium(&path, header, medium, data, writable)
+    }
+
+    /// Read and check the header of the metadata in the RBD image `spec`, without holding
+    /// the image open (`guardblk info`); also its size in bytes.
+    pub fn read_header_rbd(
+        spec: &RbdSpec,
+        options: &CephOptions,
+    ) -> Result<(Header, u64), MetadataError> {
+        let path = PathBuf::from(spec.to_string());
+        let image = RbdImage::open(spec, options, true).map_err(|e| rbd_open_error(&path, e))?;
+        let header = read_rbd_header(&image, &path)?;
+        Ok((header, image.size()))
+    }
+
+    /// Create the RBD image `spec` as fresh metadata described by `header` (all intervals
+    /// unwritten: an RBD image reads as zeros where nothing was written, so only the header
+    /// is written).
+    pub fn create_rbd(
+        spec: &RbdSpec,
+        options: &CephOptions,
+        header: &Header,
+    ) -> Result<(), MetadataError> {
+        let path = PathBuf::from(spec.to_string());
+        RbdImage::create(spec, options, header.file_len()).map_err(|e| rbd_open_error(&path, e))?;
+        let written = RbdImage::open(spec, options, false)
+            .map_err(|e| rbd_open_error(&path, e))
+            .and_then(|image| {
+                image
+                    .write_at(&header.encode(), 0)
+                    .and_then(|()| image.flush())
+                    .map_err(|source| MetadataError::Create {
+                        path: path.clone(),
+                        source,
+                    })
+            });
+        if written.is_err() {
+            let _ = RbdImage::remove(spec, options);
+        }
+        written
+    }
+
+    /// The part of opening shared by every medium: the intent log loaded, and a writable
+    /// open marked in use.
+    fn with_medium(
+        path: &Path,
+        header: Header,
+        medium: Medium,
+        data: &DataIdentity,
+        writable: bool,
+    ) -> Result<PiMetadata, MetadataError> {
         let intent = IntentLog::new(
             header.regions(),
             header.region_shift,
@@ -177,14 +248,11 @@ impl PiMetadata {
         );
         let mut meta = PiMetadata {
             path: path.into(),
-            file,
             header,
-            map,
+            medium,
             writable,
             intent,
             loss_logged: AtomicBool::new(false),
-            failed_syncs: AtomicU64::new(0),
-            failed_syncs_rewritten: AtomicU64::new(0),
         };
         meta.intent.load(meta.bitmap_words());
         if writable {
@@ -193,7 +261,10 @@ impl PiMetadata {
                 path: data.path.clone(),
                 ..meta.header.data.clone()
             };
-            meta.write_header().map_err(io_err)?;
+            meta.write_header().map_err(|source| MetadataError::Io {
+                path: path.into(),
+                source,
+            })?;
         }
         Ok(meta)
     }
@@ -243,8 +314,7 @@ impl PiMetadata {
     }
 
     fn write_header(&self) -> io::Result<()> {
-        std::os::unix::fs::FileExt::write_all_at(&self.file, &self.header.encode(), 0)?;
-        self.file.sync_data()
+        self.medium.write_header(&self.header.encode())
     }
 
     fn bitmap_words(&self) -> &[AtomicU64] {
@@ -253,7 +323,7 @@ impl PiMetadata {
         // SAFETY: the bitmap lies inside the mapping (file_len covers it), is 8-byte aligned
         // (page-aligned offset) and lives as long as `self`; AtomicU64 has u64's layout.
         unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().add(offset).cast::<AtomicU64>(), words)
+            std::slice::from_raw_parts(self.medium.base().add(offset).cast::<AtomicU64>(), words)
         }
     }
 
@@ -265,7 +335,7 @@ impl PiMetadata {
         // SAFETY: lba < blocks, so the tuple lies inside the tuple area of the mapping; the
         // area is page-aligned and tuples are 8 or 16 bytes, so the words are 8-aligned.
         unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().add(offset).cast::<AtomicU64>(), size / 8)
+            std::slice::from_raw_parts(self.medium.base().add(offset).cast::<AtomicU64>(), size / 8)
         }
     }
 
@@ -288,7 +358,7 @@ impl PiMetadata {
             // a prefetch never faults and has no architectural effect.
             unsafe {
                 std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    self.map.as_ptr().add(offset as usize).cast::<i8>(),
+                    self.medium.base().add(offset as usize).cast::<i8>(),
                 )
             };
             #[cfg(not(target_arch = "x86_64"))]
@@ -326,6 +396,14 @@ impl PiMetadata {
                 Ordering::Release,
             );
         }
+        self.medium.stored(self.tuple_range(lba, 1));
+    }
+
+    /// Where the tuples of `count` intervals from `lba` are, in bytes from the start.
+    fn tuple_range(&self, lba: u64, count: u64) -> std::ops::Range<usize> {
+        let size = self.header.format.tuple_size() as u64;
+        let start = self.header.tuples_offset() + lba * size;
+        start as usize..(start + count * size) as usize
     }
 
     pub fn set_tuple(&self, lba: u64, tuple: &Tuple) {
@@ -343,6 +421,7 @@ impl PiMetadata {
                 w.store(0, Ordering::Release);
             }
         }
+        self.medium.stored(self.tuple_range(lba, count));
     }
 
     /// Whether the file still backs every page of the mapping. A page the kernel could not
@@ -351,7 +430,7 @@ impl PiMetadata {
     /// `storage::sigbus`): what was stored there is not in the file, so every tuple, intent
     /// and sync is suspect from then on and the caller fails its request.
     pub fn intact(&self) -> io::Result<()> {
-        if self.map.faults() == 0 {
+        if self.medium.faults() == 0 {
             return Ok(());
         }
         if !self.loss_logged.swap(true, Ordering::Relaxed) {
@@ -368,89 +447,30 @@ impl PiMetadata {
 
     /// Make every stored tuple and bitmap word durable.
     pub fn sync(&self) -> io::Result<()> {
-        self.msync(0, self.map.len())
+        let bitmap = self.header.bitmap_offset() as usize;
+        self.persist(|m| m.persist_all(bitmap..bitmap + self.header.bitmap_len() as usize))
     }
 
     /// Make the tuples of `count` intervals from `lba` durable.
     pub fn sync_tuples(&self, lba: u64, count: u64) -> io::Result<()> {
-        let size = self.header.format.tuple_size() as u64;
-        let start = self.header.tuples_offset() + lba * size;
-        self.msync(start as usize, (count * size) as usize)
+        let range = self.tuple_range(lba, count);
+        self.persist(|m| m.persist(range))
     }
 
     /// Make the bitmap word holding `region` durable.
     pub(crate) fn sync_bitmap_word(&self, region: u64) -> io::Result<()> {
-        let offset = self.header.bitmap_offset() + region / 64 * 8;
-        self.msync(offset as usize, 8)
+        let offset = (self.header.bitmap_offset() + region / 64 * 8) as usize;
+        self.persist(|m| m.persist(offset..offset + 8))
     }
 
-    fn msync(&self, offset: usize, len: usize) -> io::Result<()> {
+    /// Run `write` on the medium if anything may be written, between checks that the medium
+    /// still holds what was stored.
+    fn persist(&self, write: impl FnOnce(&Medium) -> io::Result<()>) -> io::Result<()> {
         self.intact()?;
-        if !self.writable || len == 0 {
+        if !self.writable {
             return Ok(());
         }
-        let result = self.rewrite_after_failed_sync().and_then(|()| {
-            let start = offset & !4095;
-            let end = (offset + len).min(self.map.len());
-            // SAFETY: [start, end) lies within the mapping (page-aligned start, end clamped).
-            let rc = unsafe {
-                libc::msync(
-                    self.map.as_ptr().add(start).cast(),
-                    end - start,
-                    libc::MS_SYNC,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-        if result.is_err() {
-            self.failed_syncs.fetch_add(1, Ordering::SeqCst);
-        }
-        result.and_then(|()| self.intact())
-    }
-
-    /// After a failed sync, write the whole mapping out again before trusting any later
-    /// sync. A page whose write-back failed is marked clean by the kernel with its new
-    /// content only in memory: a later msync finds nothing dirty and succeeds, and a flush
-    /// would report OK over a tuple the disk never got (fsyncgate).
-    fn rewrite_after_failed_sync(&self) -> io::Result<()> {
-        let failed = self.failed_syncs.load(Ordering::SeqCst);
-        if failed == self.failed_syncs_rewritten.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.redirty_every_page();
-        // SAFETY: the whole mapping, from its page-aligned start.
-        if unsafe { libc::msync(self.map.as_ptr().cast(), self.map.len(), libc::MS_SYNC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // A sync that fails while this runs is counted after `failed` was read, and so
-        // still asks the next sync to write everything out again.
-        self.failed_syncs_rewritten
-            .fetch_max(failed, Ordering::SeqCst);
-        tracing::info!(
-            metadata = %self.path.display(),
-            "the PI metadata was written out again after a failed sync"
-        );
-        Ok(())
-    }
-
-    /// Mark every page of the mapping dirty without changing a byte: a write access to a
-    /// clean page makes the kernel dirty it again. The write is a compare-exchange of a word
-    /// with itself: an idempotent read-modify-write may be compiled to a plain load, and a
-    /// copy written back (through the file or the mapping) could undo a concurrent store.
-    fn redirty_every_page(&self) {
-        let words = self.map.as_ptr().cast::<AtomicU64>();
-        for page in 0..self.map.len() / 4096 {
-            // SAFETY: the mapping is page-aligned and a whole number of pages long
-            // (Header::file_len), so the page's first word is aligned and inside it; other
-            // threads store into it through atomics only.
-            let word = unsafe { &*words.add(page * 4096 / 8) };
-            let value = word.load(Ordering::Relaxed);
-            // A failed exchange means another thread just stored there: dirty as well.
-            let _ = word.compare_exchange(value, value, Ordering::Relaxed, Ordering::Relaxed);
-        }
+        write(&self.medium).and_then(|()| self.intact())
     }
 
     /// Write-intent: make sure the regions covering `count` intervals from `lba` are marked
@@ -511,13 +531,62 @@ impl PiMetadata {
             state: VolumeState::Clean,
             ..self.header.clone()
         };
-        std::os::unix::fs::FileExt::write_all_at(&self.file, &clean.encode(), 0)?;
-        self.file.sync_data()
+        self.medium.write_header(&clean.encode())
     }
 
     /// Release the metadata lock now (not at drop, which can be delayed by async teardown).
     pub fn release_lock(&self) {
-        files::unlock(&self.file);
+        self.medium.release_lock();
+    }
+}
+
+/// The header of metadata in an RBD image, checked as [`read_valid_header`] checks a file's.
+fn read_rbd_header(image: &RbdImage, path: &Path) -> Result<Header, MetadataError> {
+    if image.size() < HEADER_SIZE {
+        return Err(MetadataError::NotMetadata { path: path.into() });
+    }
+    let mut page = vec![0u8; HEADER_SIZE as usize];
+    image
+        .read_at(&mut page, 0)
+        .map_err(|source| MetadataError::Io {
+            path: path.into(),
+            source,
+        })?;
+    let header = Header::decode(&page, path)?;
+    if image.size() < header.file_len() {
+        return Err(MetadataError::Truncated {
+            path: path.into(),
+            len: image.size(),
+            needed: header.file_len(),
+        });
+    }
+    Ok(header)
+}
+
+/// The metadata must describe a disk of the data target's size.
+fn check_size(path: &Path, header: &Header, data: &DataIdentity) -> Result<(), MetadataError> {
+    if header.capacity_bytes() != data.size {
+        return Err(MetadataError::SizeMismatch {
+            meta: path.into(),
+            data: data.path.clone(),
+            expected: header.capacity_bytes(),
+            actual: data.size,
+        });
+    }
+    Ok(())
+}
+
+/// A Ceph failure opening or creating metadata in an RBD image: a missing image is missing
+/// metadata; anything else keeps Ceph's own sentence.
+fn rbd_open_error(path: &Path, e: crate::storage::rbd::RbdError) -> MetadataError {
+    match e {
+        crate::storage::rbd::RbdError::NoImage { .. } => {
+            MetadataError::Missing { path: path.into() }
+        }
+        crate::storage::rbd::RbdError::Exists { .. } => {
+            MetadataError::AlreadyExists { path: path.into() }
+        }
+        e => MetadataError::Rbd(Box::new(e)),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod guard;
 pub(crate) mod header;
 pub(crate) mod intent;
 pub(crate) mod journal;
+pub(crate) mod medium;
 pub(crate) mod metadata;
 pub(crate) mod pi;
 pub(crate) mod reader;

@@ -9,6 +9,8 @@ use super::journal::{self, Event, Journal, Record};
 use super::metadata::{DataIdentity, MetadataError, PiMetadata};
 use super::reader::{extents, for_each_interval, is_zero, read_upto, Extent, CHUNK};
 use super::store::{meta_path, PiStore};
+use crate::storage::image::Backing;
+use crate::storage::rbd::RbdSpec;
 use crate::storage::{AlignedBuf, Image};
 
 /// How many written blocks the pairing check verifies.
@@ -41,14 +43,14 @@ impl PiStore {
             path: meta_path.into(),
             source,
         };
-        let data = DataIdentity::of(image.path(), image.size()).map_err(io_err)?;
-        let mut meta = PiMetadata::open(meta_path, &data, writable)?;
+        let data = DataIdentity::of_image(image).map_err(io_err)?;
+        let mut meta = open_metadata(image, meta_path, &data, writable)?;
         let mut writable = writable;
         if !writable && !meta.dirty_regions().is_empty() {
             // Not closed cleanly: a read-only user would see false guard errors where writes
             // were in flight. Recovery only writes metadata, so do it if we may.
             drop(meta);
-            meta = PiMetadata::open(meta_path, &data, true).map_err(|e| match e {
+            meta = open_metadata(image, meta_path, &data, true).map_err(|e| match e {
                 MetadataError::Open { source, .. } => MetadataError::NeedsRecovery {
                     path: meta_path.into(),
                     source,
@@ -91,7 +93,33 @@ impl PiStore {
         writable: bool,
     ) -> Result<(PiStore, OpenReport), MetadataError> {
         let meta = meta_path(image.path(), pi_meta);
-        PiStore::open(image, &meta, journal::default_path(image.path()), writable)
+        PiStore::open(
+            image,
+            &meta,
+            journal::default_path(&image.state_base()),
+            writable,
+        )
+    }
+}
+
+/// The metadata at `meta_path`: an RBD image when it is named `rbd:POOL/IMAGE` (beside an
+/// `rbd:` data image, and reached the same way), else a file or block device.
+fn open_metadata(
+    image: &Image,
+    meta_path: &Path,
+    data: &DataIdentity,
+    writable: bool,
+) -> Result<PiMetadata, MetadataError> {
+    let Some(spec) = meta_path.to_str().and_then(RbdSpec::parse) else {
+        return PiMetadata::open(meta_path, data, writable);
+    };
+    let spec = spec.map_err(|e| MetadataError::Rbd(Box::new(e)))?;
+    match image.backing() {
+        Backing::Rbd(rbd) => PiMetadata::open_rbd(&spec, rbd.options(), data, writable),
+        Backing::File(_) => Err(MetadataError::Open {
+            path: meta_path.into(),
+            source: io::Error::other("PI metadata in an RBD image belongs beside an rbd: image"),
+        }),
     }
 }
 

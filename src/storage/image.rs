@@ -42,6 +42,8 @@ pub enum ImageError {
     BadSize { size: u64 },
     #[error(transparent)]
     Rbd(#[from] RbdError),
+    #[error("cannot create {path}, where guardblk keeps its journal and statistics of rbd: images (see --rbd-state-dir): {source}")]
+    StateDir { path: PathBuf, source: io::Error },
 }
 
 /// Alignment the kernel demands of O_DIRECT buffers and file offsets on this image.
@@ -215,7 +217,15 @@ impl Image {
         read_only: bool,
     ) -> Result<Image, ImageError> {
         let rbd = RbdImage::open(spec, options, read_only)?;
+        if !read_only {
+            rbd.lock_exclusive()?;
+        }
         let path = PathBuf::from(spec.to_string());
+        let state = options.state_dir.join(&spec.pool);
+        std::fs::create_dir_all(&state).map_err(|source| ImageError::StateDir {
+            path: state.clone(),
+            source,
+        })?;
         let size = rbd.size();
         if size == 0 {
             return Err(ImageError::Empty { path });
@@ -240,6 +250,21 @@ impl Image {
         match &self.backing {
             Backing::File(f) => Some(f),
             Backing::Rbd(_) => None,
+        }
+    }
+
+    /// Where the files guardblk keeps beside an image go (its journal, statistics and
+    /// learned mutation marks, named by appending to this path): beside a file image, and
+    /// for an `rbd:` image under `--rbd-state-dir` as `POOL/IMAGE` (they are this host's
+    /// record, not the cluster's).
+    pub fn state_base(&self) -> PathBuf {
+        match &self.backing {
+            Backing::File(_) => self.path.clone(),
+            Backing::Rbd(rbd) => rbd
+                .options()
+                .state_dir
+                .join(&rbd.spec().pool)
+                .join(&rbd.spec().image),
         }
     }
 

@@ -213,6 +213,10 @@ memstore_device_bytes = $bytes
 # fills whole 4 MiB RBD objects and copies them on writes: ~5x slower random
 # writes and ~1.4 GB RSS after 64 MiB of random 4 KiB writes to a 1 GiB image
 memstore_page_set = true
+# A client that dies holding an RBD image's exclusive lock (a daemon killed by
+# a crash test) keeps it until its watch times out; 30 s by default, 10 here
+# so that crash tests take over the image quickly.
+osd_client_watch_timeout = 10
 memstore_page_size = 4096
 bluestore_block_path = $DIR/osd.\$id/block.file
 bluestore_block_create = true

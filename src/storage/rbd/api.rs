@@ -31,6 +31,11 @@ pub(super) struct Api {
     pub(super) rbd_open_read_only:
         unsafe extern "C" fn(IoctxT, *const c_char, *mut ImageT, *const c_char) -> c_int,
     pub(super) rbd_close: unsafe extern "C" fn(ImageT) -> c_int,
+    pub(super) rbd_create: unsafe extern "C" fn(IoctxT, *const c_char, u64, *mut c_int) -> c_int,
+    pub(super) rbd_remove: unsafe extern "C" fn(IoctxT, *const c_char) -> c_int,
+    pub(super) rbd_get_id: unsafe extern "C" fn(ImageT, *mut c_char, usize) -> c_int,
+    /// The mode argument is `rbd_lock_mode_t`, an int-sized C enum.
+    pub(super) rbd_lock_acquire: unsafe extern "C" fn(ImageT, c_int) -> c_int,
     pub(super) rbd_get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     pub(super) rbd_read2: unsafe extern "C" fn(ImageT, u64, usize, *mut c_char, c_int) -> isize,
     pub(super) rbd_write2: unsafe extern "C" fn(ImageT, u64, usize, *const c_char, c_int) -> isize,
@@ -135,6 +140,10 @@ fn load_api() -> Result<Api, RbdError> {
             rbd_open: symbol(rbd, RBD, "rbd_open")?,
             rbd_open_read_only: symbol(rbd, RBD, "rbd_open_read_only")?,
             rbd_close: symbol(rbd, RBD, "rbd_close")?,
+            rbd_create: symbol(rbd, RBD, "rbd_create")?,
+            rbd_remove: symbol(rbd, RBD, "rbd_remove")?,
+            rbd_get_id: symbol(rbd, RBD, "rbd_get_id")?,
+            rbd_lock_acquire: symbol(rbd, RBD, "rbd_lock_acquire")?,
             rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
             rbd_read2: symbol(rbd, RBD, "rbd_read2")?,
             rbd_write2: symbol(rbd, RBD, "rbd_write2")?,

@@ -71,6 +71,9 @@ pub struct CephOptions {
     pub id: String,
     /// Longest wait for the monitors when connecting, and for any one operation.
     pub timeout: Duration,
+    /// Where guardblk keeps this host's files about RBD images (journal, statistics), as
+    /// `POOL/IMAGE...` below it.
+    pub state_dir: PathBuf,
 }
 
 impl Default for CephOptions {
@@ -79,9 +82,13 @@ impl Default for CephOptions {
             conf: None,
             id: "admin".to_string(),
             timeout: Duration::from_secs(30),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
+
+/// `--rbd-state-dir`'s default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/guardblk/rbd";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RbdError {
@@ -115,6 +122,10 @@ pub enum RbdError {
     NoPool { pool: String },
     #[error("there is no RBD image '{image}' in pool '{pool}'")]
     NoImage { pool: String, image: String },
+    #[error("{spec} already exists; refusing to overwrite it")]
+    Exists { spec: RbdSpec },
+    #[error("{spec} is in use by another Ceph client (it holds the image's exclusive lock): a guardblk serving it, or a tool")]
+    Locked { spec: RbdSpec },
     #[error("client.{id} may not open {spec} (permission denied): check its caps on pool '{}'", .spec.pool)]
     Denied { id: String, spec: RbdSpec },
     #[error("{what} {spec}: {}", errno_text(*.errno))]
@@ -235,6 +246,39 @@ impl Cluster {
     }
 }
 
+/// A pool context (`rados_ioctx_t`), destroyed on drop.
+struct Pool<'a>(IoctxT, &'a Cluster);
+
+impl Drop for Pool<'_> {
+    fn drop(&mut self) {
+        // SAFETY: a live ioctx of a live cluster (borrowed), destroyed exactly once.
+        unsafe { (self.1.api.rados_ioctx_destroy)(self.0) };
+    }
+}
+
+impl Cluster {
+    /// The pool of `spec`.
+    fn pool(&self, spec: &RbdSpec, options: &CephOptions) -> Result<Pool<'_>, RbdError> {
+        let pool = CString::new(spec.pool.as_str()).expect("validated by RbdSpec::parse");
+        let mut ioctx: IoctxT = std::ptr::null_mut();
+        // SAFETY: a connected cluster, a valid C string and out-pointer.
+        let rc = unsafe { (self.api.rados_ioctx_create)(self.handle, pool.as_ptr(), &mut ioctx) };
+        if rc < 0 {
+            let missing = RbdError::NoPool {
+                pool: spec.pool.clone(),
+            };
+            return Err(open_error(
+                -rc,
+                missing,
+                "opening the pool of",
+                spec,
+                options,
+            ));
+        }
+        Ok(Pool(ioctx, self))
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         // SAFETY: the handle came from rados_create and is shut down exactly once; every
@@ -246,6 +290,8 @@ impl Drop for Cluster {
 /// An open RBD image with its pool context and cluster connection, all released on drop.
 pub struct RbdImage {
     spec: RbdSpec,
+    /// How it was reached: companion images (the PI metadata) are opened the same way.
+    options: CephOptions,
     size: u64,
     image: ImageT,
     ioctx: IoctxT,
@@ -306,6 +352,7 @@ impl RbdImage {
         }
         let mut rbd = RbdImage {
             spec: spec.clone(),
+            options: options.clone(),
             size: 0,
             image,
             ioctx,
@@ -323,6 +370,90 @@ impl RbdImage {
         }
         rbd.size = size;
         Ok(rbd)
+    }
+
+    /// Create the image `spec` of `size` bytes (librbd's default format and features).
+    pub fn create(spec: &RbdSpec, options: &CephOptions, size: u64) -> Result<(), RbdError> {
+        let cluster = Cluster::connect(options)?;
+        let ioctx = cluster.pool(spec, options)?;
+        let name = CString::new(spec.image.as_str()).expect("validated by RbdSpec::parse");
+        let mut order: std::ffi::c_int = 0; // 0: the default object size
+                                            // SAFETY: a live ioctx, a valid C string and out-pointer.
+        let rc = unsafe { (cluster.api.rbd_create)(ioctx.0, name.as_ptr(), size, &mut order) };
+        match -rc {
+            0 => Ok(()),
+            libc::EEXIST => Err(RbdError::Exists { spec: spec.clone() }),
+            errno => Err(open_error(
+                errno,
+                RbdError::Exists { spec: spec.clone() },
+                "creating",
+                spec,
+                options,
+            )),
+        }
+    }
+
+    /// Remove the image `spec` (tools undoing a half-finished create).
+    pub fn remove(spec: &RbdSpec, options: &CephOptions) -> Result<(), RbdError> {
+        let cluster = Cluster::connect(options)?;
+        let ioctx = cluster.pool(spec, options)?;
+        let name = CString::new(spec.image.as_str()).expect("validated by RbdSpec::parse");
+        // SAFETY: a live ioctx and a valid C string.
+        let rc = unsafe { (cluster.api.rbd_remove)(ioctx.0, name.as_ptr()) };
+        if rc < 0 {
+            let missing = RbdError::NoImage {
+                pool: spec.pool.clone(),
+                image: spec.image.clone(),
+            };
+            return Err(open_error(-rc, missing, "removing", spec, options));
+        }
+        Ok(())
+    }
+
+    /// The image's id: unique in its pool and kept across renames (its identity for the
+    /// pairing check of its PI metadata).
+    pub fn id(&self) -> io::Result<String> {
+        let mut buf = vec![0u8; 64];
+        // SAFETY: a live image; librbd writes at most buf.len() bytes, NUL-terminated.
+        let rc = unsafe {
+            (self.api().rbd_get_id)(self.image, buf.as_mut_ptr() as *mut c_char, buf.len())
+        };
+        if rc < 0 {
+            return Err(io::Error::from_raw_os_error(-rc));
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+    }
+
+    /// Take the image's exclusive lock and keep it until the image is closed: librbd then
+    /// refuses to hand it to another client, whose writes fail, so a second daemon or a tool
+    /// cannot write beside this one. A lock left by a client that died is taken over once
+    /// the cluster notices (its watch times out: `osd_client_watch_timeout`, 30 s by
+    /// default). An image without the exclusive-lock feature cannot be guarded this way;
+    /// that is logged, not refused.
+    pub fn lock_exclusive(&self) -> Result<(), RbdError> {
+        const RBD_LOCK_MODE_EXCLUSIVE: std::ffi::c_int = 0;
+        // SAFETY: a live image.
+        let rc = unsafe { (self.api().rbd_lock_acquire)(self.image, RBD_LOCK_MODE_EXCLUSIVE) };
+        match -rc {
+            0 => Ok(()),
+            libc::EINVAL => {
+                tracing::warn!(image = %self.spec, "the image has no exclusive-lock feature: nothing stops a second client from writing it while guardblk does (enable it with `rbd feature enable POOL/IMAGE exclusive-lock`)");
+                Ok(())
+            }
+            libc::EROFS | libc::EBUSY => Err(RbdError::Locked {
+                spec: self.spec.clone(),
+            }),
+            errno => Err(RbdError::Call {
+                what: "taking the exclusive lock of",
+                spec: self.spec.clone(),
+                errno,
+            }),
+        }
+    }
+
+    pub fn options(&self) -> &CephOptions {
+        &self.options
     }
 
     /// Bytes.
