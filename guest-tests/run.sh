@@ -16,6 +16,7 @@
 #                             host:mutation_detected passes without proving detection
 #   GUARDBLK_SWAP_SECONDS=s, GUARDBLK_SWAP_EXTRA_MIB=n   tune the swap scenario (see below)
 #   GUARDBLK_MIGRATE=0        skip the live-migration boot (see below)
+#   GUARDBLK_RBD=0            skip the boot on a Ceph RBD image (see below)
 #   GUARDBLK_MIGRATE_READS=1  also run the read-buffer migration boots (see below; they fail
 #                             under TCG because of QEMU, as guest-tests/migrate-qsd.sh shows)
 #
@@ -50,6 +51,12 @@
 # migrated guest whenever a vhost-user backend logs pages it wrote (qemu-storage-daemon's
 # libvhost-user too: guest-tests/migrate-qsd.sh), so they are not run by default; the dirty
 # log's page-by-page check is tests/migration.rs (docs/RESTART.md §6). Needs socat for QMP.
+#
+# rbd (a boot of its own at the end): a one-node Ceph cluster (tests/ceph/cluster.sh) with an
+# rbd: image made by `guardblk create` with type 1 PI (tuples in the RBD image IMAGE.pi); the
+# guest runs block_size, o_direct_pattern and filesystem on it; then the image is exported
+# with `rbd export` for the same host checks, and `guardblk scrub rbd:...` must find it clean.
+# Results are prefixed "rbd:". Needs ceph-mon, ceph-osd and ceph-common.
 #
 # Adding a scenario: a test_<name> function in init.sh, <name> in the default
 # GUARDBLK_TESTS below, and optionally host_prepare_<name> (runs after the image is
@@ -150,13 +157,15 @@ NOTES=()
 STRIP_TERM='s/\r//g; s/\x1b\[[0-9;?]*[a-zA-Z]//g; s/\x1bc//g'
 
 say() { echo "guest-tests: $*"; }
+# Prefix of every result name (the rbd boot sets "rbd:").
+RESULT_PREFIX=""
 pass() {
     PASSED=$((PASSED + 1))
-    RESULTS+=("PASS $1")
+    RESULTS+=("PASS $RESULT_PREFIX$1")
 }
 fail() {
     FAILED=$((FAILED + 1))
-    RESULTS+=("FAIL $1: $2")
+    RESULTS+=("FAIL $RESULT_PREFIX$1: $2")
 }
 summary() {
     echo
@@ -775,9 +784,10 @@ session_counters() {
 }
 
 # scrub_clean IMAGE NAME: `guardblk scrub` (the daemon has stopped) must verify every block.
+# scrub_clean IMAGE NAME [OPTION...]: `guardblk scrub IMAGE OPTION...` must find no corrupt block.
 scrub_clean() {
     local img=$1 name=$2 out rc summary
-    out=$("$GUARDBLK_BIN" scrub "$img" --json 2>"$RUN/scrub-$name.err")
+    out=$("$GUARDBLK_BIN" scrub "$img" --json "${@:3}" 2>"$RUN/scrub-$name.err")
     rc=$?
     printf '%s\n' "$out" >"$RUN/scrub-$name.jsonl"
     summary=$(grep '"summary"' <<<"$out" | tail -n 1)
@@ -1074,6 +1084,64 @@ run_migration() {
     fi
 }
 
+# --- rbd boot --------------------------------------------------------------------------
+
+# run_rbd_boot: the guest's disk is an rbd: image with PI on a one-node test cluster.
+run_rbd_boot() {
+    local tool cluster=$RUN/ceph state=$RUN/rbd-state image=rbd:rbd/guest
+    for tool in ceph-mon ceph-osd rbd; do
+        command -v "$tool" >/dev/null || { fail rbd:cluster "$tool is not installed (apt-get install ceph-mon ceph-osd ceph-common)"; return; }
+    done
+    say "rbd boot: one-node Ceph cluster, $image with type 1 PI"
+    if ! CEPH_TEST_PORT=${GUARDBLK_RBD_PORT:-29789} bash "$ROOT/tests/ceph/cluster.sh" start "$cluster" >"$RUN/ceph-start.log" 2>&1; then
+        fail rbd:cluster "the test cluster did not start: $(tail -n 3 "$RUN/ceph-start.log" | tr '\n' ' ')"
+        return
+    fi
+    local ceph=(--ceph-conf "$cluster/ceph.conf" --rbd-state-dir "$state")
+    RESULT_PREFIX=rbd:
+    if ! "$GUARDBLK_BIN" create "$image" --size "${IMAGE_MIB}M" --pi type1 --interval "$PI_INTERVAL" "${ceph[@]}" \
+        >"$RUN/rbd-create.log" 2>&1; then
+        fail create "$(cat "$RUN/rbd-create.log")"
+    else
+        # This boot's scenarios; the main boot's logs are kept under other names.
+        local main_tests=$GUARDBLK_TESTS main_args=("${SERVE_ARGS[@]}")
+        GUARDBLK_TESTS=block_size,o_direct_pattern,filesystem
+        mv "$RUN/serial.log" "$RUN/serial-main.log"
+        build_initramfs
+        SERVE_ARGS+=("${ceph[@]}")
+        DAEMON_LOG=$RUN/daemon-rbd.log
+        DAEMON_STATS=${DAEMON_LOG%.log}-stats.json
+        SOCK=$SOCK_DIR/rbd.sock
+        launch_daemon "$image" "$SOCK" "$DAEMON_LOG" "$RUN/daemon-rbd.out"
+        DAEMON_PID=$LAUNCHED_PID
+        run_guest
+        stop_one "$DAEMON_PID" "$SOCK" "$DAEMON_LOG" daemon_clean_stop
+        DAEMON_PID=""
+        collect_guest_results
+        scrub_clean "$image" scrub_clean "${ceph[@]}"
+        if rbd -c "$cluster/ceph.conf" export --no-progress rbd/guest "$RUN/rbd.img" >"$RUN/rbd-export.log" 2>&1; then
+            local main_img=$IMG
+            IMG=$RUN/rbd.img
+            host_untouched_regions
+            host_check_o_direct_pattern
+            host_check_filesystem
+            IMG=$main_img
+            rm -f "$RUN/rbd.img"
+        else
+            fail host:rbd_export "$(cat "$RUN/rbd-export.log")"
+        fi
+        if grep -q "PI guard error" "$DAEMON_LOG"; then
+            fail host:no_guard_errors "$(grep -m1 "PI guard error" "$DAEMON_LOG")"
+        else
+            pass host:no_guard_errors
+        fi
+        GUARDBLK_TESTS=$main_tests
+        SERVE_ARGS=("${main_args[@]}")
+    fi
+    RESULT_PREFIX=""
+    bash "$ROOT/tests/ceph/cluster.sh" stop "$cluster" >/dev/null 2>&1
+}
+
 # --- main ------------------------------------------------------------------------------
 
 require_tools
@@ -1107,6 +1175,9 @@ if [[ ${GUARDBLK_MIGRATE:-1} != 0 ]]; then
         run_migration migrate_reads_control 1 75
     fi
     scrub_clean "$IMG" migrate_scrub_clean
+fi
+if [[ ${GUARDBLK_RBD:-1} != 0 ]]; then
+    run_rbd_boot
 fi
 DAEMON_LOG=$MAIN_DAEMON_LOG
 DAEMON_STATS=$MAIN_DAEMON_STATS

@@ -38,6 +38,8 @@ pub enum MetadataError {
     AlreadyExists { path: PathBuf },
     #[error(transparent)]
     Rbd(Box<crate::storage::rbd::RbdError>),
+    #[error("cannot create {path}, where guardblk keeps the PI journal and statistics of rbd: images (see --rbd-state-dir): {source}")]
+    StateDir { path: PathBuf, source: io::Error },
     #[error("cannot create PI metadata {path}: {source}")]
     Create { path: PathBuf, source: io::Error },
     #[error("{path} is not guardblk PI metadata (bad magic)")]

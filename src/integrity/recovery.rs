@@ -93,12 +93,18 @@ impl PiStore {
         writable: bool,
     ) -> Result<(PiStore, OpenReport), MetadataError> {
         let meta = meta_path(image.path(), pi_meta);
-        PiStore::open(
-            image,
-            &meta,
-            journal::default_path(&image.state_base()),
-            writable,
-        )
+        let journal = journal::default_path(&image.state_base());
+        if matches!(image.backing(), Backing::Rbd(_)) {
+            // This host's files about an RBD image live under --rbd-state-dir, which may
+            // not exist yet.
+            if let Some(dir) = journal.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| MetadataError::StateDir {
+                    path: dir.into(),
+                    source,
+                })?;
+            }
+        }
+        PiStore::open(image, &meta, journal, writable)
     }
 }
 

@@ -42,8 +42,6 @@ pub enum ImageError {
     BadSize { size: u64 },
     #[error(transparent)]
     Rbd(#[from] RbdError),
-    #[error("cannot create {path}, where guardblk keeps its journal and statistics of rbd: images (see --rbd-state-dir): {source}")]
-    StateDir { path: PathBuf, source: io::Error },
 }
 
 /// Alignment the kernel demands of O_DIRECT buffers and file offsets on this image.
@@ -221,11 +219,6 @@ impl Image {
             rbd.lock_exclusive()?;
         }
         let path = PathBuf::from(spec.to_string());
-        let state = options.state_dir.join(&spec.pool);
-        std::fs::create_dir_all(&state).map_err(|source| ImageError::StateDir {
-            path: state.clone(),
-            source,
-        })?;
         let size = rbd.size();
         if size == 0 {
             return Err(ImageError::Empty { path });
