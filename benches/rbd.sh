@@ -7,15 +7,16 @@
 # that image against guardblk without PI.
 #
 #   bash benches/rbd.sh [--quick] [--seconds S] [--rounds N] [--size SIZE]
-#                       [--daemon-cpu N] [--client-cpu N]
+#                       [--daemon-cpu N] [--client-cpu N] [--ceph-cpu N]
 #
 # Both daemons run with librbd's cache off (guardblk always; qsd with cache.direct=on, which
 # makes QEMU set rbd_cache=false), so every completed write is on the OSD. The daemon under
 # test is pinned to --daemon-cpu (default 0), the load generator to --client-cpu (default 1);
-# the Ceph monitor and OSD are not pinned: they are the storage both daemons share, and on a
-# small machine they compete with both. Every run starts its daemon fresh; each workload runs
-# --rounds times per daemon, alternating which goes first; the table reports the run with the
-# median IOPS per daemon and the ratio of the medians with each round's own ratio beside it.
+# the Ceph monitor and OSD (the storage both daemons share) to --ceph-cpu if given, else not
+# at all, so that on a small machine they compete with both. Every run starts its daemon
+# fresh; each workload runs --rounds times per daemon, alternating which goes first; the table
+# reports the run with the median IOPS per daemon and the ratio of the medians with each
+# round's own ratio beside it.
 # Needs ceph-mon, ceph-osd, ceph-common (rbd), qemu-storage-daemon with its rbd module
 # (Debian: qemu-block-extra) and jq. Honours CARGO_TARGET_DIR and CEPH_TEST_PORT.
 set -euo pipefail
@@ -25,9 +26,10 @@ rounds=3
 size=1G
 daemon_cpu=0
 client_cpu=1
+ceph_cpu=
 
 usage() {
-    sed -n '2,18s/^# \{0,1\}//p' "$0"
+    sed -n '2,21s/^# \{0,1\}//p' "$0"
     exit "${1:-0}"
 }
 
@@ -39,6 +41,7 @@ while (($#)); do
         --size) size="$2"; shift ;;
         --daemon-cpu) daemon_cpu="$2"; shift ;;
         --client-cpu) client_cpu="$2"; shift ;;
+        --ceph-cpu) ceph_cpu="$2"; shift ;;
         -h | --help) usage ;;
         *) echo "unknown option: $1" >&2; usage 2 >&2 ;;
     esac
@@ -70,7 +73,7 @@ cp "$loadgen_built" "$work/loadgen"
 guardblk=$work/guardblk
 loadgen=$work/loadgen
 echo "   guardblk $(git describe --always --dirty), $(qemu-storage-daemon --version | head -n 1)"
-echo "   daemon pinned to CPU $daemon_cpu, load generator to CPU $client_cpu; the Ceph daemons unpinned"
+echo "   daemon pinned to CPU $daemon_cpu, load generator to CPU $client_cpu"
 
 cluster=$work/cluster
 daemon_pid=
@@ -89,6 +92,12 @@ bytes=$(numfmt --from=iec "$size")
 echo "== starting the test cluster"
 CEPH_TEST_OSD_BYTES=$((bytes * 2 + (1 << 30))) bash tests/ceph/cluster.sh start "$cluster" | sed 's/^/   /'
 conf=$cluster/ceph.conf
+if [[ -n $ceph_cpu ]]; then
+    for pidfile in "$cluster"/run/*.pid; do
+        taskset -a -p -c "$ceph_cpu" "$(<"$pidfile")" >/dev/null
+    done
+    echo "   Ceph daemons pinned to CPU $ceph_cpu"
+fi
 pool=rbd
 rbd_image=bench
 pi_image=bench-pi

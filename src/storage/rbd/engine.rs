@@ -27,13 +27,23 @@ struct Finished {
 }
 
 impl Finished {
+    /// Hand over `completion`. Only the completion that finds the list empty wakes the queue
+    /// thread (one eventfd write per batch, not per operation): every later one until the
+    /// list is taken is taken with it, because [`RbdEngine::reap`] consumes the wakeup first
+    /// and then takes the whole list.
     fn push(&self, completion: Completion) {
-        self.completions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(completion);
-        // Cannot fail short of the counter overflowing (2^64 - 1 wakeups unread).
-        let _ = self.wake.write(1);
+        let was_empty = {
+            let mut list = self
+                .completions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            list.push(completion);
+            list.len() == 1
+        };
+        if was_empty {
+            // Cannot fail short of the counter overflowing (2^64 - 1 wakeups unread).
+            let _ = self.wake.write(1);
+        }
     }
 }
 
@@ -210,7 +220,8 @@ impl RbdEngine {
     /// Move finished operations into `out`.
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         // Consume the wakeup before taking the list: a completion pushed in between is
-        // taken now and leaves the eventfd readable (one spurious wakeup), never unseen.
+        // taken now (at worst its wakeup comes later, and finds nothing: harmless), and one
+        // pushed after the take finds the list empty and wakes us again.
         let _ = self.finished.wake.read();
         let mut done = self
             .finished
