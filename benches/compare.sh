@@ -222,17 +222,11 @@ done
 
 # median DAEMON-RESULTS: the JSON line with the median IOPS (upper median for even counts).
 median() {
-    jq -s 'sort_by(.iops) | .[length / 2 | floor]' <<<"$1"
+    bench_median "$1"
 }
 # ratio TARGET LABEL A B: "median-ratio (round ratios)" of IOPS, A over B.
 ratio() {
-    local a b
-    a=$(jq -s -c . <<<"${results["$1 $2 $3"]}")
-    b=$(jq -s -c . <<<"${results["$1 $2 $4"]}")
-    jq -nr --argjson a "$a" --argjson b "$b" '
-        def median: sort | .[length / 2 | floor];
-        [range(0; [($a | length), ($b | length)] | min) | $a[.].iops / $b[.].iops] as $per |
-        "\(($a | map(.iops) | median) / ($b | map(.iops) | median) * 100 | round / 100) (rounds: \($per | map(. * 100 | round / 100 | tostring) | join(" ")))"'
+    bench_ratio "${results["$1 $2 $3"]}" "${results["$1 $2 $4"]}"
 }
 # first_line PATTERN LOG: the first line matching PATTERN in LOG, without colour codes, timestamp,
 # level and module.

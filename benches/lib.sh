@@ -1,6 +1,6 @@
 # shellcheck shell=bash
-# Shared by benches/bounce.sh and benches/compare.sh (source it; it runs nothing by itself):
-# building, CPU pinning and the two target kinds the images live on.
+# Shared by the benches (source it; it runs nothing by itself): building, CPU pinning, medians
+# and ratios of rounds, and the two target kinds the images live on.
 #
 #   tmpfs  a directory on /dev/shm. O_DIRECT is accepted (Linux 6.6+) but every "direct" I/O is a
 #          kernel memcpy, and tmpfs refuses RWF_NOWAIT, so io_uring punts to iou-wrk threads.
@@ -79,6 +79,24 @@ bench_plot() {
     else
         echo "   (could not plot $1)" >&2
     fi
+}
+
+# bench_median LINES: of newline-separated loadgen result lines (one per round), the one with
+# the median IOPS (upper median for even counts).
+bench_median() {
+    jq -s 'sort_by(.iops) | .[length / 2 | floor]' <<<"$1"
+}
+
+# bench_ratio LINES_A LINES_B: "median-ratio (rounds: r1 r2 ...)" of IOPS, A's median over B's,
+# then round by round (the Nth line of A over the Nth of B).
+bench_ratio() {
+    local a b
+    a=$(jq -s -c . <<<"$1")
+    b=$(jq -s -c . <<<"$2")
+    jq -nr --argjson a "$a" --argjson b "$b" '
+        def median: sort | .[length / 2 | floor];
+        [range(0; [($a | length), ($b | length)] | min) | $a[.].iops / $b[.].iops] as $per |
+        "\(($a | map(.iops) | median) / ($b | map(.iops) | median) * 100 | round / 100) (rounds: \($per | map(. * 100 | round / 100 | tostring) | join(" ")))"'
 }
 
 # qsd_args IMAGE SOCKET: sets qsd_cmd to the qemu-storage-daemon arguments every bench measures

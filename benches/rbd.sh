@@ -185,16 +185,10 @@ for ((round = 1; round <= rounds; round++)); do
 done
 
 median() {
-    jq -s 'sort_by(.iops) | .[length / 2 | floor]' <<<"$1"
+    bench_median "$1"
 }
 ratio() {
-    local a b
-    a=$(jq -s -c . <<<"${results["$1 $2"]}")
-    b=$(jq -s -c . <<<"${results["$1 $3"]}")
-    jq -nr --argjson a "$a" --argjson b "$b" '
-        def median: sort | .[length / 2 | floor];
-        [range(0; [($a | length), ($b | length)] | min) | $a[.].iops / $b[.].iops] as $per |
-        "\(($a | map(.iops) | median) / ($b | map(.iops) | median) * 100 | round / 100) (rounds: \($per | map(. * 100 | round / 100 | tostring) | join(" ")))"'
+    bench_ratio "${results["$1 $2"]}" "${results["$1 $3"]}"
 }
 
 # table A B LABEL_A LABEL_B: per workload, the median-IOPS runs of daemons A and B and the

@@ -525,6 +525,11 @@ fn serve_names_each_rbd_problem_in_one_sentence() {
         &serve("rbd:rbd/disk", &[]),
         "rbd:rbd/disk is in use by another Ceph client (it holds the image's exclusive lock)",
     );
+    // Nor may a read-only daemon serve it beside a writer.
+    assert_one_sentence(
+        &serve("rbd:rbd/disk", &["--read-only"]),
+        "rbd:rbd/disk is being written by another Ceph client",
+    );
     drop(first);
 }
 

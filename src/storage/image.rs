@@ -215,7 +215,9 @@ impl Image {
         read_only: bool,
     ) -> Result<Image, ImageError> {
         let rbd = RbdImage::open(spec, options, read_only)?;
-        if !read_only {
+        if read_only {
+            rbd.check_no_writer()?;
+        } else {
             rbd.lock_exclusive()?;
         }
         let path = PathBuf::from(spec.to_string());
@@ -266,9 +268,9 @@ impl Image {
         self.path.display()
     }
 
-    /// The path the operator named. For an `rbd:` image this is its name, not a local
-    /// file: the PI metadata, journal and statistics beside a file image have no place
-    /// beside it, and the commands that use them refuse `rbd:` images before they get here.
+    /// The path the operator named. For an `rbd:` image this is its name, not a local file:
+    /// its default PI metadata (`rbd:POOL/IMAGE.pi`) is named from it, but the local files
+    /// kept beside an image are named from [`Image::state_base`].
     pub fn path(&self) -> &Path {
         &self.path
     }

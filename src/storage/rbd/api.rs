@@ -36,6 +36,20 @@ pub(super) struct Api {
     pub(super) rbd_get_id: unsafe extern "C" fn(ImageT, *mut c_char, usize) -> c_int,
     /// The mode argument is `rbd_lock_mode_t`, an int-sized C enum.
     pub(super) rbd_lock_acquire: unsafe extern "C" fn(ImageT, c_int) -> c_int,
+    /// image, exclusive, then (buffer, length) for the tag, clients, cookies and addresses.
+    #[allow(clippy::type_complexity)]
+    pub(super) rbd_list_lockers: unsafe extern "C" fn(
+        ImageT,
+        *mut c_int,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> isize,
     pub(super) rbd_get_size: unsafe extern "C" fn(ImageT, *mut u64) -> c_int,
     pub(super) rbd_read2: unsafe extern "C" fn(ImageT, u64, usize, *mut c_char, c_int) -> isize,
     pub(super) rbd_write2: unsafe extern "C" fn(ImageT, u64, usize, *const c_char, c_int) -> isize,
@@ -144,6 +158,7 @@ fn load_api() -> Result<Api, RbdError> {
             rbd_remove: symbol(rbd, RBD, "rbd_remove")?,
             rbd_get_id: symbol(rbd, RBD, "rbd_get_id")?,
             rbd_lock_acquire: symbol(rbd, RBD, "rbd_lock_acquire")?,
+            rbd_list_lockers: symbol(rbd, RBD, "rbd_list_lockers")?,
             rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
             rbd_read2: symbol(rbd, RBD, "rbd_read2")?,
             rbd_write2: symbol(rbd, RBD, "rbd_write2")?,

@@ -126,6 +126,8 @@ pub enum RbdError {
     Exists { spec: RbdSpec },
     #[error("{spec} is in use by another Ceph client (it holds the image's exclusive lock): a guardblk serving it, or a tool")]
     Locked { spec: RbdSpec },
+    #[error("{spec} is being written by another Ceph client (it holds the image's exclusive lock), so a read-only guardblk would serve blocks and PI tuples that change under it; if that client is gone, serve the image once without --read-only (which takes the lock over) or remove the lock with `rbd lock rm`")]
+    LockedReadOnly { spec: RbdSpec },
     #[error("client.{id} may not open {spec} (permission denied): check its caps on pool '{}'", .spec.pool)]
     Denied { id: String, spec: RbdSpec },
     #[error("{what} {spec}: {}", errno_text(*.errno))]
@@ -448,6 +450,47 @@ impl RbdImage {
                 what: "taking the exclusive lock of",
                 spec: self.spec.clone(),
                 errno,
+            }),
+        }
+    }
+
+    /// For a read-only open: refuse if another client holds the exclusive lock (a writer;
+    /// or one that died, whose lock stays until a writer takes it over). Asked through the
+    /// lock list of the image's header object, which a read-only handle can read (librbd's
+    /// lock-owner call needs a writable one).
+    pub fn check_no_writer(&self) -> Result<(), RbdError> {
+        const ROOM: usize = 4096;
+        let mut exclusive: std::ffi::c_int = 0;
+        let mut bufs = [[0u8; ROOM]; 4];
+        let mut lens = [ROOM; 4];
+        let [tag, clients, cookies, addrs] = &mut bufs;
+        let [tag_len, clients_len, cookies_len, addrs_len] = &mut lens;
+        // SAFETY: a live image; each buffer is ROOM bytes and its length says so; librbd
+        // writes within them or reports ERANGE.
+        let rc = unsafe {
+            (self.api().rbd_list_lockers)(
+                self.image,
+                &mut exclusive,
+                tag.as_mut_ptr() as *mut c_char,
+                tag_len,
+                clients.as_mut_ptr() as *mut c_char,
+                clients_len,
+                cookies.as_mut_ptr() as *mut c_char,
+                cookies_len,
+                addrs.as_mut_ptr() as *mut c_char,
+                addrs_len,
+            )
+        };
+        match rc {
+            0 => Ok(()),
+            // ERANGE: more lockers than fit in the buffers.
+            rc if rc > 0 || -rc == libc::ERANGE as isize => Err(RbdError::LockedReadOnly {
+                spec: self.spec.clone(),
+            }),
+            rc => Err(RbdError::Call {
+                what: "listing the lockers of",
+                spec: self.spec.clone(),
+                errno: i32::try_from(-rc).unwrap_or(libc::EIO),
             }),
         }
     }
