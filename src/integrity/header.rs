@@ -24,6 +24,8 @@ pub const APP_TAG: u16 = 0x4742; // "GB"
 /// Intent regions are at least 1 MiB; larger disks get larger regions so the per-region
 /// state stays at or under 2^20 entries (8 MiB of memory).
 const MIN_REGION_SHIFT: u32 = 20;
+/// The smallest region of metadata beside an RBD image (see [`Header::new`]).
+const RBD_MIN_REGION_SHIFT: u32 = 22;
 const MAX_REGIONS_LOG2: u32 = 20;
 /// The data target's path is recorded (informational) in this many bytes.
 const PATH_FIELD: usize = 256;
@@ -169,7 +171,15 @@ fn round_up_page(n: u64) -> u64 {
 impl Header {
     pub fn new(format: PiFormat, interval: u32, data: DataIdentity) -> Header {
         let blocks = data.size / u64::from(interval);
-        let mut region_shift = MIN_REGION_SHIFT;
+        // An RBD image's regions are at least its default object size (4 MiB): the first
+        // write to an idle region waits for a synchronous write of its intent bit to the
+        // cluster (a round trip, not a page cache flush), and recovery reads whole objects
+        // anyway. Any shift from MIN_REGION_SHIFT up is valid in the format.
+        let mut region_shift = if data.device == RBD_DEVICE {
+            RBD_MIN_REGION_SHIFT
+        } else {
+            MIN_REGION_SHIFT
+        };
         while data.size.div_ceil(1 << region_shift) > 1 << MAX_REGIONS_LOG2 {
             region_shift += 1;
         }

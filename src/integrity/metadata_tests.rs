@@ -355,6 +355,31 @@ fn region_geometry_keeps_at_most_a_million_regions() {
 }
 
 #[test]
+fn rbd_images_get_regions_of_at_least_one_object_and_decode_like_any_other() {
+    let rbd = |size: u64| {
+        Header::new(
+            PiFormat::Type1,
+            4096,
+            DataIdentity {
+                path: "rbd:pool/image".into(),
+                size,
+                device: crate::integrity::header::RBD_DEVICE,
+                inode: 7,
+            },
+        )
+    };
+    for (size, shift) in [(1 << 20, 22), (1 << 30, 22), (1 << 42, 22), (1 << 43, 23)] {
+        let h = rbd(size);
+        assert_eq!(h.region_shift, shift, "size {size}");
+        assert!(h.regions() <= 1 << 20);
+        let path = std::path::Path::new("x.pi");
+        assert_eq!(Header::decode(&h.encode(), path).unwrap(), h);
+    }
+    // A file of the same size keeps 1 MiB regions.
+    assert_eq!(header(PiFormat::Type1, 4096, 1 << 30).region_shift, 20);
+}
+
+#[test]
 fn region_blocks_cover_the_disk_exactly() {
     let size = (3 << 20) + 8192;
     let (_dir, path) = created(PiFormat::Type1, 4096, size);
