@@ -129,10 +129,30 @@ impl Cluster {
         guardblk(&[&[verb, target.as_str()], extra, &ceph[..]].concat())
     }
 
-    /// Flip every bit of the byte at `offset` of `image` straight in its RADOS object,
-    /// behind librbd and any daemon: what a bad disk or a bug below Ceph's checksums does.
-    fn corrupt_byte(&self, image: &str, offset: u64) {
-        let (pool, name) = image.split_once('/').unwrap();
+    /// Delete the RADOS object number `n` of `image`, behind librbd and any daemon.
+    fn remove_object(&self, image: &str, n: u64) {
+        let (pool, _) = image.split_once('/').unwrap();
+        let object = format!("{}.{n:016x}", self.object_prefix(image).0);
+        let out = Command::new("rados")
+            .args([
+                "-c",
+                self.conf().to_str().unwrap(),
+                "-p",
+                pool,
+                "rm",
+                &object,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rados rm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The name prefix of `image`'s RADOS objects and its object size.
+    fn object_prefix(&self, image: &str) -> (String, u64) {
         let info = Command::new("rbd")
             .args([
                 "-c",
@@ -145,11 +165,17 @@ impl Cluster {
             .output()
             .unwrap();
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        let prefix = info["block_name_prefix"].as_str().unwrap().to_string();
-        let object_size = info["size"]
-            .as_u64()
-            .map(|_| 1u64 << info["order"].as_u64().unwrap())
-            .unwrap();
+        (
+            info["block_name_prefix"].as_str().unwrap().to_string(),
+            1u64 << info["order"].as_u64().unwrap(),
+        )
+    }
+
+    /// Flip every bit of the byte at `offset` of `image` straight in its RADOS object,
+    /// behind librbd and any daemon: what a bad disk or a bug below Ceph's checksums does.
+    fn corrupt_byte(&self, image: &str, offset: u64) {
+        let (pool, name) = image.split_once('/').unwrap();
+        let (prefix, object_size) = self.object_prefix(image);
         let object = format!("{prefix}.{:016x}", offset / object_size);
         let file = self.dir.join(format!("object-{name}"));
         let rados = |args: &[&str]| {
@@ -683,6 +709,17 @@ fn pi_on_rbd_fails_the_read_of_a_block_changed_behind_the_daemons_back_and_names
     assert_eq!(doc["pi"]["format"], "type1", "{doc}");
     assert_eq!(doc["pi"]["metadata"]["path"], "rbd:rbd/pi.pi", "{doc}");
     assert_eq!(doc["journal"]["guard_error_lbas"][0]["lba"], lba, "{doc}");
+
+    // The object holding the written blocks deleted behind guardblk's back: scrub finds it
+    // gone (a hole, which it does not read) and names every block whose tuple says it was
+    // written. The other objects never existed, and their blocks are clean.
+    cluster.remove_object("rbd/pi", 0);
+    let out = cluster.guardblk("scrub", "rbd/pi", &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains(" 1024 guard errors"), "{text}");
+    assert!(text.contains("LBA 1023 (byte offset"), "{text}");
+    assert!(!text.contains("LBA 1024 (byte offset"), "{text}");
 }
 
 /// A crash round on RBD: the daemon killed (SIGKILL) with writes in flight, after a flush the

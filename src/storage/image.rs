@@ -350,13 +350,22 @@ impl Image {
         if offset >= self.size {
             return None;
         }
-        let Some(f) = self.file_image() else {
-            // RBD: everything counts as data (reading a hole costs the cluster little).
-            return Some(if whence == libc::SEEK_DATA {
-                offset
-            } else {
-                self.size
-            });
+        let f = match &self.backing {
+            Backing::File(f) => f,
+            // RBD: objects that do not exist are holes. If the cluster cannot say, everything
+            // counts as data, as for file systems without SEEK_DATA.
+            Backing::Rbd(rbd) => {
+                return match (rbd.next_allocated(offset), whence == libc::SEEK_DATA) {
+                    (Ok(None), true) => None,
+                    (Ok(None), false) => Some(offset),
+                    (Ok(Some((start, _))), true) => Some(start),
+                    (Ok(Some((start, end))), false) => {
+                        Some(if start > offset { offset } else { end })
+                    }
+                    (Err(_), true) => Some(offset),
+                    (Err(_), false) => Some(self.size),
+                }
+            }
         };
         if f.block_device {
             return Some(if whence == libc::SEEK_DATA {

@@ -36,6 +36,18 @@ pub(super) struct Api {
     pub(super) rbd_get_id: unsafe extern "C" fn(ImageT, *mut c_char, usize) -> c_int,
     /// The mode argument is `rbd_lock_mode_t`, an int-sized C enum.
     pub(super) rbd_lock_acquire: unsafe extern "C" fn(ImageT, c_int) -> c_int,
+    /// image, snapshot to diff from, offset, length, include_parent, whole_object, callback
+    /// (offset, length, exists, arg), arg.
+    pub(super) rbd_diff_iterate2: unsafe extern "C" fn(
+        ImageT,
+        *const c_char,
+        u64,
+        u64,
+        u8,
+        u8,
+        unsafe extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int,
+        *mut c_void,
+    ) -> c_int,
     /// image, exclusive, then (buffer, length) for the tag, clients, cookies and addresses.
     #[allow(clippy::type_complexity)]
     pub(super) rbd_list_lockers: unsafe extern "C" fn(
@@ -159,6 +171,7 @@ fn load_api() -> Result<Api, RbdError> {
             rbd_get_id: symbol(rbd, RBD, "rbd_get_id")?,
             rbd_lock_acquire: symbol(rbd, RBD, "rbd_lock_acquire")?,
             rbd_list_lockers: symbol(rbd, RBD, "rbd_list_lockers")?,
+            rbd_diff_iterate2: symbol(rbd, RBD, "rbd_diff_iterate2")?,
             rbd_get_size: symbol(rbd, RBD, "rbd_get_size")?,
             rbd_read2: symbol(rbd, RBD, "rbd_read2")?,
             rbd_write2: symbol(rbd, RBD, "rbd_write2")?,

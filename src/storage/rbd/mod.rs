@@ -20,7 +20,7 @@
 mod api;
 pub mod engine;
 
-use std::ffi::{c_char, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -559,6 +559,66 @@ impl RbdImage {
             }
         }
         Ok(())
+    }
+
+    /// The first allocated byte range at or after `offset` ((start, end), clamped to start
+    /// at `offset`), or `None` when only unallocated space follows. Whole RBD objects: an
+    /// object that exists counts as data throughout (reading more than needed is safe;
+    /// skipping written data is not). librbd answers from the object map when the image has
+    /// one, else by asking the OSDs object by object; it stops at the first range found.
+    pub fn next_allocated(&self, offset: u64) -> io::Result<Option<(u64, u64)>> {
+        if offset >= self.size {
+            return Ok(None);
+        }
+        /// What the callback looks for and found.
+        struct Search {
+            from: u64,
+            found: Option<(u64, u64)>,
+        }
+        /// Stops the iteration once a range is found (librbd passes this error back).
+        const FOUND: c_int = -libc::ECANCELED;
+        unsafe extern "C" fn each(off: u64, len: usize, exists: c_int, arg: *mut c_void) -> c_int {
+            // SAFETY: `arg` is the &mut Search passed below, alive for the whole call.
+            let search = unsafe { &mut *(arg as *mut Search) };
+            let end = off + len as u64;
+            if exists == 0 || end <= search.from {
+                return 0;
+            }
+            match &mut search.found {
+                // Contiguous ranges (librbd reports them object by object) are joined.
+                Some((_, found_end)) if *found_end == off => {
+                    *found_end = end;
+                    0
+                }
+                Some(_) => FOUND,
+                None => {
+                    search.found = Some((off.max(search.from), end));
+                    0
+                }
+            }
+        }
+        let mut search = Search {
+            from: offset,
+            found: None,
+        };
+        // SAFETY: a live image; no snapshot (NULL); the callback matches librbd's type and
+        // `search` outlives the call, which invokes the callback only before it returns.
+        let rc = unsafe {
+            (self.api().rbd_diff_iterate2)(
+                self.image,
+                std::ptr::null(),
+                offset,
+                self.size - offset,
+                1,
+                1,
+                each,
+                &mut search as *mut Search as *mut c_void,
+            )
+        };
+        if rc < 0 && rc != FOUND {
+            return Err(io::Error::from_raw_os_error(-rc));
+        }
+        Ok(search.found.map(|(start, end)| (start, end.min(self.size))))
     }
 
     /// Make every completed write durable (nothing is cached here; see the module comment,
