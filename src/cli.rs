@@ -454,7 +454,8 @@ pub enum CliError {
     AutoPathWithoutAuto,
     #[error("--io-engine {0} does not apply to rbd: images, which are served through librbd")]
     RbdEngine(&'static str),
-    #[error("'{0}' is not an RBD image name: write rbd:POOL/IMAGE")]
+    /// A malformed `rbd:` name, in RbdError's words.
+    #[error("{0}")]
     BadRbdName(String),
 }
 
@@ -504,7 +505,7 @@ impl ServeArgs {
             .as_deref()
             .and_then(|image| image.to_str())
             .and_then(|text| {
-                Some(RbdSpec::parse(text)?.map_err(|_| CliError::BadRbdName(text.into())))
+                Some(RbdSpec::parse(text)?.map_err(|e| CliError::BadRbdName(e.to_string())))
             })
             .transpose()?;
         if rbd.is_some() {

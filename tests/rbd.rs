@@ -65,9 +65,9 @@ impl Cluster {
         self.dir.join("ceph.conf")
     }
 
-    /// The `rbd` tool against this cluster.
-    fn rbd(&self, args: &[&str]) {
-        let out = Command::new("rbd")
+    /// `TOOL -c CONF ARGS...` (rbd, rados) against this cluster; it must succeed.
+    fn tool(&self, tool: &str, args: &[&str]) -> Output {
+        let out = Command::new(tool)
             .arg("-c")
             .arg(self.conf())
             .args(args)
@@ -75,9 +75,15 @@ impl Cluster {
             .unwrap();
         assert!(
             out.status.success(),
-            "rbd {args:?}: {}",
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        out
+    }
+
+    /// The `rbd` tool against this cluster.
+    fn rbd(&self, args: &[&str]) {
+        self.tool("rbd", args);
     }
 
     /// Every byte of `image` as the cluster holds it (`rbd export`), read beside guardblk.
@@ -133,42 +139,30 @@ impl Cluster {
     fn remove_object(&self, image: &str, n: u64) {
         let (pool, _) = image.split_once('/').unwrap();
         let object = format!("{}.{n:016x}", self.object_prefix(image).0);
-        let out = Command::new("rados")
-            .args([
-                "-c",
-                self.conf().to_str().unwrap(),
-                "-p",
-                pool,
-                "rm",
-                &object,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rados rm: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        self.tool("rados", &["-p", pool, "rm", &object]);
     }
 
     /// The name prefix of `image`'s RADOS objects and its object size.
     fn object_prefix(&self, image: &str) -> (String, u64) {
-        let info = Command::new("rbd")
-            .args([
-                "-c",
-                self.conf().to_str().unwrap(),
-                "info",
-                "--format",
-                "json",
-                image,
-            ])
-            .output()
-            .unwrap();
+        let info = self.tool("rbd", &["info", "--format", "json", image]);
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
         (
             info["block_name_prefix"].as_str().unwrap().to_string(),
             1u64 << info["order"].as_u64().unwrap(),
         )
+    }
+
+    /// `guardblk scrub rbd:IMAGE` must pass with no guard error; its report.
+    fn scrub_clean(&self, image: &str) -> String {
+        let out = self.guardblk("scrub", image, &[]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains(" 0 guard errors"), "{text}");
+        text
     }
 
     /// Flip every bit of the byte at `offset` of `image` straight in its RADOS object,
@@ -178,18 +172,7 @@ impl Cluster {
         let (prefix, object_size) = self.object_prefix(image);
         let object = format!("{prefix}.{:016x}", offset / object_size);
         let file = self.dir.join(format!("object-{name}"));
-        let rados = |args: &[&str]| {
-            let out = Command::new("rados")
-                .args(["-c", self.conf().to_str().unwrap(), "-p", pool])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "rados {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let rados = |args: &[&str]| self.tool("rados", &[&["-p", pool], args].concat());
         rados(&["get", &object, file.to_str().unwrap()]);
         let mut bytes = std::fs::read(&file).unwrap();
         let at = (offset % object_size) as usize;
@@ -651,17 +634,8 @@ fn pi_on_rbd_fails_the_read_of_a_block_changed_behind_the_daemons_back_and_names
     drop(c);
     assert!(d.terminate().success(), "{}", d.log_text());
 
-    let out = cluster.guardblk("scrub", "rbd/pi", &[]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("4096 blocks checked") && text.contains(" 0 guard errors"),
-        "{text}"
-    );
+    let text = cluster.scrub_clean("rbd/pi");
+    assert!(text.contains("4096 blocks checked"), "{text}");
 
     // LBA 300 (byte 1228800 + 1000) changed in its RADOS object.
     let lba = 300u64;
@@ -800,12 +774,5 @@ fn kill_9_under_writes_on_rbd_loses_nothing_flushed_and_scrubs_clean() {
     check_pattern(&c.buf()[..2 * MIB as usize], 0, 11).unwrap();
     drop(c);
     assert!(d.terminate().success(), "{}", d.log_text());
-    let out = cluster.guardblk("scrub", "rbd/crash", &[]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains(" 0 guard errors"), "{text}");
+    cluster.scrub_clean("rbd/crash");
 }
